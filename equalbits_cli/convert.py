@@ -1,0 +1,328 @@
+"""Turning a full-precision model into a binary one: the layer filter, ``binarize_`` and model loading."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import BinarizeConfig
+from .layers import BinaryConv2d, BinaryLayer, BinaryLinear
+
+__all__ = [
+    "FilterFn",
+    "binarize_",
+    "default_filter",
+    "excluded_names",
+    "create_model",
+    "load_state_dict_file",
+    "binarized_names",
+]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _names(entry: object) -> list[str]:
+    if entry is None:
+        return []
+    if isinstance(entry, str):
+        return [entry]
+    if isinstance(entry, (list, tuple)):
+        return [str(e) for e in entry]
+    return []
+
+
+def _is_plain(module: nn.Module) -> bool:
+    """A Conv2d/Linear whose forward is the standard one (so swapping the class keeps its behaviour)."""
+    if isinstance(module, BinaryLayer):
+        return False
+    if isinstance(module, nn.Conv2d):
+        return type(module).forward is nn.Conv2d.forward
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward or type(module).__module__.startswith("timm.layers")
+    return False
+
+
+def excluded_names(model: nn.Module) -> list[str]:
+    """Module names kept full precision by default: the stem conv and the classifier.
+
+    Read from timm's ``pretrained_cfg`` (``first_conv``, ``classifier``). For a model without it, the
+    first Conv2d and the last Linear in module order.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = _names(cfg.get("first_conv")) + _names(cfg.get("classifier"))
+    modules = dict(model.named_modules())
+    present = [n for n in names if n in modules]
+    if present:
+        return present
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    return ([convs[0]] if convs else []) + ([linears[-1]] if linears else [])
+
+
+def default_filter(model: nn.Module) -> FilterFn:
+    """The default layer filter: every Conv2d and Linear except the stem conv and the classifier.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("resnet18", pretrained=False, num_classes=10)
+        >>> keep = default_filter(m)
+        >>> keep(m.conv1, "conv1"), keep(m.layer1[0].conv1, "layer1.0.conv1"), keep(m.fc, "fc")
+        (False, True, False)
+    """
+    excluded = excluded_names(model)
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            return False
+        return not any(fqn == e or fqn.startswith(e + ".") for e in excluded)
+
+    return keep
+
+
+def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def binarize_(model: nn.Module, config: BinarizeConfig | None = None, filter_fn: FilterFn | None = None) -> None:
+    """Replace, in place, every selected Conv2d/Linear by its binarized version. Returns None.
+
+    Args:
+        model: The model to convert (a timm model or any ``nn.Module``).
+        config: Quantizer settings; defaults to ``BinarizeConfig()`` (equal bits, no pruning).
+        filter_fn: ``(module, fqn) -> bool`` choosing the layers; defaults to :func:`default_filter`.
+            Selected layers of a Conv2d/Linear subclass with its own forward (e.g. timm's
+            ``Conv2dSame``) are left as they are, with a warning, since swapping them would change
+            what they compute.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("resnet18", pretrained=False, num_classes=10)
+        >>> binarize_(m, BinarizeConfig(ratio=0.5))
+        >>> type(m.layer1[0].conv1).__name__, type(m.conv1).__name__
+        ('BinaryConv2d', 'Conv2d')
+    """
+    config = config or BinarizeConfig()
+    keep = filter_fn or default_filter(model)
+    skipped = []
+    for fqn, module in list(model.named_modules()):
+        if not fqn or isinstance(module, BinaryLayer) or not keep(module, fqn):
+            continue
+        if not _is_plain(module):
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                skipped.append(f"{fqn} ({type(module).__name__})")
+            continue
+        if isinstance(module, nn.Conv2d):
+            _set_submodule(model, fqn, BinaryConv2d.from_float(module, config))
+        else:
+            _set_submodule(model, fqn, BinaryLinear.from_float(module, config))
+    if skipped:
+        warnings.warn(
+            f"left full precision (custom forward, cannot be swapped safely): {', '.join(skipped)}", stacklevel=2
+        )
+
+
+def binarized_names(model: nn.Module) -> list[str]:
+    """Names of the binarized modules of ``model``, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, BinaryLayer)]
+
+
+_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a plain state dict from ``.safetensors`` or ``.pth``/``.pt`` (never unpickling code).
+
+    ``.pth`` files are read with ``torch.load(weights_only=True)``; common wrappers (``state_dict``,
+    ``model``, ``state_dict_ema``) and a ``module.`` prefix (DataParallel) are unwrapped.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if it cannot be read as a state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable PyTorch state dict ({first})") from None
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: does not hold a state dict of tensors")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def _check_model_name(name: str) -> None:
+    import timm
+
+    if name.startswith("hf-hub:"):
+        return
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ValueError(f"unknown timm model {name!r}{hint}")
+
+
+def _classifier_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes the checkpoint's classifier has, if it can be read off."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    for name in _names(cfg.get("classifier")):
+        w = state.get(f"{name}.weight")
+        if w is not None and w.dim() >= 1:
+            return int(w.shape[0])
+    return None
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a full-precision timm model from the hub, ``hf-hub:org/name`` or a local state dict.
+
+    Args:
+        name: A timm model name (``resnet18``) or ``hf-hub:org/name``.
+        pretrained: Download pretrained weights (ignored when ``checkpoint`` is given).
+        checkpoint: A local ``.safetensors``/``.pth`` state dict to load instead of downloading.
+        num_classes: Classifier size; read from the checkpoint when not given.
+        **kwargs: Further ``timm.create_model`` arguments.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        ValueError: unknown model name, offline download, or a checkpoint that does not fit.
+        FileNotFoundError: the checkpoint does not exist.
+
+    Example:
+        >>> m = create_model("resnet18", num_classes=10)
+        >>> m.fc.out_features
+        10
+    """
+    import timm
+
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"--num-classes must be a positive integer, got {num_classes}")
+    _check_model_name(name)
+    state = None
+    if checkpoint is not None:
+        state = load_state_dict_file(checkpoint)
+        pretrained = False
+    model_kwargs = dict(kwargs)
+    if num_classes is not None:
+        model_kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(name, pretrained=pretrained or name.startswith("hf-hub:"), **model_kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if pretrained or name.startswith("hf-hub:"):
+            raise ValueError(
+                f"could not download pretrained weights for {name!r} (offline?): pass --checkpoint PATH "
+                f"with a local state dict, or --no-pretrained ({type(exc).__name__})"
+            ) from None
+        raise ValueError(f"could not build timm model {name!r}: {exc}") from None
+    if state is not None:
+        ckpt_classes = _classifier_classes(model, state)
+        if num_classes is None and ckpt_classes is not None and ckpt_classes != model_kwargs.get("num_classes"):
+            if ckpt_classes != getattr(model, "num_classes", ckpt_classes):
+                model_kwargs["num_classes"] = ckpt_classes
+                model = timm.create_model(name, pretrained=False, **model_kwargs)
+        elif num_classes is not None and ckpt_classes is not None and ckpt_classes != num_classes:
+            raise ValueError(
+                f"{checkpoint}: its classifier has {ckpt_classes} classes but --num-classes is {num_classes}; "
+                f"pass --num-classes {ckpt_classes} or leave it out"
+            )
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc)[:200])
+            raise ValueError(f"{checkpoint}: does not fit timm model {name!r}: {first}") from None
+        if missing or unexpected:
+            detail = []
+            if missing:
+                detail.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+            if unexpected:
+                detail.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
+            raise ValueError(f"{checkpoint}: does not fit timm model {name!r}: {'; '.join(detail)}")
+    model.eval()
+    return model
+
+
+def describe_source(name: str, pretrained: bool, checkpoint: str | os.PathLike | None) -> dict:
+    """Where the full-precision weights came from (recorded in files; the default fine-tune teacher)."""
+    return {
+        "model": name,
+        "pretrained": bool(pretrained) and checkpoint is None,
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
+    }
+
+
+def attach_meta(model: nn.Module, config: BinarizeConfig, source: dict) -> None:
+    """Record what :func:`equalbits_cli.save_checkpoint` needs to rebuild the model from a file."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") or source.get("model")
+    num_classes = getattr(model, "num_classes", None)
+    model.equalbits_meta = {
+        "model": arch,
+        "model_kwargs": {"num_classes": int(num_classes)} if num_classes is not None else {},
+        "config": config,
+        "source": source,
+    }
+
+
+def binarize_model(
+    name: str,
+    config: BinarizeConfig | None = None,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    filter_fn: FilterFn | None = None,
+) -> nn.Module:
+    """Load a timm model (hub, ``hf-hub:`` or local file) and binarize it, ready to save.
+
+    Args:
+        name: timm model name or ``hf-hub:org/name``.
+        config: Quantizer settings (default: equal bits).
+        pretrained: Download pretrained weights when no checkpoint is given.
+        checkpoint: Local state dict to load.
+        num_classes: Classifier size (read from the checkpoint when not given).
+        filter_fn: Layer filter; defaults to :func:`default_filter`.
+
+    Returns:
+        The binarized model in eval mode, with ``equalbits_meta`` attached.
+
+    Example:
+        >>> from equalbits_cli import collect_stats
+        >>> m = binarize_model("resnet18", BinarizeConfig(ratio=0.5), num_classes=10)
+        >>> collect_stats(m).totals()["binarized_layers"]
+        19
+    """
+    config = config or BinarizeConfig()
+    model = create_model(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes)
+    binarize_(model, config, filter_fn)
+    attach_meta(model, config, describe_source(name, pretrained, checkpoint))
+    return model

@@ -1,0 +1,326 @@
+"""Reading and writing the files equalbits makes: latent checkpoints and packed files.
+
+Every file is a safetensors file whose string metadata describes the model, so that
+:func:`load_model` rebuilds a ready model from the file alone. Writes are atomic: the data go to a
+temporary file in the target directory, which is flushed and then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import BinarizeConfig
+
+__all__ = [
+    "LATENT_FORMAT",
+    "PACKED_FORMAT",
+    "FileInfo",
+    "atomic_write",
+    "check_output_path",
+    "read_metadata",
+    "save_checkpoint",
+    "load_model",
+    "build_model",
+]
+
+LATENT_FORMAT = "equalbits.latent"
+PACKED_FORMAT = "equalbits.packed"
+FORMAT_VERSION = "1"
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What an equalbits file's metadata says about the model it holds."""
+
+    path: str
+    format: str
+    model: str
+    model_kwargs: dict[str, Any]
+    config: BinarizeConfig
+    binarized: list[str]
+    source: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that ``path`` can be written, before any work is done.
+
+    Raises:
+        ValueError: the directory is missing or not writable, or the file exists without ``overwrite``.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"output {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise ValueError(f"output directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output directory {parent} is not writable; choose another -o path")
+    if path.exists() and not overwrite:
+        raise ValueError(f"output {path} exists; pass --overwrite to replace it")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``, else remove it.
+
+    A crash or Ctrl-C at any point leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def _tensors_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory; clone those (and make everything contiguous).
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state.items():
+        v = v.detach().cpu()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        if ptr in seen or not v.is_contiguous():
+            v = v.clone().contiguous()
+        if ptr != -1:
+            seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def base_metadata(model: nn.Module, fmt: str) -> dict[str, str]:
+    """The metadata every equalbits file carries (all values are strings)."""
+    from . import __version__
+
+    meta = getattr(model, "equalbits_meta", None)
+    if meta is None:
+        raise ValueError("model has no equalbits metadata; build it with equalbits_cli.binarize_model or load_model")
+    from .convert import binarized_names
+
+    return {
+        "format": fmt,
+        "format_version": FORMAT_VERSION,
+        "equalbits_version": __version__,
+        "model": meta["model"],
+        "model_kwargs": json.dumps(meta["model_kwargs"], sort_keys=True),
+        "binarize_config": meta["config"].to_json(),
+        "binarized": json.dumps(binarized_names(model)),
+        "source": json.dumps(meta.get("source", {}), sort_keys=True),
+    }
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
+    """Write the binarized model's latent weights and all other tensors, with metadata, atomically.
+
+    Args:
+        model: A model from :func:`equalbits_cli.binarize_model` or :func:`load_model`.
+        path: Output ``.safetensors`` path.
+        extra: Further string metadata to record.
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    meta = base_metadata(model, LATENT_FORMAT)
+    meta.update(extra or {})
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        save_file(_tensors_for_saving(model.state_dict()), str(tmp), metadata=meta)
+    return path
+
+
+def _fail(path: Path, problem: str) -> ValueError:
+    return ValueError(f"{path}: {problem}")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file, with the header validated.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a valid safetensors file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _fail(path, "not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if n > min(_MAX_HEADER, size - 8):
+            raise _fail(path, "not a safetensors file (header length past the end of the file)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _fail(path, "not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "not a safetensors file (header is not a JSON object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _fail(path, "safetensors metadata must map strings to strings")
+    return meta
+
+
+def _json_field(path: Path, meta: dict[str, str], key: str, kind: type) -> Any:
+    if key not in meta:
+        raise _fail(path, f"metadata lacks {key!r}; the file was not written by equalbits or is damaged")
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError:
+        raise _fail(path, f"metadata {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise _fail(path, f"metadata {key!r} must be a JSON {kind.__name__}")
+    return value
+
+
+def file_info(path: str | os.PathLike, meta: dict[str, str] | None = None) -> FileInfo:
+    """Parse and check an equalbits file's metadata.
+
+    Raises:
+        ValueError: not an equalbits file, an unsupported version, or malformed metadata.
+    """
+    import timm
+
+    path = Path(path)
+    meta = read_metadata(path) if meta is None else meta
+    fmt = meta.get("format")
+    if fmt not in (LATENT_FORMAT, PACKED_FORMAT):
+        raise _fail(path, f"not an equalbits file (format {fmt!r}); for a plain timm state dict pass --model NAME")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _fail(
+            path,
+            f"{fmt} version {meta.get('format_version')!r} is not supported by this equalbits (reads "
+            f"version {FORMAT_VERSION}); upgrade equalbits",
+        )
+    model = meta.get("model", "")
+    if not model or not (model.startswith("hf-hub:") or timm.is_model(model)):
+        raise _fail(path, f"model {model!r} is not known to this timm; upgrade timm")
+    kwargs = _json_field(path, meta, "model_kwargs", dict)
+    try:
+        config = BinarizeConfig.from_dict(_json_field(path, meta, "binarize_config", dict))
+    except (TypeError, ValueError) as exc:
+        raise _fail(path, f"bad binarize_config: {exc}") from None
+    binarized = _json_field(path, meta, "binarized", list)
+    if not all(isinstance(b, str) for b in binarized):
+        raise _fail(path, "metadata 'binarized' must be a list of module names")
+    source = _json_field(path, meta, "source", dict) if "source" in meta else {}
+    known = {"format", "format_version", "equalbits_version", "model", "model_kwargs", "binarize_config"}
+    extra = {k: v for k, v in meta.items() if k not in known | {"binarized", "source"}}
+    return FileInfo(str(path), fmt, model, kwargs, config, binarized, source, extra)
+
+
+def build_model(info: FileInfo) -> nn.Module:
+    """An untrained timm model with the file's architecture, binarized as the file says.
+
+    Raises:
+        ValueError: the model cannot be built or a listed module is missing or not Conv2d/Linear.
+    """
+    import timm
+
+    from .convert import binarize_
+
+    path = Path(info.path)
+    kwargs = dict(info.model_kwargs)
+    try:
+        model = timm.create_model(info.model, pretrained=False, **kwargs)
+    except Exception as exc:
+        raise _fail(path, f"cannot build model {info.model!r} with {kwargs}: {exc}") from None
+    modules = dict(model.named_modules())
+    wanted = set(info.binarized)
+    for name in wanted:
+        if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear)):
+            raise _fail(path, f"binarized module {name!r} is not a Conv2d/Linear of {info.model}")
+    binarize_(model, info.config, filter_fn=lambda m, fqn: fqn in wanted)
+    model.equalbits_meta = {
+        "model": info.model,
+        "model_kwargs": kwargs,
+        "config": info.config,
+        "source": info.source,
+    }
+    return model
+
+
+def _check_finite(path: Path, name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise _fail(path, f"tensor {name!r} holds NaN or inf values")
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``state`` strictly, turning mismatches into one-line errors."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]})")
+        raise _fail(path, "tensors do not match the model: " + "; ".join(parts))
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise _fail(path, f"tensor {k!r} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")
+        _check_finite(path, k, state[k])
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a ready binarized model (eval mode) from a latent checkpoint or a packed file.
+
+    Args:
+        path: A file written by :func:`save_checkpoint` or :func:`equalbits_cli.save_packed`.
+
+    Returns:
+        The model, in eval mode, with ``model.equalbits_meta`` describing it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not an equalbits file or is damaged.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    info = file_info(path)
+    model = build_model(info)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise _fail(path, f"cannot read tensors ({exc})") from None
+    if info.format == PACKED_FORMAT:
+        from .packing import load_packed_into
+
+        load_packed_into(model, state, path)
+    else:
+        load_state_into(model, state, path)
+    model.eval()
+    return model
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON-friendly float: None for NaN and infinities."""
+    return x if math.isfinite(x) else None

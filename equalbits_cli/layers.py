@@ -1,0 +1,172 @@
+"""Binarized Conv2d and Linear layers.
+
+Each layer keeps its full-precision latent ``weight`` under the original name (a timm state dict loads
+unchanged) and computes ``scale * codes`` from it in the forward pass. The gradient passes straight
+through the quantizer to the latent weight (STE, Bengio et al. 2013; Courbariaux et al. 2016).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BinarizeConfig
+from .quantize import ot_codes
+
+__all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input"]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized weight. Backward: the incoming gradient, unchanged, to the latent."""
+
+    @staticmethod
+    def forward(ctx, latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None
+
+
+class _SignSTE(torch.autograd.Function):
+    """Forward: sign(x) with sign(0) = +1. Backward: grad * 1{|x| <= 1} (hardtanh STE, BNN)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+def binarize_input(x: torch.Tensor) -> torch.Tensor:
+    """Binarize activations: forward ``sign(x)`` (0 -> +1), backward clipped straight-through."""
+    return _SignSTE.apply(x)
+
+
+class BinaryLayer:
+    """Mixin with the quantizer state shared by :class:`BinaryConv2d` and :class:`BinaryLinear`."""
+
+    weight: nn.Parameter
+    config: BinarizeConfig
+
+    def _init_binary(self, config: BinarizeConfig) -> None:
+        self.config = config
+        self._cache_key: tuple[int, int] | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, scale)`` of the current latent weight (see :func:`equalbits_cli.quantize.ot_codes`).
+
+        Recomputed only when the latent weight changes (tracked by its version counter).
+        """
+        w = self.weight
+        key = (w.data_ptr(), w._version)
+        if self._cache is None or self._cache_key != key:
+            cfg = self.config
+            self._cache = ot_codes(w, cfg.ratio, cfg.prune, cfg.method)
+            self._cache_key = key
+        return self._cache
+
+    def pin_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Use exactly these codes and scales until the latent weight next changes (packed files)."""
+        if tuple(codes.shape) != tuple(self.weight.shape) or tuple(scale.shape) != (self.weight.shape[0],):
+            raise ValueError(f"codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit the weight")
+        self._cache = (codes.to(torch.int8), scale.to(self.weight.dtype))
+        self._cache_key = (self.weight.data_ptr(), self.weight._version)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with: ``scale * codes`` (no gradient attached)."""
+        codes, scale = self.quantize()
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        return codes.to(self.weight.dtype) * scale.to(self.weight.dtype).view(shape)
+
+    def _effective_weight(self) -> torch.Tensor:
+        q = self.quantized_weight()
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return _StraightThrough.apply(self.weight, q)
+        return q
+
+    def _maybe_binarize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return binarize_input(x) if self.config.activations == "sign" else x
+
+    def binary_extra_repr(self) -> str:
+        c = self.config
+        return f"method={c.method}, ratio={c.ratio}, prune={c.prune}, activations={c.activations}"
+
+
+class BinaryConv2d(BinaryLayer, nn.Conv2d):
+    """Conv2d with binary (or ternary) weights ``scale * codes``; grouped and depthwise included.
+
+    Example:
+        >>> conv = nn.Conv2d(4, 8, 3, padding=1)
+        >>> bconv = BinaryConv2d.from_float(conv, BinarizeConfig())
+        >>> bconv(torch.randn(2, 4, 5, 5)).shape
+        torch.Size([2, 8, 5, 5])
+    """
+
+    def __init__(self, *args, config: BinarizeConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_binary(config or BinarizeConfig())
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, config: BinarizeConfig) -> BinaryConv2d:
+        """A binarized layer that shares ``conv``'s parameters (no copy)."""
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+            config=config,
+        )
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._maybe_binarize_input(x), self._effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self.binary_extra_repr()
+
+
+class BinaryLinear(BinaryLayer, nn.Linear):
+    """Linear with binary (or ternary) weights ``scale * codes``.
+
+    Example:
+        >>> lin = BinaryLinear.from_float(nn.Linear(6, 3), BinarizeConfig(ratio=0.5))
+        >>> lin(torch.randn(2, 6)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, *args, config: BinarizeConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_binary(config or BinarizeConfig())
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config: BinarizeConfig) -> BinaryLinear:
+        """A binarized layer that shares ``linear``'s parameters (no copy)."""
+        new = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", config=config
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._maybe_binarize_input(x), self._effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self.binary_extra_repr()

@@ -1,0 +1,222 @@
+"""Pure tensor math for binary and ternary weight codes. No nn.Module here.
+
+The Equal Bits quantizer (Li, Pintea, van Gemert, AAAI 2022) maps each output filter's real weights to
+a target distribution over {-1, 0, +1} with optimal transport. In one dimension the optimal transport
+plan is the monotone (quantile) map: sort the filter and give the lowest share -1, the next share 0
+and the rest +1. The forward pass uses ``scale * codes``; the backward pass is the straight-through
+estimator (identity), which lives in :mod:`equalbits_cli.layers`.
+
+Counts per filter of ``n`` weights, with ``r`` the ratio and ``k`` the prune share (rounding half up):
+
+    n_zero  = round(k * n)
+    n_minus = round((1 - r) * (n - n_zero))
+    n_plus  = n - n_zero - n_minus
+
+Ties are broken by position: among equal values the one with the lower flat index ranks lower. This
+is exactly what a stable sort gives, and what every implementation here reproduces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "ot_counts",
+    "ot_codes",
+    "ot_codes_reference",
+    "least_squares_scale",
+    "entropy_bits",
+    "code_counts",
+    "sqnr_db",
+]
+
+
+def _round_half_up(x: float) -> int:
+    # 1e-9 absorbs float noise such as (1 - 0.7) * 10 = 3.0000000000000004 or 2.9999999999999996.
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def ot_counts(n: int, ratio: float = 0.5, prune: float = 0.0) -> tuple[int, int, int]:
+    """Exact per-filter code counts for a filter of ``n`` weights.
+
+    Args:
+        n: Number of weights in the filter.
+        ratio: Share of +1 among unpruned weights.
+        prune: Share of weights set to 0.
+
+    Returns:
+        ``(n_minus, n_zero, n_plus)``, summing to ``n``.
+
+    Example:
+        >>> ot_counts(10, ratio=0.3, prune=0.2)
+        (6, 2, 2)
+        >>> ot_counts(9)
+        (5, 0, 4)
+    """
+    n_zero = min(n, _round_half_up(prune * n))
+    m = n - n_zero
+    n_minus = min(m, _round_half_up((1.0 - ratio) * m))
+    return n_minus, n_zero, m - n_minus
+
+
+def least_squares_scale(weight2d: torch.Tensor, codes2d: torch.Tensor) -> torch.Tensor:
+    """Per-row factor ``<w, b> / <b, b>``: ``scale * b`` is the closest such tensor to ``w``.
+
+    Rows whose codes are all zero get scale 0.
+    """
+    b = codes2d.to(weight2d.dtype)
+    num = (weight2d * b).sum(dim=1)
+    den = (b * b).sum(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
+
+
+def ot_codes_reference(
+    weight: torch.Tensor, ratio: float = 0.5, prune: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort-based oracle for :func:`ot_codes` (what the authors' code does). Slow, obviously right.
+
+    Args:
+        weight: Tensor whose dim 0 indexes output filters; the rest is flattened per filter.
+        ratio: Share of +1 among each filter's unpruned weights.
+        prune: Share of each filter's weights set to 0.
+
+    Returns:
+        ``(codes, scale)``: int8 codes of ``weight``'s shape and float per-filter scale of shape
+        ``(weight.shape[0],)``.
+    """
+    w = weight.detach().reshape(weight.shape[0], -1)
+    n = w.shape[1]
+    n_minus, n_zero, _ = ot_counts(n, ratio, prune)
+    order = torch.argsort(w, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=w.device).expand_as(order))
+    codes = torch.ones_like(w, dtype=torch.int8)
+    codes[ranks < n_minus + n_zero] = 0
+    codes[ranks < n_minus] = -1
+    return codes.reshape(weight.shape), least_squares_scale(w, codes)
+
+
+def _lowest_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of each row's ``k`` lowest entries, ties to the lower index (as a stable sort)."""
+    rows, n = w.shape
+    if k <= 0:
+        return torch.zeros_like(w, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(w, dtype=torch.bool)
+    kth = torch.kthvalue(w, k, dim=1, keepdim=True).values
+    below = w < kth
+    need = k - below.sum(dim=1, keepdim=True)
+    equal = w == kth
+    # Fast path: the k-th value is unique in every row (the rule for real-valued weights).
+    if bool((equal.sum(dim=1, keepdim=True) == need).all()):
+        return below | equal
+    return below | (equal & (equal.cumsum(dim=1) <= need))
+
+
+def ot_codes(
+    weight: torch.Tensor, ratio: float = 0.5, prune: float = 0.0, method: str = "ot"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary or ternary codes and per-filter scales of a weight tensor.
+
+    ``method="ot"`` (Equal Bits): per output filter, the lowest ``n_minus`` weights get -1, the next
+    ``n_zero`` get 0 and the rest +1 (see :func:`ot_counts`); counts are exact for every filter and ties
+    go to the lower index. ``scale`` is the least-squares factor ``<w, b> / <b, b>``.
+
+    ``method="sign"`` (BWN / XNOR-Net, Rastegari et al. 2016): ``b = sign(w)`` with ``sign(0) = +1``,
+    ``scale = mean |w|``.
+
+    ``method="irnet"`` (IR-Net Libra-PB, Qin et al. 2020): weights are balanced and standardized per
+    filter, ``w_s = (w - mean) / std``, then ``b = sign(w_s)``; the scale is IR-Net's power of two
+    ``2^round(log2(mean |w_s|))``, multiplied back by ``std`` so that ``scale * b`` lives on the scale of
+    the latent weights.
+
+    ``ratio`` and ``prune`` apply to ``ot`` only.
+
+    Args:
+        weight: Tensor whose dim 0 indexes output filters.
+        ratio: Share of +1 among each filter's unpruned weights.
+        prune: Share of each filter's weights set to 0.
+        method: ``ot``, ``sign`` or ``irnet``.
+
+    Returns:
+        ``(codes, scale)``: int8 codes in {-1, 0, 1} of ``weight``'s shape, and the float per-filter
+        scale of shape ``(weight.shape[0],)``.
+
+    Raises:
+        ValueError: for an unknown method or out-of-range ratio/prune.
+
+    Example:
+        >>> w = torch.tensor([[0.3, -0.1, 0.2, -0.4]])
+        >>> codes, scale = ot_codes(w)
+        >>> codes.tolist(), round(scale.item(), 4)
+        ([[1, -1, 1, -1]], 0.25)
+    """
+    if not 0 < ratio < 1:
+        raise ValueError(f"ratio must be strictly between 0 and 1, got {ratio}")
+    if not 0 <= prune < 1:
+        raise ValueError(f"prune must be in [0, 1), got {prune}")
+    w = weight.detach().reshape(weight.shape[0], -1)
+    if method == "ot":
+        n_minus, n_zero, _ = ot_counts(w.shape[1], ratio, prune)
+        minus = _lowest_k_mask(w, n_minus)
+        if n_zero:
+            nonpos = _lowest_k_mask(w, n_minus + n_zero)
+            codes = nonpos.logical_not().to(torch.int8) - minus.to(torch.int8)
+        else:
+            codes = 1 - 2 * minus.to(torch.int8)
+        scale = least_squares_scale(w, codes)
+    elif method == "sign":
+        codes = torch.where(w >= 0, 1, -1).to(torch.int8)
+        scale = w.abs().mean(dim=1)
+    elif method == "irnet":
+        mean = w.mean(dim=1, keepdim=True)
+        std = w.std(dim=1, keepdim=True) if w.shape[1] > 1 else torch.ones_like(mean)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        ws = (w - mean) / std
+        codes = torch.where(ws >= 0, 1, -1).to(torch.int8)
+        mean_abs = ws.abs().mean(dim=1).clamp_min(torch.finfo(w.dtype).tiny)
+        scale = torch.pow(2.0, torch.round(torch.log2(mean_abs))) * std.squeeze(1)
+    else:
+        raise ValueError(f"method must be one of ot, sign, irnet, got {method!r}")
+    return codes.reshape(weight.shape), scale
+
+
+def code_counts(codes: torch.Tensor) -> tuple[int, int, int]:
+    """``(n_minus, n_zero, n_plus)`` of a code tensor."""
+    n_minus = int((codes == -1).sum())
+    n_plus = int((codes == 1).sum())
+    return n_minus, codes.numel() - n_minus - n_plus, n_plus
+
+
+def entropy_bits(codes: torch.Tensor) -> float:
+    """Shannon entropy, in bits per weight, of the distribution of code values in ``codes``.
+
+    Example:
+        >>> entropy_bits(torch.tensor([1, -1, 1, -1], dtype=torch.int8))
+        1.0
+        >>> entropy_bits(torch.tensor([1, 1, 1, 1], dtype=torch.int8))
+        0.0
+    """
+    n = codes.numel()
+    if n == 0:
+        return 0.0
+    h = 0.0
+    for count in code_counts(codes):
+        if count:
+            p = count / n
+            h -= p * math.log2(p)
+    return h + 0.0  # turns -0.0 into 0.0
+
+
+def sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(|w|^2 / |w - q|^2)`` in dB (inf if exact)."""
+    w = weight.detach().double()
+    noise = float(((w - quantized.detach().double()) ** 2).sum())
+    signal = float((w**2).sum())
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)

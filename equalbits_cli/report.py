@@ -1,0 +1,185 @@
+"""Per-layer and whole-model statistics: dataclasses first, rendered by the CLI second.
+
+Sizes: ``fp32_bytes`` counts every tensor of the state dict at its stored width (4 bytes per float32
+value). ``packed_bytes`` counts what a packed file must hold: 1 bit per binary weight (2 for ternary
+layers), rounded up to whole bytes per layer, plus 4 bytes per per-filter scale, plus every other
+tensor as stored. It excludes the file header.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .quantize import code_counts, entropy_bits, sqnr_db
+
+__all__ = ["LayerStats", "ModelStats", "collect_stats", "layer_stats", "packed_layer_bytes"]
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Statistics of one Conv2d/Linear layer. Code fields are None for full-precision layers."""
+
+    name: str
+    kind: str
+    binarized: bool
+    shape: tuple[int, ...]
+    params: int
+    n_plus: int | None = None
+    n_minus: int | None = None
+    n_zero: int | None = None
+    ratio: float | None = None
+    entropy_bits: float | None = None
+    scale_min: float | None = None
+    scale_mean: float | None = None
+    scale_max: float | None = None
+    sqnr_db: float | None = None
+    exact_filters: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        if d["sqnr_db"] is not None and not math.isfinite(d["sqnr_db"]):
+            d["sqnr_db"] = None
+        return d
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Per-layer statistics and totals of a model."""
+
+    layers: list[LayerStats]
+    params: int
+    binarized_params: int
+    fp32_bytes: int
+    packed_bytes: int
+
+    @property
+    def compression(self) -> float:
+        return self.fp32_bytes / self.packed_bytes if self.packed_bytes else math.inf
+
+    @property
+    def entropy_bits(self) -> float | None:
+        """Mean entropy per binarized weight, weighted by layer size."""
+        binar = [s for s in self.layers if s.binarized and s.entropy_bits is not None]
+        total = sum(s.params for s in binar)
+        return sum(s.entropy_bits * s.params for s in binar) / total if total else None  # type: ignore[operator]
+
+    def totals(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "binarized_params": self.binarized_params,
+            "binarized_layers": sum(s.binarized for s in self.layers),
+            "fp32_bytes": self.fp32_bytes,
+            "packed_bytes": self.packed_bytes,
+            "compression": round(self.compression, 3),
+            "entropy_bits": self.entropy_bits,
+        }
+
+
+def packed_layer_bytes(numel: int, out_channels: int, ternary: bool) -> int:
+    """Bytes a packed binarized layer needs: its bit planes plus fp32 per-filter scales."""
+    return (2 if ternary else 1) * ((numel + 7) // 8) + 4 * out_channels
+
+
+def layer_stats(
+    name: str,
+    kind: str,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    latent: torch.Tensor | None = None,
+    expected: tuple[int, int, int] | None = None,
+) -> LayerStats:
+    """Statistics of one binarized layer from its codes, scales and (optionally) latent weights.
+
+    Args:
+        expected: ``(n_minus, n_zero, n_plus)`` every filter should have; sets ``exact_filters``.
+    """
+    n_minus, n_zero, n_plus = code_counts(codes)
+    unpruned = n_plus + n_minus
+    exact = None
+    if expected is not None:
+        flat = codes.reshape(codes.shape[0], -1)
+        exact = bool(
+            ((flat == -1).sum(1) == expected[0]).all()
+            and ((flat == 0).sum(1) == expected[1]).all()
+            and ((flat == 1).sum(1) == expected[2]).all()
+        )
+    sqnr = None
+    if latent is not None:
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        sqnr = sqnr_db(latent, codes.to(scale.dtype) * scale.view(shape))
+    s = scale.detach().double()
+    return LayerStats(
+        name=name,
+        kind=kind,
+        binarized=True,
+        shape=tuple(codes.shape),
+        params=codes.numel(),
+        n_plus=n_plus,
+        n_minus=n_minus,
+        n_zero=n_zero,
+        ratio=n_plus / unpruned if unpruned else None,
+        entropy_bits=entropy_bits(codes),
+        scale_min=float(s.min()),
+        scale_mean=float(s.mean()),
+        scale_max=float(s.max()),
+        sqnr_db=sqnr,
+        exact_filters=exact,
+    )
+
+
+def _kind(module: nn.Module) -> str:
+    return "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
+
+
+def collect_stats(model: nn.Module) -> ModelStats:
+    """Per-layer statistics of every Conv2d/Linear of ``model`` and size totals.
+
+    Example:
+        >>> import timm
+        >>> from equalbits_cli import BinarizeConfig, binarize_
+        >>> m = timm.create_model("resnet18", pretrained=False, num_classes=10)
+        >>> binarize_(m, BinarizeConfig())
+        >>> stats = collect_stats(m)
+        >>> stats.layers[1].name, stats.layers[1].entropy_bits
+        ('layer1.0.conv1', 1.0)
+    """
+    from .layers import BinaryLayer
+    from .quantize import ot_counts
+
+    layers = []
+    binary_weight_keys: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BinaryLayer):
+            codes, scale = module.quantize()
+            cfg = module.config
+            expected = ot_counts(codes[0].numel(), cfg.ratio, cfg.prune) if cfg.method == "ot" else None
+            st = layer_stats(name, _kind(module), codes, scale, module.weight, expected)
+            layers.append(st)
+            binary_weight_keys[name + ".weight"] = packed_layer_bytes(codes.numel(), codes.shape[0], bool(st.n_zero))
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            w = module.weight
+            layers.append(LayerStats(name, _kind(module), False, tuple(w.shape), w.numel()))
+    return _totals(layers, model.state_dict(), binary_weight_keys, sum(p.numel() for p in model.parameters()))
+
+
+def _totals(
+    layers: list[LayerStats], state: dict[str, torch.Tensor], binary_bytes: dict[str, int], params: int
+) -> ModelStats:
+    fp32 = packed = 0
+    for k, v in state.items():
+        stored = v.numel() * v.element_size()
+        fp32 += stored
+        packed += binary_bytes.get(k, stored)
+    return ModelStats(
+        layers=layers,
+        params=params,
+        binarized_params=sum(s.params for s in layers if s.binarized),
+        fp32_bytes=fp32,
+        packed_bytes=packed,
+    )
