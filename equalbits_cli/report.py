@@ -183,3 +183,156 @@ def _totals(
         fp32_bytes=fp32,
         packed_bytes=packed,
     )
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """What ``inspect`` says about a file: its kind, model, config and statistics."""
+
+    path: str
+    format: str
+    model: str
+    config: dict[str, Any]
+    stats: ModelStats
+    file_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        totals = self.stats.totals()
+        totals["file_bytes"] = self.file_bytes
+        return {
+            "file": self.path,
+            "format": self.format,
+            "model": self.model,
+            "config": self.config,
+            "layers": [s.to_dict() for s in self.stats.layers],
+            "totals": totals,
+        }
+
+
+def _packed_stats(model: nn.Module, state: dict[str, torch.Tensor], binarized: set[str], path: Any) -> ModelStats:
+    """Statistics read straight from a packed file's bit planes (no latent weights: SQNR is None)."""
+    from .packing import NONZERO_SUFFIX, SCALE_SUFFIX, SHAPE_SUFFIX, SIGN_SUFFIX, read_packed_layer
+    from .quantize import ot_counts
+
+    layers = []
+    sizes: dict[str, int] = {}
+    fp32_extra: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name in binarized:
+            codes, scale = read_packed_layer(state, name, path)
+            cfg = module.config  # type: ignore[union-attr]
+            expected = ot_counts(codes[0].numel(), cfg.ratio, cfg.prune) if cfg.method == "ot" else None
+            st = layer_stats(name, _kind(module), codes, scale, None, expected)
+            layers.append(st)
+            sizes[name + ".weight"] = packed_layer_bytes(codes.numel(), codes.shape[0], bool(st.n_zero))
+            fp32_extra[name + ".weight"] = 4 * codes.numel()
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            w = module.weight
+            layers.append(LayerStats(name, _kind(module), False, tuple(w.shape), w.numel()))
+    suffixes = (SIGN_SUFFIX, NONZERO_SUFFIX, SCALE_SUFFIX, SHAPE_SUFFIX)
+    plain = {k: v for k, v in state.items() if not any(k.endswith(s) and k[: -len(s)] in binarized for s in suffixes)}
+    fp32 = sum(v.numel() * v.element_size() for v in plain.values()) + sum(fp32_extra.values())
+    packed = sum(v.numel() * v.element_size() for v in plain.values()) + sum(sizes.values())
+    params = sum(p.numel() for p in model.parameters())
+    return ModelStats(layers, params, sum(s.params for s in layers if s.binarized), fp32, packed)
+
+
+def _onnx_report(path: Any) -> FileReport:
+    import json
+    import os
+
+    import onnx
+    from onnx import numpy_helper
+
+    from .config import BinarizeConfig
+    from .io import FileInfo, build_model, file_info
+    from .packing import pack_bits
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    meta = {p.key: p.value for p in m.metadata_props}
+    if meta.get("format") != "equalbits.onnx":
+        raise ValueError(f"{path}: not an ONNX file written by equalbits export (no equalbits metadata)")
+    info: FileInfo = file_info(path, {**meta, "format": "equalbits.packed"})
+    model = build_model(info)
+    state: dict[str, torch.Tensor] = {}
+    binarized = set(info.binarized)
+    for init in m.graph.initializer:
+        if init.name.startswith("eb::"):
+            _, layer, field = init.name.split("::", 2)
+            arr = numpy_helper.to_array(init)
+            if field in ("sign", "nonzero"):
+                state[f"{layer}.weight.{field}"] = torch.from_numpy(arr.copy())
+            elif field == "factor":
+                state[f"{layer}.weight.scale"] = torch.from_numpy(arr.reshape(-1).copy())
+                state[f"{layer}.weight.shape"] = torch.tensor(list(model.get_submodule(layer).weight.shape))
+        else:
+            state[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy())
+    if meta.get("onnx_weights") == "float":
+        # Float weights are factor * codes: recover codes as their signs, factors as the row maxima.
+        for layer in binarized:
+            w = state.get(f"{layer}.weight")
+            if w is None:
+                raise ValueError(f"{path}: initializer {layer}.weight of a binarized layer is missing")
+            codes = torch.sign(w).to(torch.int8)
+            state[f"{layer}.weight.sign"] = pack_bits(codes == -1)
+            if bool((codes == 0).any()):
+                state[f"{layer}.weight.nonzero"] = pack_bits(codes != 0)
+            state[f"{layer}.weight.scale"] = w.reshape(w.shape[0], -1).abs().amax(dim=1).float()
+            state[f"{layer}.weight.shape"] = torch.tensor(list(w.shape))
+            del state[f"{layer}.weight"]
+    stats = _packed_stats(model, state, binarized, path)
+    cfg = BinarizeConfig.from_dict(json.loads(meta["binarize_config"]))
+
+    return FileReport(str(path), "equalbits.onnx", info.model, asdict(cfg), stats, os.path.getsize(path))
+
+
+def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -> FileReport:
+    """Statistics of any file equalbits reads: latent checkpoint, packed file, ONNX export, or a plain
+    timm state dict (then ``model_name`` is required, and the report shows what would be binarized
+    with ``config``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is damaged, or a plain state dict was given without ``model_name``.
+    """
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .config import BinarizeConfig
+    from .convert import binarize_, create_model
+    from .io import LATENT_FORMAT, PACKED_FORMAT, build_model, file_info, load_model, read_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    if path.suffix == ".onnx":
+        return _onnx_report(path)
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    fmt = meta.get("format")
+    size = os.path.getsize(path)
+    if fmt == LATENT_FORMAT:
+        model = load_model(path)
+        info = file_info(path, meta)
+        return FileReport(str(path), fmt, info.model, asdict(info.config), collect_stats(model), size)
+    if fmt == PACKED_FORMAT:
+        info = file_info(path, meta)
+        model = build_model(info)
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot read tensors ({exc})") from None
+        stats = _packed_stats(model, state, set(info.binarized), path)
+        return FileReport(str(path), fmt, info.model, asdict(info.config), stats, size)
+    if fmt is not None:
+        file_info(path, meta)  # raises the precise error for an unknown format or version
+    if model_name is None:
+        raise ValueError(f"{path} is a plain state dict: pass --model NAME (the timm architecture) to inspect it")
+    config = config or BinarizeConfig()
+    model = create_model(model_name, checkpoint=path)
+    binarize_(model, config)
+    return FileReport(str(path), "state_dict", model_name, asdict(config), collect_stats(model), size)

@@ -1,0 +1,169 @@
+"""The ``equalbits`` command line: one thin command per library call (parse, build config, call, render)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import (
+    ActivationsOpt,
+    CheckpointOpt,
+    JsonOpt,
+    MethodOpt,
+    NumClassesOpt,
+    OutOpt,
+    OverwriteOpt,
+    PretrainedOpt,
+    PruneOpt,
+    RatioOpt,
+    user_errors,
+)
+
+app = typer.Typer(
+    name="equalbits",
+    help=(
+        "Binary networks from timm models with exactly equally distributed weights (Equal Bits, AAAI 2022).\n\n"
+        "Typical path: binarize -> finetune -> eval -> export. Every command takes --json for scripts."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+def _default_output(source: str, suffix: str) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.split("/")[-1].removeprefix("hf-hub:"))
+    return Path(f"{stem}{suffix}")
+
+
+@app.command()
+@user_errors
+def binarize(
+    model: Annotated[str, typer.Argument(help="timm model name (resnet18) or hf-hub:org/name.")],
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = True,
+    num_classes: NumClassesOpt = None,
+    ratio: RatioOpt = 0.5,
+    prune: PruneOpt = 0.0,
+    method: MethodOpt = "ot",
+    activations: ActivationsOpt = "none",
+    output: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Binarize every Conv2d/Linear of a timm model except the stem and the classifier, and save it.
+
+    [b]Examples[/b]
+
+      equalbits binarize resnet18 --ratio 0.5 -o r18.safetensors
+
+      equalbits binarize resnet18 --checkpoint my_r18.pth --prune 0.3
+
+      equalbits binarize resnet18 --no-pretrained --ratio 0.3 --prune 0.2 --json
+    """
+    from .. import binarize_model, collect_stats, save_checkpoint
+    from ..config import BinarizeConfig
+    from ..io import check_output_path
+    from .render import print_json, show_stats, stderr
+
+    config = BinarizeConfig(ratio=ratio, prune=prune, method=method, activations=activations)
+    out = check_output_path(output or _default_output(model, ".binary.safetensors"), overwrite)
+    if not json_out:
+        stderr().print(f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'pretrained' if pretrained else 'random init'})")
+    net = binarize_model(model, config, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes)
+    stats = collect_stats(net)
+    save_checkpoint(net, out)
+    if json_out:
+        print_json({
+            "model": net.equalbits_meta["model"],
+            "config": config.__dict__,
+            "output": str(out),
+            "layers": [s.to_dict() for s in stats.layers],
+            "totals": stats.totals(),
+        })
+    else:
+        show_stats(stats, f"{model}  method={method} ratio={ratio} prune={prune} activations={activations}")
+        stderr().print(f"wrote {out}")
+
+
+@app.command()
+@user_errors
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A file equalbits wrote (.safetensors, .onnx) or a plain state dict.")],
+    model: Annotated[
+        str | None, typer.Option(help="timm architecture of a plain state dict (not needed for our files).")
+    ] = None,
+    ratio: RatioOpt = 0.5,
+    prune: PruneOpt = 0.0,
+    method: MethodOpt = "ot",
+    plot: Annotated[Path | None, typer.Option(help="Also draw per-layer ratio, entropy and SQNR to this PNG.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Per-layer bit ratios, entropy, SQNR and sizes of a file.
+
+    For a plain timm state dict (with --model), shows what binarize would do with --ratio/--prune/--method.
+    """
+    from ..config import BinarizeConfig
+    from ..report import inspect_file
+    from .render import print_json, show_stats
+
+    report = inspect_file(file, model, BinarizeConfig(ratio=ratio, prune=prune, method=method))
+    if plot is not None:
+        from ..plots import plot_layers
+
+        plot_layers(report.stats, plot, title=f"{report.model} ({Path(report.path).name})")
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        show_stats(report.stats, f"{report.path}  [{report.format}]  model={report.model}", report.file_bytes)
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A binarized checkpoint (from binarize or finetune).")],
+    format: Annotated[str, typer.Option("--format", "-f", help="packed: 1-bit safetensors; onnx: ONNX.")] = "packed",
+    onnx_weights: Annotated[
+        str, typer.Option(help="ONNX only. packed: uint8 bit planes + unpack ops; float: plain float weights.")
+    ] = "packed",
+    img_size: Annotated[int | None, typer.Option(help="ONNX input size (default: the model's).")] = None,
+    output: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a packed 1-bit safetensors file or an ONNX model, then verify it against PyTorch.
+
+    [b]Examples[/b]
+
+      equalbits export r18.safetensors --format packed -o r18.packed.safetensors
+
+      equalbits export r18.safetensors --format onnx -o r18.onnx
+    """
+    from ..export import export_file
+    from .render import human_bytes, print_json, stderr
+
+    if format not in ("packed", "onnx"):
+        raise ValueError(f"--format must be packed or onnx, got {format!r}")
+    suffix = ".packed.safetensors" if format == "packed" else ".onnx"
+    out = output or checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + suffix)
+    result = export_file(checkpoint, out, format=format, onnx_weights=onnx_weights, img_size=img_size,
+                         overwrite=overwrite)
+    if json_out:
+        print_json(result)
+    else:
+        stderr().print(
+            f"wrote {result['output']} ({human_bytes(result['bytes'])}, {result['compression']:.2f}x smaller than "
+            f"fp32); max |difference| vs PyTorch {result['max_abs_diff']:.3g}"
+        )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,289 @@
+"""ONNX export of the inference graph, with binarized weights stored as packed bit planes.
+
+The exported graph computes each binarized layer as a plain Conv/Gemm whose weight is ``factor * codes``
+(the exporter may fold BatchNorm into ``factor``; the codes are untouched by that, since folding only
+rescales output channels). Each such float initializer is then replaced by its packed uint8 bit planes,
+a per-filter float factor and a small unpack subgraph (Unsqueeze, BitShift, BitwiseAnd, Reshape, Slice,
+Cast, Mul; opset 18), which onnxruntime folds into a constant once, when the session is created.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .layers import BinaryLayer
+
+__all__ = ["ExportResult", "inference_model", "export_onnx", "OPSET"]
+
+OPSET = 18
+
+
+class SignActivation(nn.Module):
+    """Inference-time activation binarization: sign(x) with sign(0) = +1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_onnx` wrote and how closely onnxruntime matches PyTorch."""
+
+    path: str
+    bytes: int
+    weights: str
+    packed_layers: int
+    max_abs_diff: float
+    output_range: float
+    rel_diff: float
+
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with each binarized layer replaced by a plain Conv2d/Linear of weight
+    ``scale * codes`` (and a sign activation before it for 1W/1A layers): no straight-through
+    functions, so the graph exports as standard operators."""
+    model = copy.deepcopy(model).eval()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, BinaryLayer):
+            continue
+        if isinstance(module, nn.Conv2d):
+            plain: nn.Module = nn.Conv2d(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=module.groups,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+            )
+        else:
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(module.quantized_weight())
+            if module.bias is not None:
+                plain.bias.copy_(module.bias)
+        if module.config.activations == "sign":
+            plain = nn.Sequential(SignActivation(), plain)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, plain)
+    return model
+
+
+def _factor_if_same_codes(w: np.ndarray, codes: np.ndarray) -> np.ndarray | None:
+    """Per-row factor ``f`` with ``w == f * codes`` (within float rounding), or None if ``w`` has other codes."""
+    rows = codes.shape[0]
+    c = codes.reshape(rows, -1).astype(np.float32)
+    w2 = w.reshape(rows, -1).astype(np.float32)
+    nz = c != 0
+    if np.any((w2 != 0) & ~nz):
+        return None
+    ratio = np.where(nz, w2 * c, np.nan)  # w / c on non-zero codes (c is +-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        f = np.nanmean(ratio, axis=1)
+    f = np.where(np.isnan(f), 0.0, f).astype(np.float32)
+    expect = f[:, None] * c
+    tol = 1e-5 * np.maximum(np.abs(f), 1e-30)[:, None]
+    if not np.all(np.abs(expect - w2) <= tol):
+        return None
+    return f
+
+
+def _unpack_nodes(prefix: str, shape: tuple[int, ...], ternary: bool, out_name: str) -> tuple[list, list]:
+    """Nodes and constant initializers computing ``factor * codes`` from the packed planes."""
+    from onnx import helper, numpy_helper
+
+    count = int(np.prod(shape))
+    inits = [
+        numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8), prefix + "bit_shifts"),
+        numpy_helper.from_array(np.ones((1, 1), dtype=np.uint8), prefix + "bit_one"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), prefix + "flat"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), prefix + "start"),
+        numpy_helper.from_array(np.array([count], dtype=np.int64), prefix + "count"),
+        numpy_helper.from_array(np.array(shape, dtype=np.int64), prefix + "shape"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), prefix + "axis1"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), prefix + "one_f"),
+        numpy_helper.from_array(np.array(2.0, dtype=np.float32), prefix + "two_f"),
+    ]
+
+    def plane(name: str) -> list:
+        p = prefix + name
+        return [
+            helper.make_node("Unsqueeze", [p, prefix + "axis1"], [p + "_col"]),
+            helper.make_node("BitShift", [p + "_col", prefix + "bit_shifts"], [p + "_shift"], direction="RIGHT"),
+            helper.make_node("BitwiseAnd", [p + "_shift", prefix + "bit_one"], [p + "_bits"]),
+            helper.make_node("Reshape", [p + "_bits", prefix + "flat"], [p + "_flat"]),
+            helper.make_node("Slice", [p + "_flat", prefix + "start", prefix + "count"], [p + "_cut"]),
+            helper.make_node("Cast", [p + "_cut"], [p + "_f"], to=1),
+        ]
+
+    nodes = plane("sign")
+    # code = 1 - 2 * sign  (binary);  code = (1 - 2 * sign) * nonzero  (ternary)
+    nodes += [
+        helper.make_node("Mul", [prefix + "sign_f", prefix + "two_f"], [prefix + "sign2"]),
+        helper.make_node("Sub", [prefix + "one_f", prefix + "sign2"], [prefix + "pm"]),
+    ]
+    codes = prefix + "pm"
+    if ternary:
+        nodes += plane("nonzero")
+        nodes.append(helper.make_node("Mul", [prefix + "pm", prefix + "nonzero_f"], [prefix + "codes"]))
+        codes = prefix + "codes"
+    nodes += [
+        helper.make_node("Reshape", [codes, prefix + "shape"], [prefix + "codes_shaped"]),
+        helper.make_node("Mul", [prefix + "codes_shaped", prefix + "factor"], [out_name]),
+    ]
+    return nodes, inits
+
+
+def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Replace each binarized layer's float weight initializer by packed planes + unpack subgraph."""
+    from onnx import numpy_helper
+
+    from .packing import pack_codes
+
+    graph = onnx_model.graph
+    inits = {i.name: i for i in graph.initializer}
+    used: set[str] = set()
+    new_nodes = []
+    for name, (codes_t, _) in layers.items():
+        codes = codes_t.numpy()
+        candidates = [name + ".weight"] + [n for n in inits if n != name + ".weight"]
+        found = None
+        for cand in candidates:
+            if cand in used or cand not in inits or tuple(inits[cand].dims) != codes.shape:
+                continue
+            f = _factor_if_same_codes(numpy_helper.to_array(inits[cand]), codes)
+            if f is not None:
+                found = (cand, f)
+                break
+        if found is None:
+            raise ValueError(f"ONNX export: cannot find the weight of binarized layer {name!r} in the exported graph")
+        init_name, factor = found
+        used.add(init_name)
+        prefix = f"eb::{name}::"
+        sign, nonzero = pack_codes(codes_t)
+        fshape = (-1,) + (1,) * (codes.ndim - 1)
+        graph.initializer.remove(inits[init_name])
+        graph.initializer.append(numpy_helper.from_array(sign.numpy(), prefix + "sign"))
+        if nonzero is not None:
+            graph.initializer.append(numpy_helper.from_array(nonzero.numpy(), prefix + "nonzero"))
+        graph.initializer.append(numpy_helper.from_array(factor.reshape(fshape), prefix + "factor"))
+        nodes, consts = _unpack_nodes(prefix, codes.shape, nonzero is not None, init_name)
+        graph.initializer.extend(consts)
+        new_nodes.extend(nodes)
+    # The unpack subgraphs only read initializers, so they can all go first (topological order holds).
+    old = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + old)
+    return len(layers)
+
+
+def _input_size(model: nn.Module, img_size: int | None) -> tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    if img_size is not None:
+        h = w = img_size
+    return int(c), int(h), int(w)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    weights: str = "packed",
+    img_size: int | None = None,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> ExportResult:
+    """Export a binarized model to ONNX and check it in onnxruntime against PyTorch.
+
+    Args:
+        model: A binarized model (``load_model`` or ``binarize_model``).
+        path: Output ``.onnx`` path (written atomically).
+        weights: ``packed`` (uint8 bit planes + unpack subgraph) or ``float`` (plain float weights).
+        img_size: Input height and width (default: the model's ``pretrained_cfg``).
+        tolerance: Largest accepted ``max |onnx - torch| / (max(torch) - min(torch))``.
+        seed: Seed of the random verification batch.
+
+    Returns:
+        An :class:`ExportResult` with the file size and the measured difference.
+
+    Raises:
+        ValueError: bad ``weights``, or onnxruntime's output differs beyond ``tolerance``.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from .io import atomic_write, base_metadata
+
+    if weights not in ("packed", "float"):
+        raise ValueError(f"--onnx-weights must be packed or float, got {weights!r}")
+    meta = base_metadata(model, "equalbits.onnx")
+    plain = inference_model(model)
+    layers = {n: m.quantize() for n, m in model.named_modules() if isinstance(m, BinaryLayer)}
+    c, h, w = _input_size(model, img_size)
+    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(seed))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            plain,
+            (x,),
+            buf,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+            # PRESERVE on an eval-mode model keeps BatchNorm as its own (inference) node instead of folding
+            # it into the conv weight, so each binarized weight stays exactly scale * codes under its own
+            # name. onnxruntime fuses Conv+BatchNorm again when it loads the model.
+            training=torch.onnx.TrainingMode.PRESERVE,
+        )
+    onnx_model = onnx.load_from_string(buf.getvalue())
+    packed_layers = _pack_initializers(onnx_model, layers) if weights == "packed" else 0
+    meta["onnx_weights"] = weights
+    meta["bit_order"] = "little"
+    onnx.helper.set_model_props(onnx_model, meta)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    data = onnx_model.SerializeToString()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = plain(x).numpy()
+    diff = float(np.max(np.abs(got - want)))
+    rng = float(want.max() - want.min()) or 1.0
+    if not diff / rng <= tolerance:
+        raise ValueError(
+            f"ONNX output differs from PyTorch by {diff:.3g} ({diff / rng:.3g} of the output range, tolerance "
+            f"{tolerance}); the file was not written"
+        )
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return ExportResult(str(path), len(data), weights, packed_layers, diff, rng, diff / rng)
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata_props of an ONNX file written by :func:`export_onnx`."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in m.metadata_props}
+
+
+__all__ += ["onnx_metadata", "SignActivation"]
+_ = json  # metadata values are JSON strings produced by base_metadata
