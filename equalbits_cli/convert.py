@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -184,6 +185,38 @@ def _check_model_name(name: str) -> None:
         raise ValueError(f"unknown timm model {name!r}{hint}")
 
 
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face Hub's host resolves (a DNS lookup, no request)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _offline_if_unreachable(download: bool) -> Iterator[None]:
+    """Without network, put huggingface_hub in offline mode for the call: cached weights still load,
+    and a missing one fails at once instead of after a minute of retries."""
+    if not download or _hub_reachable():
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _classifier_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
     """Number of classes the checkpoint's classifier has, if it can be read off."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -235,8 +268,10 @@ def create_model(
     model_kwargs = dict(kwargs)
     if num_classes is not None:
         model_kwargs["num_classes"] = num_classes
+    download = pretrained or name.startswith("hf-hub:")
     try:
-        model = timm.create_model(name, pretrained=pretrained or name.startswith("hf-hub:"), **model_kwargs)
+        with _offline_if_unreachable(download):
+            model = timm.create_model(name, pretrained=download, **model_kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained or name.startswith("hf-hub:"):
             raise ValueError(

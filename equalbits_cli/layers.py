@@ -157,9 +157,7 @@ class BinaryLinear(BinaryLayer, nn.Linear):
     @classmethod
     def from_float(cls, linear: nn.Linear, config: BinarizeConfig) -> BinaryLinear:
         """A binarized layer that shares ``linear``'s parameters (no copy)."""
-        new = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", config=config
-        )
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", config=config)
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)

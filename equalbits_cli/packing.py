@@ -115,6 +115,7 @@ def read_packed_layer(state: dict[str, torch.Tensor], name: str, path: Path) -> 
     Raises:
         ValueError: naming the file, the layer and the problem.
     """
+
     def fail(problem: str) -> ValueError:
         return ValueError(f"{path}: layer {name!r}: {problem}")
 

@@ -73,18 +73,22 @@ def binarize(
     config = BinarizeConfig(ratio=ratio, prune=prune, method=method, activations=activations)
     out = check_output_path(output or _default_output(model, ".binary.safetensors"), overwrite)
     if not json_out:
-        stderr().print(f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'pretrained' if pretrained else 'random init'})")
+        stderr().print(
+            f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'pretrained' if pretrained else 'random init'})"
+        )
     net = binarize_model(model, config, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes)
     stats = collect_stats(net)
     save_checkpoint(net, out)
     if json_out:
-        print_json({
-            "model": net.equalbits_meta["model"],
-            "config": config.__dict__,
-            "output": str(out),
-            "layers": [s.to_dict() for s in stats.layers],
-            "totals": stats.totals(),
-        })
+        print_json(
+            {
+                "model": net.equalbits_meta["model"],
+                "config": config.__dict__,
+                "output": str(out),
+                "layers": [s.to_dict() for s in stats.layers],
+                "totals": stats.totals(),
+            }
+        )
     else:
         show_stats(stats, f"{model}  method={method} ratio={ratio} prune={prune} activations={activations}")
         stderr().print(f"wrote {out}")
@@ -150,8 +154,9 @@ def export(
         raise ValueError(f"--format must be packed or onnx, got {format!r}")
     suffix = ".packed.safetensors" if format == "packed" else ".onnx"
     out = output or checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + suffix)
-    result = export_file(checkpoint, out, format=format, onnx_weights=onnx_weights, img_size=img_size,
-                         overwrite=overwrite)
+    result = export_file(
+        checkpoint, out, format=format, onnx_weights=onnx_weights, img_size=img_size, overwrite=overwrite
+    )
     if json_out:
         print_json(result)
     else:

@@ -1,0 +1,124 @@
+"""The command line, through subprocesses and CliRunner, reading --json output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from equalbits_cli.cli import app
+from equalbits_cli.quantize import ot_counts
+
+runner = CliRunner()
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "equalbits_cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
+    )
+
+
+def test_binarize_then_inspect_exact_counts(tmp_path):
+    """The core issue's acceptance path."""
+    out = tmp_path / "r.safetensors"
+    res = run_cli("binarize", "resnet18", "--no-pretrained", "--ratio", "0.3", "--prune", "0.2", "-o", out)
+    assert res.returncode == 0, res.stderr
+    res = run_cli("inspect", out, "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert set(report) >= {"model", "config", "layers", "totals"}
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert not layers["conv1"]["binarized"] and not layers["fc"]["binarized"]
+    others = [v for k, v in layers.items() if k not in ("conv1", "fc")]
+    assert len(others) == 19 and all(v["binarized"] for v in others)
+    for layer in others:
+        rows = layer["shape"][0]
+        n = layer["params"] // rows
+        n_minus, n_zero, n_plus = ot_counts(n, 0.3, 0.2)
+        assert (layer["n_minus"], layer["n_zero"], layer["n_plus"]) == (rows * n_minus, rows * n_zero, rows * n_plus)
+        assert layer["exact_filters"] is True
+    assert report["config"]["ratio"] == 0.3 and report["config"]["prune"] == 0.2
+
+
+def test_export_and_inspect_each_format(tmp_path, binary_ckpt):
+    packed = tmp_path / "p.safetensors"
+    res = runner.invoke(app, ["export", str(binary_ckpt), "--format", "packed", "-o", str(packed), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["max_abs_diff"] == 0 and summary["compression"] >= 12
+    onnx_path = tmp_path / "m.onnx"
+    res = runner.invoke(app, ["export", str(binary_ckpt), "-f", "onnx", "--img-size", "32", "-o", str(onnx_path)])
+    assert res.exit_code == 0, res.output
+    reports = []
+    for f in (binary_ckpt, packed, onnx_path):
+        res = runner.invoke(app, ["inspect", str(f), "--json"])
+        assert res.exit_code == 0, res.output
+        reports.append(json.loads(res.stdout))
+    for key in ("n_plus", "n_minus", "n_zero", "entropy_bits"):
+        assert [r["layers"][1][key] for r in reports] == [reports[0]["layers"][1][key]] * 3
+    assert reports[0]["layers"][1]["sqnr_db"] is not None and reports[1]["layers"][1]["sqnr_db"] is None
+
+
+def test_inspect_plain_state_dict(resnet18_state):
+    res = runner.invoke(app, ["inspect", str(resnet18_state), "--model", "resnet18", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["totals"]["binarized_layers"] == 19
+
+
+BAD = [
+    (["binarize", "resnet18", "--no-pretrained", "--ratio", "1.5"], "ratio must be strictly between 0 and 1"),
+    (["binarize", "resnet18", "--no-pretrained", "--ratio", "0"], "ratio must be strictly between 0 and 1"),
+    (["binarize", "resnet18", "--no-pretrained", "--prune", "1"], "prune must be in [0, 1)"),
+    (["binarize", "resnet18", "--no-pretrained", "--method", "xnor"], "method must be one of"),
+    (["binarize", "resnet18", "--no-pretrained", "--method", "sign", "--prune", "0.2"], "prune applies to"),
+    (["binarize", "resnet_18", "--no-pretrained"], "unknown timm model 'resnet_18'"),
+    (["binarize", "resnet18"], "pass --checkpoint PATH"),
+    (["binarize", "resnet18", "--checkpoint", "missing.pth"], "checkpoint not found"),
+    (["binarize", "resnet18", "--checkpoint", "CORRUPT"], "not a readable"),
+    (["binarize", "resnet18", "--checkpoint", "FP", "--num-classes", "7"], "its classifier has 10 classes"),
+    (["binarize", "resnet18", "--no-pretrained", "-o", "no/such/dir/x.safetensors"], "does not exist"),
+    (["inspect", "missing.safetensors"], "file not found"),
+    (["inspect", "CORRUPT"], "not a safetensors file"),
+    (["inspect", "FP"], "pass --model NAME"),
+    (["export", "CORRUPT"], "not a safetensors file"),
+    (["export", "FP", "-f", "packed"], "not an equalbits file"),
+    (["export", "CKPT", "-f", "tflite"], "--format must be packed or onnx"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_no_file(tmp_path, args, message, resnet18_state, binary_ckpt):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    subst = {"CORRUPT": str(corrupt), "FP": str(resnet18_state), "CKPT": str(binary_ckpt)}
+    args = [subst.get(a, a) for a in args]
+    if args[0] == "binarize" and "-o" not in args:
+        args += ["-o", "out.safetensors"]
+    before = set(os.listdir(tmp_path))
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("loading ")]
+    assert len(lines) == 1, res.stderr
+    assert message in lines[0] and "Traceback" not in res.stderr
+    assert set(os.listdir(tmp_path)) == before, "no output file is left behind"
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "r.safetensors"
+    out.write_text("keep me")
+    res = runner.invoke(app, ["binarize", "resnet18", "--no-pretrained", "-o", str(out)])
+    assert res.exit_code == 2 and out.read_text() == "keep me"
+    res = runner.invoke(app, ["binarize", "resnet18", "--no-pretrained", "-o", str(out), "--overwrite", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["output"] == str(out)
+
+
+def test_help_teaches():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0 and "binarize" in res.output and "export" in res.output
+    res = runner.invoke(app, ["binarize", "--help"])
+    assert "equal bits" in res.output and "Examples" in res.output

@@ -1,0 +1,89 @@
+"""Latent checkpoints: outputs equal after reload, metadata, atomic writes, damaged files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint
+from equalbits_cli.io import atomic_write, check_output_path, read_metadata
+
+
+@pytest.mark.parametrize(
+    "config",
+    [BinarizeConfig(), BinarizeConfig(ratio=0.3, prune=0.2), BinarizeConfig(method="irnet", activations="sign")],
+)
+def test_load_model_gives_equal_outputs(tmp_path, resnet18_state, config):
+    model = binarize_model("resnet18", config, checkpoint=resnet18_state).eval()
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    loaded = load_model(path)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    meta = read_metadata(path)
+    assert meta["format"] == "equalbits.latent" and meta["model"] == "resnet18"
+    assert json.loads(meta["model_kwargs"]) == {"num_classes": 10}
+    assert BinarizeConfig.from_dict(json.loads(meta["binarize_config"])) == config
+    assert "conv1" not in json.loads(meta["binarized"]) and "layer1.0.conv1" in json.loads(meta["binarized"])
+    with safe_open(str(path), "pt") as f:  # latent weights keep their timm names
+        assert "layer1.0.conv1.weight" in f.keys()
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("crash")
+    assert target.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_check_output_path(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        check_output_path(tmp_path / "nope" / "f.safetensors")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="--overwrite"):
+        check_output_path(tmp_path / "f")
+    assert check_output_path(tmp_path / "f", overwrite=True) == tmp_path / "f"
+
+
+def _rewrite_meta(src, dst, **changes):
+    from safetensors.torch import load_file, save_file
+
+    meta = read_metadata(src)
+    meta.update(changes)
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format": "other"}, "not an equalbits file"),
+        ({"format_version": "99"}, "version '99' is not supported"),
+        ({"model": "no_such_net"}, "not known to this timm"),
+        ({"binarize_config": "{bad json"}, "not valid JSON"),
+        ({"binarize_config": '{"ratio": 2.0}'}, "ratio must be strictly between"),
+        ({"binarized": '["fc.nope"]'}, "not a Conv2d/Linear"),
+        ({"model_kwargs": '{"num_classes": 7}'}, "shape"),
+    ],
+)
+def test_bad_metadata_is_a_clear_error(tmp_path, binary_ckpt, change, message):
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_meta(binary_ckpt, bad, **change)
+    with pytest.raises(ValueError, match=message):
+        load_model(bad)
+
+
+def test_truncated_and_garbage_files(tmp_path, binary_ckpt):
+    data = binary_ckpt.read_bytes()
+    for name, blob in [("trunc", data[: len(data) // 2]), ("tiny", b"abc"), ("garbage", b"\xff" * 64)]:
+        p = tmp_path / f"{name}.safetensors"
+        p.write_bytes(blob)
+        with pytest.raises(ValueError, match=str(p)):
+            load_model(p)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.safetensors")

@@ -1,0 +1,49 @@
+"""ONNX export: packed bit planes, checker, parity with PyTorch in onnxruntime, dynamic batch, size."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from equalbits_cli import BinarizeConfig, binarize_model, save_packed
+from equalbits_cli.onnx_export import export_onnx, inference_model
+
+
+@pytest.mark.parametrize("config", [BinarizeConfig(), BinarizeConfig(prune=0.3), BinarizeConfig(activations="sign")])
+def test_onnx_packed_parity_and_size(tmp_path, resnet18_state, config):
+    model = binarize_model("resnet18", config, checkpoint=resnet18_state).eval()
+    result = export_onnx(model, tmp_path / "m.onnx", img_size=32)
+    assert result.packed_layers == 19
+    m = onnx.load(result.path)
+    onnx.checker.check_model(m, full_check=True)
+    ops = {n.op_type for n in m.graph.node}
+    assert {"BitShift", "BitwiseAnd"} <= ops
+    assert not any(i.name.endswith("layer1.0.conv1.weight") for i in m.graph.initializer)
+    packed = save_packed(model, tmp_path / "m.packed.safetensors")
+    assert result.bytes <= 1.05 * packed.stat().st_size
+    session = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"])
+    for batch in (1, 5):  # dynamic batch size
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        got = session.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            want = model(x).numpy()
+        assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
+
+
+def test_onnx_float_weights(tmp_path, resnet18_state):
+    model = binarize_model("resnet18", BinarizeConfig(), checkpoint=resnet18_state).eval()
+    result = export_onnx(model, tmp_path / "f.onnx", weights="float", img_size=32)
+    ops = {n.op_type for n in onnx.load(result.path).graph.node}
+    assert "BitShift" not in ops and result.rel_diff <= 1e-4
+
+
+def test_inference_model_has_no_binary_layers(resnet18_state):
+    model = binarize_model("resnet18", BinarizeConfig(), checkpoint=resnet18_state)
+    plain = inference_model(model)
+    assert not any(type(m).__name__.startswith("Binary") for m in plain.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model.eval()(x), rtol=0, atol=0)

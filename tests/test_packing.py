@@ -1,0 +1,76 @@
+"""Bit packing is bit-exact for every length; packed files reload to identical outputs and are small."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, load_model, save_packed
+from equalbits_cli.io import read_metadata
+from equalbits_cli.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
+
+
+@pytest.mark.parametrize("n", range(0, 70))
+@pytest.mark.parametrize("ternary", [False, True])
+def test_pack_unpack_every_length(n, ternary):
+    g = torch.Generator().manual_seed(n)
+    low = -1 if ternary else 0
+    codes = torch.randint(low, 2, (n,), generator=g).to(torch.int8)
+    if not ternary:
+        codes = codes * 2 - 1
+    sign, nonzero = pack_codes(codes)
+    assert sign.numel() == (n + 7) // 8
+    assert (nonzero is not None) == bool((codes == 0).any())
+    assert torch.equal(unpack_codes(sign, nonzero, (n,)), codes)
+
+
+def test_bit_order_is_numpy_little():
+    bits = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 1, 1], dtype=torch.bool)
+    packed = pack_bits(bits)
+    assert packed.tolist() == [0b00001101, 0b00000011]
+    assert packed.tolist() == np.packbits(bits.numpy(), bitorder="little").tolist()
+    assert torch.equal(unpack_bits(packed, 10), bits)
+    with pytest.raises(ValueError):
+        unpack_bits(packed, 17)
+
+
+@pytest.mark.parametrize("config", [BinarizeConfig(), BinarizeConfig(prune=0.3), BinarizeConfig(method="sign")])
+def test_packed_round_trip_and_size(tmp_path, resnet18_state, config):
+    model = binarize_model("resnet18", config, checkpoint=resnet18_state).eval()
+    path = save_packed(model, tmp_path / "m.packed.safetensors")
+    loaded = load_model(path)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    for (name, m), (_, lm) in zip(model.named_modules(), loaded.named_modules(), strict=True):
+        if hasattr(m, "quantize"):
+            assert torch.equal(m.quantize()[0], lm.quantize()[0]), name
+    stats = collect_stats(model)
+    size = path.stat().st_size
+    header = 32 * 1024  # fixed allowance for the safetensors JSON header
+    assert size <= stats.packed_bytes * 1.005 + header
+    assert stats.fp32_bytes / size >= 12
+    meta = read_metadata(path)
+    assert meta["format"] == "equalbits.packed" and meta["bit_order"] == "little"
+
+
+def test_damaged_planes_are_clear_errors(tmp_path, resnet18_state):
+    model = binarize_model("resnet18", BinarizeConfig(prune=0.3), checkpoint=resnet18_state)
+    path = save_packed(model, tmp_path / "m.safetensors")
+    state, meta = load_file(str(path)), read_metadata(path)
+    cases = {
+        "short plane": ("layer1.0.conv1.weight.sign", lambda t: t[:-1]),
+        "nan scale": ("layer1.0.conv1.weight.scale", lambda t: t * float("nan")),
+        "huge shape": ("layer1.0.conv1.weight.shape", lambda t: torch.tensor([2**40, 1, 1, 1])),
+        "sign on zero": ("layer1.0.conv1.weight.sign", lambda t: torch.full_like(t, 255)),
+    }
+    for label, (key, mutate) in cases.items():
+        bad = dict(state)
+        bad[key] = mutate(state[key]).contiguous()
+        p = tmp_path / "bad.safetensors"
+        save_file(bad, str(p), metadata=meta)
+        with pytest.raises(ValueError, match="layer1.0.conv1"):
+            load_model(p)
+        assert label

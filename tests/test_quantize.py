@@ -1,0 +1,138 @@
+"""The quantizer: exact counts, monotone (optimal-transport) assignment, ties, scales, entropy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from equalbits_cli.quantize import entropy_bits, ot_codes, ot_codes_reference, ot_counts, sqnr_db
+
+ratios = st.floats(min_value=0.01, max_value=0.99)
+prunes = st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=0.95))
+
+
+@st.composite
+def weights(draw):
+    """Weight tensors of 1-4 dims, with many ties (small integer grids) or continuous values."""
+    rows = draw(st.integers(1, 6))
+    inner = draw(st.lists(st.integers(1, 5), min_size=0, max_size=3))
+    shape = (rows, *inner)
+    n = math.prod(shape)
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(["normal", "ties", "constant"]))
+    if kind == "normal":
+        w = torch.randn(n, generator=g)
+    elif kind == "ties":
+        w = torch.randint(-2, 3, (n,), generator=g).float() * 0.1
+    else:
+        w = torch.full((n,), 0.25)
+    return w.reshape(shape)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(w=weights(), ratio=ratios, prune=prunes)
+def test_ot_codes_exact_counts_and_matches_reference(w, ratio, prune):
+    codes, scale = ot_codes(w, ratio, prune)
+    ref_codes, ref_scale = ot_codes_reference(w, ratio, prune)
+    assert codes.dtype == torch.int8 and codes.shape == w.shape
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=1e-7)
+    flat = codes.reshape(w.shape[0], -1)
+    n_minus, n_zero, n_plus = ot_counts(flat.shape[1], ratio, prune)
+    assert ((flat == -1).sum(1) == n_minus).all()
+    assert ((flat == 0).sum(1) == n_zero).all()
+    assert ((flat == 1).sum(1) == n_plus).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(w=weights(), ratio=ratios, prune=prunes)
+def test_assignment_is_monotone_with_index_tie_break(w, ratio, prune):
+    """Optimal transport in 1-D is the quantile map: ranks by (value, index) decide the code."""
+    codes, _ = ot_codes(w, ratio, prune)
+    flat_w = w.reshape(w.shape[0], -1)
+    flat_c = codes.reshape(w.shape[0], -1)
+    for row_w, row_c in zip(flat_w, flat_c, strict=True):
+        keyed = sorted(range(len(row_w)), key=lambda i: (float(row_w[i]), i))
+        ordered = [int(row_c[i]) for i in keyed]
+        assert ordered == sorted(ordered)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 10_000), ratio=ratios, prune=prunes)
+def test_counts_sum_and_rounding(n, ratio, prune):
+    n_minus, n_zero, n_plus = ot_counts(n, ratio, prune)
+    assert min(n_minus, n_zero, n_plus) >= 0 and n_minus + n_zero + n_plus == n
+    assert abs(n_zero - prune * n) <= 0.5 + 1e-6
+    m = n - n_zero
+    assert abs(n_minus - (1 - ratio) * m) <= 0.5 + 1e-6
+
+
+def test_counts_examples():
+    assert ot_counts(10, 0.3, 0.2) == (6, 2, 2)
+    assert ot_counts(9, 0.5) == (5, 0, 4)  # half up: 4.5 -> 5 minus
+    assert ot_counts(10, 0.7) == (3, 0, 7)  # (1 - 0.7) * 10 is 3.0000000000000004 in floating point
+
+
+@pytest.mark.parametrize("n", [2, 4, 10, 64, 576, 4608])
+def test_equal_bits_entropy_is_exactly_one_bit(n):
+    w = torch.randn(8, n, generator=torch.Generator().manual_seed(n))
+    codes, _ = ot_codes(w, 0.5)
+    for row in codes:
+        assert entropy_bits(row) == 1.0
+    assert entropy_bits(codes) == 1.0
+
+
+def test_ternary_entropy_matches_formula():
+    """At ratio 0.5 and prune k, entropy is h(k) + (1 - k) bits."""
+    k = 0.25
+    codes, _ = ot_codes(torch.randn(4, 400, generator=torch.Generator().manual_seed(1)), 0.5, k)
+    h = -(k * math.log2(k) + (1 - k) * math.log2(1 - k))
+    assert entropy_bits(codes) == pytest.approx(h + (1 - k), abs=1e-12)
+
+
+def test_scale_is_least_squares_optimum():
+    w = torch.randn(5, 50, generator=torch.Generator().manual_seed(2))
+    codes, scale = ot_codes(w, 0.4, 0.1)
+    b = codes.float()
+    best = ((w - scale[:, None] * b) ** 2).sum(1)
+    for eps in (1e-3, -1e-3):
+        assert (((w - (scale[:, None] + eps) * b) ** 2).sum(1) > best).all()
+
+
+def test_sign_and_irnet_baselines():
+    w = torch.tensor([[0.5, -0.2, 0.0, 0.1], [1.0, 2.0, 3.0, 4.0]])
+    codes, scale = ot_codes(w, method="sign")
+    assert codes.tolist() == [[1, -1, 1, 1], [1, 1, 1, 1]]
+    torch.testing.assert_close(scale, w.abs().mean(1))
+    codes, scale = ot_codes(w, method="irnet")
+    # IR-Net balances each filter first: the second row's mean (2.5) splits it in two halves.
+    assert codes[1].tolist() == [-1, -1, 1, 1]
+    assert (scale > 0).all()
+    log2 = torch.log2(scale / w.std(dim=1))
+    torch.testing.assert_close(log2, log2.round())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ratio": 0.0}, "ratio"),
+        ({"ratio": 1.0}, "ratio"),
+        ({"prune": 1.0}, "prune"),
+        ({"prune": -0.1}, "prune"),
+        ({"method": "xnor"}, "method"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ot_codes(torch.randn(2, 4), **kwargs)
+
+
+def test_sqnr():
+    w = torch.tensor([1.0, -1.0])
+    assert sqnr_db(w, w) == math.inf
+    assert sqnr_db(w, 0.9 * w) == pytest.approx(20.0)
