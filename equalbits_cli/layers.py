@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BinarizeConfig
-from .quantize import ot_codes
+from .quantize import OTCache, ot_codes
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input"]
 
@@ -58,6 +58,7 @@ class BinaryLayer:
         self.config = config
         self._cache_key: tuple[int, int] | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ot_cache = OTCache()  # last step's per-filter thresholds: same codes, less work
 
     def quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes, scale)`` of the current latent weight (see :func:`equalbits_cli.quantize.ot_codes`).
@@ -68,7 +69,7 @@ class BinaryLayer:
         key = (w.data_ptr(), w._version)
         if self._cache is None or self._cache_key != key:
             cfg = self.config
-            self._cache = ot_codes(w, cfg.ratio, cfg.prune, cfg.method)
+            self._cache = ot_codes(w, cfg.ratio, cfg.prune, cfg.method, cache=self._ot_cache)
             self._cache_key = key
         return self._cache
 

@@ -136,3 +136,30 @@ def test_sqnr():
     w = torch.tensor([1.0, -1.0])
     assert sqnr_db(w, w) == math.inf
     assert sqnr_db(w, 0.9 * w) == pytest.approx(20.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(w=weights(), ratio=ratios, prune=prunes, steps=st.lists(st.floats(0, 0.3), min_size=1, max_size=4))
+def test_warm_cache_gives_identical_codes(w, ratio, prune, steps):
+    """Reusing last call's thresholds (as in training) never changes the result."""
+    from equalbits_cli.quantize import OTCache
+
+    cache = OTCache()
+    g = torch.Generator().manual_seed(len(steps))
+    for size in [0.0, *steps]:
+        w = w + size * torch.randn(w.shape, generator=g) * (torch.rand(w.shape, generator=g) < 0.5)
+        codes, scale = ot_codes(w, ratio, prune, cache=cache)
+        ref_codes, ref_scale = ot_codes_reference(w, ratio, prune)
+        assert torch.equal(codes, ref_codes)
+        torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=1e-7)
+
+
+def test_warm_cache_hits_when_weights_barely_move():
+    from equalbits_cli.quantize import OTCache
+
+    cache = OTCache()
+    w = torch.randn(64, 576, generator=torch.Generator().manual_seed(0))
+    ot_codes(w, cache=cache)
+    assert cache.misses == 64 and cache.hits == 0
+    ot_codes(w * 1.0001, cache=cache)
+    assert cache.hits == 64

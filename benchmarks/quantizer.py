@@ -1,0 +1,97 @@
+"""Quantizer speed: exact-ratio OT codes against torch.sign and the sort-based reference, in one run.
+
+For every conv/linear weight of each model (latent weights from a fixed seed) it times, over all
+tensors together: torch.sign; the sort-based reference; ot_codes cold (first call, no cache); and
+ot_codes warm (cache from the previous call, after an Adam-like step ``w += lr * sign(noise)``) for
+several step sizes. Every warm result is checked against the reference before it is timed.
+
+    python benchmarks/quantizer.py [--models resnet18,resnet50,vit_tiny_patch16_224] [--reps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import best_ms, machine  # noqa: E402
+
+from equalbits_cli.quantize import OTCache, ot_codes, ot_codes_reference  # noqa: E402
+
+
+def weights_of(name: str) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=1000)
+    return [p.detach().clone() for n, p in model.named_parameters() if p.dim() in (2, 4) and n.endswith("weight")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="resnet18,resnet50,vit_tiny_patch16_224")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--lrs", default="1e-5,1e-4,1e-3")
+    args = ap.parse_args()
+    lrs = [float(x) for x in args.lrs.split(",")]
+    print(f"machine: {machine()}")
+    header = ["model", "weights", "sign ms", "reference ms", "cold ms", "cold/sign", "ref/cold"]
+    header += [f"warm@{lr:g} ms" for lr in lrs] + [f"warm@{lr:g}/sign" for lr in lrs] + [f"hit@{lr:g}" for lr in lrs]
+    rows = []
+    for name in args.models.split(","):
+        ws = weights_of(name)
+        numel = sum(w.numel() for w in ws)
+        sign = best_ms(lambda: [torch.sign(w) for w in ws], args.reps)
+        ref = best_ms(lambda: [ot_codes_reference(w) for w in ws], max(2, args.reps // 4))
+        cold = best_ms(lambda: [ot_codes(w) for w in ws], args.reps)
+        warm_ms, hits = [], []
+        for lr in lrs:
+            g = torch.Generator().manual_seed(1)
+            step = [lr * torch.sign(torch.randn(w.shape, generator=g)) for w in ws]
+            caches = [OTCache() for _ in ws]
+            for w, c in zip(ws, caches):
+                ot_codes(w, cache=c)
+            moved = [w + s for w, s in zip(ws, step)]
+            for w, c in zip(moved, caches):  # exactness first
+                assert torch.equal(ot_codes(w, cache=c)[0], ot_codes_reference(w)[0])
+            # Time the first warm call after the step (a fresh copy of the caches each repetition).
+            snapshots = [{k: t.clone() for k, t in c.thresholds.items()} for c in caches]
+            for c, snap in zip(caches, snapshots):
+                c.thresholds = {k: t.clone() for k, t in snap.items()}
+                c.hits = c.misses = 0
+            ws2 = [w + s for w, s in zip(moved, step)]
+
+            def warm(ws2=ws2, caches=caches, snapshots=snapshots):
+                for c, snap in zip(caches, snapshots):
+                    c.thresholds = {k: t.clone() for k, t in snap.items()}
+                return [ot_codes(w, cache=c) for w, c in zip(ws2, caches)]
+
+            for c in caches:
+                c.hits = c.misses = 0
+            warm()
+            hit = sum(c.hits for c in caches) / max(1, sum(c.hits + c.misses for c in caches))
+            warm_ms.append(best_ms(warm, args.reps))
+            hits.append(hit)
+        row = [
+            name,
+            f"{numel / 1e6:.1f}M",
+            f"{sign:.1f}",
+            f"{ref:.1f}",
+            f"{cold:.1f}",
+            f"{cold / sign:.2f}x",
+            f"{ref / cold:.1f}x",
+        ]
+        row += [f"{w:.1f}" for w in warm_ms] + [f"{w / sign:.2f}x" for w in warm_ms] + [f"{h:.0%}" for h in hits]
+        rows.append(row)
+        print("| " + " | ".join(row) + " |", flush=True)
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
