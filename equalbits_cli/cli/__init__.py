@@ -73,9 +73,8 @@ def binarize(
     config = BinarizeConfig(ratio=ratio, prune=prune, method=method, activations=activations)
     out = check_output_path(output or _default_output(model, ".binary.safetensors"), overwrite)
     if not json_out:
-        stderr().print(
-            f"loading {model} ({'checkpoint ' + str(checkpoint) if checkpoint else 'pretrained' if pretrained else 'random init'})"
-        )
+        origin = f"checkpoint {checkpoint}" if checkpoint else "pretrained" if pretrained else "random init"
+        stderr().print(f"loading {model} ({origin})")
     net = binarize_model(model, config, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes)
     stats = collect_stats(net)
     save_checkpoint(net, out)
