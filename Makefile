@@ -13,11 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	mkdir -p demo_out
-	$(VENV)/bin/equalbits binarize resnet18 --no-pretrained --num-classes 10 -o demo_out/resnet18.safetensors --overwrite
-	$(VENV)/bin/equalbits inspect demo_out/resnet18.safetensors
-	$(VENV)/bin/equalbits export demo_out/resnet18.safetensors -f packed -o demo_out/resnet18.packed.safetensors --overwrite
-	$(VENV)/bin/equalbits export demo_out/resnet18.safetensors -f onnx -o demo_out/resnet18.onnx --overwrite
+	$(VENV)/bin/equalbits quickstart --out demo_out --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -76,3 +76,63 @@ class BinarizeConfig:
         if unknown:
             raise ValueError(f"unknown binarize config keys: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune a binarized student by distillation. See README "Fine-tune recipe" for why.
+
+    Example:
+        >>> FinetuneConfig(epochs=2).lr
+        0.0005
+        >>> FinetuneConfig(alpha=2.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: alpha must be in [0, 1] (share of label cross-entropy in the loss), got 2.0
+    """
+
+    epochs: int = 5
+    lr: float = 5e-4
+    batch_size: int = 64
+    img_size: int | None = None
+    temperature: float = 1.0
+    alpha: float = 0.0
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    calibrate_batches: int = 20
+    save_every: int = 200
+    seed: int = 0
+    workers: int = 2
+    amp: bool = False
+    device: str = "auto"
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value: object, low: int = 1) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        positive_int("epochs", self.epochs)
+        positive_int("batch_size", self.batch_size)
+        positive_int("warmup_steps", self.warmup_steps, 0)
+        positive_int("calibrate_batches", self.calibrate_batches, 0)
+        positive_int("save_every", self.save_every)
+        positive_int("workers", self.workers, 0)
+        positive_int("seed", self.seed, 0)
+        if self.img_size is not None:
+            positive_int("img_size", self.img_size, 8)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr < 1):
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            raise ValueError(f"alpha must be in [0, 1] (share of label cross-entropy in the loss), got {self.alpha}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
+            raise ValueError(f"weight_decay must be in [0, 1), got {self.weight_decay}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)

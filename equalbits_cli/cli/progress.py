@@ -1,0 +1,57 @@
+"""Rich progress display implementing :class:`equalbits_cli.train.Progress` (on stderr)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .render import stderr
+
+
+class RichProgress:
+    """One bar per phase (epoch, evaluation, calibration) with loss, img/s and ETA."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> RichProgress:
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=stderr(),
+                transient=False,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def phase(self, text: str, total: int | None = None) -> None:
+        if self._progress is not None:
+            self._task = self._progress.add_task(text, total=total, info="")
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        if self._progress is None or self._task is None:
+            return
+        info = ""
+        if "loss" in fields:
+            info = f"loss {fields['loss']:.4f}  {fields.get('img_s', 0):.0f} img/s"
+        self._progress.update(self._task, advance=n, info=info)
+
+    def done(self) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
