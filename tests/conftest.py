@@ -33,3 +33,46 @@ def binary_ckpt(tmp_path_factory, resnet18_state) -> Path:
 
     model = binarize_model("resnet18", BinarizeConfig(), checkpoint=resnet18_state)
     return save_checkpoint(model, tmp_path_factory.mktemp("bin") / "r18.safetensors")
+
+
+@pytest.fixture(scope="session")
+def digits_small(tmp_path_factory) -> Path:
+    """A small real ImageFolder: 40 train and 12 val images per class of the UCI digits, 32x32 RGB."""
+    import shutil
+
+    from equalbits_cli.data import make_digits_imagefolder
+
+    full = make_digits_imagefolder(tmp_path_factory.mktemp("digits_full"))
+    small = tmp_path_factory.mktemp("digits_small")
+    for split, count in (("train", 40), ("val", 12)):
+        for cls in sorted((full / split).iterdir()):
+            dst = small / split / cls.name
+            dst.mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:count]:
+                shutil.copy(f, dst / f.name)
+    return small
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory, digits_small) -> Path:
+    """A full-precision resnet10t trained briefly on ``digits_small``, saved as a plain state dict."""
+    import timm
+    from safetensors.torch import save_file
+
+    from equalbits_cli.train import train_classifier
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    train_classifier(model, digits_small, epochs=6, lr=3e-3, batch_size=32, img_size=32, workers=0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_student(tmp_path_factory, digits_teacher) -> Path:
+    """The teacher binarized at ratio 0.5, as a latent checkpoint."""
+    from equalbits_cli import BinarizeConfig, binarize_model, save_checkpoint
+
+    model = binarize_model("resnet10t", BinarizeConfig(), checkpoint=digits_teacher)
+    return save_checkpoint(model, tmp_path_factory.mktemp("student") / "student.safetensors")
