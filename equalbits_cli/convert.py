@@ -155,9 +155,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+        _check_finite_state(path, state)
+        return state
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -169,9 +171,16 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: does not hold a state dict of tensors")
+    _check_finite_state(path, obj)
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
+
+
+def _check_finite_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{path}: tensor {k!r} holds NaN or inf values; the checkpoint is damaged")
 
 
 def _check_model_name(name: str) -> None:

@@ -87,6 +87,14 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp creates 0600 files; give the result the mode a plain open() would (or the old file's).
+        if path.exists():
+            mode = path.stat().st_mode & 0o777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -198,6 +206,20 @@ def _json_field(path: Path, meta: dict[str, str], key: str, kind: type) -> Any:
     return value
 
 
+# Constructor arguments a file may record, with their accepted ranges: anything else is refused, so
+# that a forged file cannot make timm build something huge or unexpected.
+_MODEL_KWARGS = {"num_classes": (0, 1_000_000)}
+
+
+def _check_model_kwargs(path: Path, kwargs: dict[str, Any]) -> None:
+    for key, value in kwargs.items():
+        if key not in _MODEL_KWARGS:
+            raise _fail(path, f"metadata model_kwargs has unsupported key {key!r}")
+        low, high = _MODEL_KWARGS[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise _fail(path, f"metadata model_kwargs {key}={value!r} is out of range [{low}, {high}]")
+
+
 def file_info(path: str | os.PathLike, meta: dict[str, str] | None = None) -> FileInfo:
     """Parse and check an equalbits file's metadata.
 
@@ -221,6 +243,7 @@ def file_info(path: str | os.PathLike, meta: dict[str, str] | None = None) -> Fi
     if not model or not (model.startswith("hf-hub:") or timm.is_model(model)):
         raise _fail(path, f"model {model!r} is not known to this timm; upgrade timm")
     kwargs = _json_field(path, meta, "model_kwargs", dict)
+    _check_model_kwargs(path, kwargs)
     try:
         config = BinarizeConfig.from_dict(_json_field(path, meta, "binarize_config", dict))
     except (TypeError, ValueError) as exc:

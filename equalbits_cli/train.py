@@ -96,10 +96,11 @@ def _batches(loader):
     """Iterate a loader, turning a worker's wrapped error back into its one-line message."""
     try:
         yield from loader
-    except ValueError:
-        raise
-    except Exception as exc:  # DataLoader wraps worker errors in a multi-line message
+    except Exception as exc:
+        # DataLoader re-raises a worker's error with a multi-line "Caught ... Original Traceback" message.
         text = str(exc)
+        if "Original Traceback" not in text:
+            raise
         for line in reversed(text.splitlines()):
             if line.startswith("ValueError: "):
                 raise ValueError(line[len("ValueError: ") :]) from None

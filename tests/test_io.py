@@ -87,3 +87,15 @@ def test_truncated_and_garbage_files(tmp_path, binary_ckpt):
             load_model(p)
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing.safetensors")
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "new.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "new.bin").stat().st_mode & 0o777 == 0o644

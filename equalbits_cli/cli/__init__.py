@@ -406,6 +406,81 @@ def quickstart(
     stdout().print(t)
 
 
+@app.command()
+@user_errors
+def sweep(
+    model: Annotated[str, typer.Argument(help="timm name (with --checkpoint) or a binarized checkpoint (its source).")],
+    data: DataOpt = ...,  # type: ignore[assignment]
+    ratios: Annotated[
+        str, typer.Option(help="Comma-separated +1 ratios for --method ot.")
+    ] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+    prune: Annotated[str, typer.Option(help="Comma-separated prune shares for ot.")] = "0",
+    methods: Annotated[str, typer.Option(help="Comma-separated: ot, sign, irnet.")] = "ot,sign,irnet",
+    checkpoint: CheckpointOpt = None,
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs per setting.")] = 2,
+    lr: Annotated[float, typer.Option(help="Peak learning rate per setting.")] = 5e-4,
+    batch_size: BatchOpt = 64,
+    img_size: ImgSizeOpt = None,
+    workers: WorkersOpt = 2,
+    seed: Annotated[int, typer.Option(help="Seed (the same for every setting).")] = 0,
+    plot: Annotated[Path | None, typer.Option(help="Write accuracy and entropy against the ratio to this PNG.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Accuracy and entropy across bit ratios and methods: do equal bits win on your model and data?
+
+    [b]Example[/b]
+
+      equalbits sweep resnet18 --checkpoint r18.pth --data ./digits --ratios 0.1,0.3,0.5 --plot sweep.png
+    """
+    from ..config import FinetuneConfig
+    from ..sweep import parse_floats, run_sweep
+    from .progress import RichProgress
+    from .render import print_json, stdout
+
+    ratio_list = parse_floats(ratios, "ratios")
+    prune_list = parse_floats(prune, "prune")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, img_size=img_size, workers=workers, seed=seed)
+    if plot is not None:
+        from ..io import check_output_path
+
+        check_output_path(plot, overwrite=True)
+    with RichProgress(enabled=True) as progress:
+        rows = run_sweep(
+            model,
+            data,
+            ratios=ratio_list,
+            prunes=prune_list,
+            methods=method_list,
+            checkpoint=checkpoint,
+            finetune_config=config,
+            progress=progress,
+        )
+    if plot is not None:
+        from ..plots import plot_sweep
+
+        plot_sweep(rows, plot, title=f"{model}: accuracy and entropy vs +1 ratio")
+    if json_out:
+        print_json({"model": model, "rows": rows, "plot": str(plot) if plot else None})
+        return
+    from rich.table import Table
+
+    t = Table(title=f"sweep of {model}", title_justify="left")
+    for col in ("method", "prune", "+1 ratio", "entropy", "top-1 before", "top-1 after", "top-5 after"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            r["method"],
+            f"{r['prune']:g}",
+            f"{r['ratio']:.3f}",
+            f"{r['entropy_bits']:.4f}",
+            f"{r['top1_before']:.2f}%",
+            f"{r['top1']:.2f}%",
+            f"{r['top5']:.2f}%",
+        )
+    stdout().print(t)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
