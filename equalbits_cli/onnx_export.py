@@ -149,29 +149,49 @@ def _unpack_nodes(prefix: str, shape: tuple[int, ...], ternary: bool, out_name: 
 
 
 def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Replace each binarized layer's float weight initializer by packed planes + unpack subgraph."""
-    from onnx import numpy_helper
+    """Replace each binarized layer's float weight initializer by packed planes + unpack subgraph.
+
+    The weight is found by name when the exporter kept it, else by its code pattern among the
+    initializers of the same shape, or of the transposed shape (a Linear applied to 3-D input is
+    exported as MatMul with a transposed constant, under a generated name).
+    """
+    from onnx import helper, numpy_helper
 
     from .packing import pack_codes
 
     graph = onnx_model.graph
     inits = {i.name: i for i in graph.initializer}
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name, init in inits.items():
+        by_shape.setdefault(tuple(init.dims), []).append(name)
+    arrays: dict[str, np.ndarray] = {}
+
+    def array(name: str) -> np.ndarray:
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(inits[name])
+        return arrays[name]
+
     used: set[str] = set()
     new_nodes = []
     for name, (codes_t, _) in layers.items():
         codes = codes_t.numpy()
-        candidates = [name + ".weight"] + [n for n in inits if n != name + ".weight"]
+        shape = codes.shape
+        candidates = [(name + ".weight", False)] if name + ".weight" in inits else []
+        candidates += [(n, False) for n in by_shape.get(shape, [])]
+        if codes.ndim == 2:
+            candidates += [(n, True) for n in by_shape.get(shape[::-1], [])]
         found = None
-        for cand in candidates:
-            if cand in used or cand not in inits or tuple(inits[cand].dims) != codes.shape:
+        for cand, transposed in candidates:
+            if cand in used or tuple(inits[cand].dims) != (shape[::-1] if transposed else shape):
                 continue
-            f = _factor_if_same_codes(numpy_helper.to_array(inits[cand]), codes)
+            a = array(cand)
+            f = _factor_if_same_codes(a.T if transposed else a, codes)
             if f is not None:
-                found = (cand, f)
+                found = (cand, f, transposed)
                 break
         if found is None:
             raise ValueError(f"ONNX export: cannot find the weight of binarized layer {name!r} in the exported graph")
-        init_name, factor = found
+        init_name, factor, transposed = found
         used.add(init_name)
         prefix = f"eb::{name}::"
         sign, nonzero = pack_codes(codes_t)
@@ -181,7 +201,10 @@ def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, torch.T
         if nonzero is not None:
             graph.initializer.append(numpy_helper.from_array(nonzero.numpy(), prefix + "nonzero"))
         graph.initializer.append(numpy_helper.from_array(factor.reshape(fshape), prefix + "factor"))
-        nodes, consts = _unpack_nodes(prefix, codes.shape, nonzero is not None, init_name)
+        target = prefix + "weight" if transposed else init_name
+        nodes, consts = _unpack_nodes(prefix, shape, nonzero is not None, target)
+        if transposed:
+            nodes.append(helper.make_node("Transpose", [target], [init_name], perm=[1, 0]))
         graph.initializer.extend(consts)
         new_nodes.extend(nodes)
     # The unpack subgraphs only read initializers, so they can all go first (topological order holds).
@@ -239,20 +262,27 @@ def export_onnx(
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            plain,
-            (x,),
-            buf,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-            # PRESERVE on an eval-mode model keeps BatchNorm as its own (inference) node instead of folding
-            # it into the conv weight, so each binarized weight stays exactly scale * codes under its own
-            # name. onnxruntime fuses Conv+BatchNorm again when it loads the model.
-            training=torch.onnx.TrainingMode.PRESERVE,
-        )
+        try:
+            torch.onnx.export(
+                plain,
+                (x,),
+                buf,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+                # PRESERVE on an eval-mode model keeps BatchNorm as its own (inference) node instead of folding
+                # it into the conv weight, so each binarized weight stays exactly scale * codes under its own
+                # name. onnxruntime fuses Conv+BatchNorm again when it loads the model.
+                training=torch.onnx.TrainingMode.PRESERVE,
+            )
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            native = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", ("?", "?", "?"))[-1]
+            raise ValueError(
+                f"ONNX export failed: {first}; try --img-size {native} (the model's own input size)"
+            ) from None
     onnx_model = onnx.load_from_string(buf.getvalue())
     packed_layers = _pack_initializers(onnx_model, layers) if weights == "packed" else 0
     meta["onnx_weights"] = weights

@@ -47,3 +47,13 @@ def test_inference_model_has_no_binary_layers(resnet18_state):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_efficientnet", "test_convnext"])
+def test_onnx_other_families(tmp_path, name):
+    """Linear layers on 3-D input (transformers) export as MatMul with transposed weights."""
+    torch.manual_seed(0)
+    model = binarize_model(name, BinarizeConfig(prune=0.2), num_classes=10).eval()
+    n_binary = sum(1 for m in model.modules() if hasattr(m, "pin_codes"))
+    result = export_onnx(model, tmp_path / "m.onnx", img_size=None if name == "test_vit" else 64)
+    assert result.packed_layers == n_binary and result.rel_diff <= 1e-4
