@@ -114,6 +114,10 @@ class OTCache:
         self.thresholds: dict[int, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
+        # When most filters missed last time (large steps), checking the old thresholds is wasted
+        # work: skip the check for a few calls (doubling up to 8) before trying again.
+        self.skip = 0
+        self.backoff = 0
 
     def clear(self) -> None:
         self.thresholds.clear()
@@ -188,6 +192,9 @@ def _lowest_k_masks(w: torch.Tensor, ks: list[int], cache: OTCache | None) -> li
     cached = cache is not None and all(
         ks[i] in cache.thresholds and cache.thresholds[ks[i]].shape == (rows, 1) for i in todo
     )
+    if cached and cache is not None and cache.skip > 0:
+        cache.skip -= 1
+        cached = False
     if not cached:
         new_masks, taus = _select_rows(w, ks_todo)
         for i, m in zip(todo, new_masks):
@@ -210,10 +217,14 @@ def _lowest_k_masks(w: torch.Tensor, ks: list[int], cache: OTCache | None) -> li
     cache.misses += bad_rows.numel()
     if 2 * bad_rows.numel() > rows:
         # Most filters moved past their threshold: selecting all rows beats gathering and scattering.
+        cache.backoff = min(8, 2 * cache.backoff or 1)
+        cache.skip = cache.backoff
         new_masks, taus = _select_rows(w, ks_todo)
         cache.thresholds = {k: t for k, t in zip(ks_todo, taus)}
         warm = new_masks
-    elif bad_rows.numel():
+    else:
+        cache.backoff = 0
+    if 2 * bad_rows.numel() <= rows and bad_rows.numel():
         fixed, taus = _select_rows(w[bad_rows], ks_todo)
         for k, m, f, t in zip(ks_todo, warm, fixed, taus):
             m[bad_rows] = f

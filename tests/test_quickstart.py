@@ -1,0 +1,104 @@
+"""The quickstart end to end (reduced: a smaller model, one epoch each), and the figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from equalbits_cli.cli import app
+from equalbits_cli.quickstart import ARTIFACTS
+
+
+def test_reduced_quickstart(tmp_path):
+    out = tmp_path / "qs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "equalbits_cli",
+            "quickstart",
+            "--out",
+            str(out),
+            "--model",
+            "resnet10t",
+            "--teacher-epochs",
+            "1",
+            "--epochs",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    for key in ("teacher_top1", "student_top1_before", "student_top1", "fp32_bytes", "packed_bytes", "seconds"):
+        assert key in summary, key
+    for name in ARTIFACTS.values():
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "digits").iterdir() if not p.name.startswith(".")) == ["train", "val"]
+    assert summary["fp32_bytes"] / summary["packed_bytes"] > 10
+    assert summary["entropy_bits"] == 1.0
+    assert summary["student_top1"] > summary["student_top1_before"]
+    # Every artifact is readable by the other commands.
+    runner = CliRunner()
+    for name in ("student.ft.safetensors", "student.packed.safetensors", "student.onnx"):
+        r = runner.invoke(app, ["inspect", str(out / name), "--json"])
+        assert r.exit_code == 0, r.output
+    # A second run refuses to overwrite without --overwrite.
+    res = subprocess.run(
+        [sys.executable, "-m", "equalbits_cli", "quickstart", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+
+
+def test_inspect_plot(tmp_path, binary_ckpt):
+    png = tmp_path / "layers.png"
+    res = CliRunner().invoke(app, ["inspect", str(binary_ckpt), "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_small(tmp_path, digits_small, digits_teacher):
+    png = tmp_path / "sweep.png"
+    res = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            "resnet10t",
+            "--checkpoint",
+            str(digits_teacher),
+            "--data",
+            str(digits_small),
+            "--ratios",
+            "0.1,0.5",
+            "--methods",
+            "ot,sign",
+            "--epochs",
+            "1",
+            "--img-size",
+            "32",
+            "--workers",
+            "0",
+            "--batch-size",
+            "32",
+            "--plot",
+            str(png),
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows][:2] == [("ot", 0.1), ("ot", 0.5)]
+    assert rows[1]["entropy_bits"] == 1.0 and rows[0]["entropy_bits"] < 0.5
+    assert rows[2]["method"] == "sign" and 0 < rows[2]["ratio"] < 1
+    assert png.read_bytes()[:4] == b"\x89PNG"
