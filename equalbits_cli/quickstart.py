@@ -35,7 +35,7 @@ def run_quickstart(
     teacher_epochs: int = 4,
     epochs: int = 4,
     batch_size: int = 64,
-    lr: float = 1e-3,
+    lr: float = 5e-4,
     seed: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -83,7 +83,11 @@ def run_quickstart(
     ft = finetune(
         paths["student"],
         data,
-        FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, img_size=32, seed=seed, workers=0, warmup_steps=20),
+        # No augmentation: random flips and crops change what a digit is.
+        FinetuneConfig(
+            epochs=epochs, lr=lr, batch_size=batch_size, img_size=32, seed=seed, workers=0, warmup_steps=20,
+            augment=False,
+        ),
         output=paths["finetuned"],
         progress=progress,
     )
