@@ -14,7 +14,22 @@ from torch import nn
 from .config import BinarizeConfig
 from .quantize import OTCache, ot_codes
 
-__all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input"]
+__all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input", "conv_kwargs"]
+
+
+def conv_kwargs(conv: nn.Conv2d) -> dict:
+    """Constructor arguments that rebuild ``conv``'s geometry (weights not included)."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -117,19 +132,7 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, config: BinarizeConfig) -> BinaryConv2d:
         """A binarized layer that shares ``conv``'s parameters (no copy)."""
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-            config=config,
-        )
+        new = cls(**conv_kwargs(conv), device="meta", config=config)
         new.weight = conv.weight
         new.bias = conv.bias
         new.train(conv.training)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import BinaryLayer
+from .layers import BinaryLayer, conv_kwargs
 
 __all__ = ["ExportResult", "inference_model", "export_onnx", "OPSET"]
 
@@ -57,17 +57,7 @@ def inference_model(model: nn.Module) -> nn.Module:
         if not isinstance(module, BinaryLayer):
             continue
         if isinstance(module, nn.Conv2d):
-            plain: nn.Module = nn.Conv2d(
-                module.in_channels,
-                module.out_channels,
-                module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                groups=module.groups,
-                bias=module.bias is not None,
-                padding_mode=module.padding_mode,
-            )
+            plain: nn.Module = nn.Conv2d(**conv_kwargs(module))
         else:
             plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         with torch.no_grad():

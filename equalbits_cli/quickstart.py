@@ -85,7 +85,13 @@ def run_quickstart(
         data,
         # No augmentation: random flips and crops change what a digit is.
         FinetuneConfig(
-            epochs=epochs, lr=lr, batch_size=batch_size, img_size=32, seed=seed, workers=0, warmup_steps=20,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            img_size=32,
+            seed=seed,
+            workers=0,
+            warmup_steps=20,
             augment=False,
         ),
         output=paths["finetuned"],

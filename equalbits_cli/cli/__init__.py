@@ -253,7 +253,7 @@ def finetune(
     from ..train import Interrupted
     from ..train import finetune as run_finetune
     from .progress import RichProgress
-    from .render import print_json, stdout
+    from .render import kv_table, print_json, stdout
 
     config = FinetuneConfig(
         epochs=epochs,
@@ -292,21 +292,20 @@ def finetune(
     if json_out:
         print_json({**result.to_dict(), "output": str(out)})
         return
-    from rich.table import Table
-
-    t = Table(title=f"fine-tuned {student.name} -> {out}", title_justify="left")
-    t.add_column("what")
-    t.add_column("value", justify="right")
-    t.add_row("teacher top-1", f"{result.teacher_top1:.2f}%")
-    t.add_row("student top-1, binarized", f"{result.student_top1_before:.2f}%")
+    rows = [
+        ("teacher top-1", f"{result.teacher_top1:.2f}%"),
+        ("student top-1, binarized", f"{result.student_top1_before:.2f}%"),
+    ]
     if result.student_top1_calibrated is not None:
-        t.add_row("student top-1, BatchNorm re-estimated", f"{result.student_top1_calibrated:.2f}%")
-    t.add_row("student top-1, fine-tuned", f"{result.student_top1:.2f}%")
-    t.add_row("student top-5, fine-tuned", f"{result.student_top5:.2f}%")
-    t.add_row("steps / epochs", f"{result.steps} / {result.epochs}")
-    t.add_row("processes", str(result.world_size))
-    t.add_row("time", f"{result.seconds:.1f} s")
-    stdout().print(t)
+        rows.append(("student top-1, BatchNorm re-estimated", f"{result.student_top1_calibrated:.2f}%"))
+    rows += [
+        ("student top-1, fine-tuned", f"{result.student_top1:.2f}%"),
+        ("student top-5, fine-tuned", f"{result.student_top5:.2f}%"),
+        ("steps / epochs", f"{result.steps} / {result.epochs}"),
+        ("processes", str(result.world_size)),
+        ("time", f"{result.seconds:.1f} s"),
+    ]
+    stdout().print(kv_table(f"fine-tuned {student.name} -> {out}", rows))
 
 
 @app.command("eval")
@@ -370,7 +369,7 @@ def quickstart(
     """
     from ..quickstart import run_quickstart
     from .progress import RichProgress
-    from .render import human_bytes, print_json, stdout
+    from .render import human_bytes, kv_table, print_json, stdout
 
     with RichProgress(enabled=True) as progress:
         summary = run_quickstart(
@@ -386,24 +385,23 @@ def quickstart(
     if json_out:
         print_json(summary)
         return
-    from rich.table import Table
-
-    t = Table(title=f"equalbits quickstart: {model} on digits, ratio {ratio}", title_justify="left")
-    t.add_column("what")
-    t.add_column("value", justify="right")
-    t.add_row("teacher top-1 (full precision)", f"{summary['teacher_top1']:.2f}%")
-    t.add_row("student top-1, just binarized", f"{summary['student_top1_before']:.2f}%")
+    rows = [
+        ("teacher top-1 (full precision)", f"{summary['teacher_top1']:.2f}%"),
+        ("student top-1, just binarized", f"{summary['student_top1_before']:.2f}%"),
+    ]
     if summary["student_top1_calibrated"] is not None:
-        t.add_row("student top-1, BatchNorm re-estimated", f"{summary['student_top1_calibrated']:.2f}%")
-    t.add_row("student top-1, fine-tuned", f"{summary['student_top1']:.2f}%")
-    t.add_row("entropy (bits / binary weight)", f"{summary['entropy_bits']:.4f}")
-    t.add_row("fp32 size", human_bytes(summary["fp32_bytes"]))
-    t.add_row("packed safetensors", human_bytes(summary["packed_bytes"]))
-    t.add_row("ONNX (packed weights)", human_bytes(summary["onnx_bytes"]))
-    t.add_row("compression", f"{summary['compression']:.1f}x")
-    t.add_row("time", f"{summary['seconds']:.0f} s")
-    t.add_row("artifacts", str(out))
-    stdout().print(t)
+        rows.append(("student top-1, BatchNorm re-estimated", f"{summary['student_top1_calibrated']:.2f}%"))
+    rows += [
+        ("student top-1, fine-tuned", f"{summary['student_top1']:.2f}%"),
+        ("entropy (bits / binary weight)", f"{summary['entropy_bits']:.4f}"),
+        ("fp32 size", human_bytes(summary["fp32_bytes"])),
+        ("packed safetensors", human_bytes(summary["packed_bytes"])),
+        ("ONNX (packed weights)", human_bytes(summary["onnx_bytes"])),
+        ("compression", f"{summary['compression']:.1f}x"),
+        ("time", f"{summary['seconds']:.0f} s"),
+        ("artifacts", str(out)),
+    ]
+    stdout().print(kv_table(f"equalbits quickstart: {model} on digits, ratio {ratio}", rows))
 
 
 @app.command()

@@ -82,6 +82,16 @@ def stats_table(stats: ModelStats, title: str) -> Table:
     return table
 
 
+def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """A two-column what/value table."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for what, value in rows:
+        table.add_row(what, value)
+    return table
+
+
 def totals_table(stats: ModelStats, file_bytes: int | None = None) -> Table:
     t = stats.totals()
     table = Table(show_header=False, title="totals", title_justify="left")
