@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/equalbits quickstart --out demo_out --overwrite
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check equalbits_cli tests benchmarks
 	$(PY) -m pytest
 
 lint: $(STAMP)
