@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -342,8 +341,3 @@ def load_model(path: str | os.PathLike) -> nn.Module:
         load_state_into(model, state, path)
     model.eval()
     return model
-
-
-def finite_or_none(x: float) -> float | None:
-    """JSON-friendly float: None for NaN and infinities."""
-    return x if math.isfinite(x) else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from torch import nn
 
 from .layers import BinaryLayer, conv_kwargs
 
-__all__ = ["ExportResult", "inference_model", "export_onnx", "OPSET"]
+__all__ = ["ExportResult", "OPSET", "SignActivation", "export_onnx", "inference_model"]
 
 OPSET = 18
 
@@ -295,15 +294,3 @@ def export_onnx(
     with atomic_write(path) as tmp:
         tmp.write_bytes(data)
     return ExportResult(str(path), len(data), weights, packed_layers, diff, rng, diff / rng)
-
-
-def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata_props of an ONNX file written by :func:`export_onnx`."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in m.metadata_props}
-
-
-__all__ += ["onnx_metadata", "SignActivation"]
-_ = json  # metadata values are JSON strings produced by base_metadata

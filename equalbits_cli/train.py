@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import FinetuneConfig
+from .distill import distillation_loss
 
 __all__ = [
     "FinetuneResult",
@@ -410,8 +411,6 @@ def finetune(
                     t_logits = teacher_model(images)
                 with _autocast(device, config.amp):
                     s_logits = model(images)
-                from .distill import distillation_loss
-
                 loss = distillation_loss(s_logits, t_logits, targets, config.temperature, config.alpha)
                 if not torch.isfinite(loss):
                     raise ValueError(f"loss became {float(loss)} at step {step}; lower --lr or turn off --amp")

@@ -51,7 +51,3 @@ class RichProgress:
 
     def done(self) -> None:
         pass
-
-    def message(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(text)
