@@ -184,3 +184,29 @@ def test_bad_training_states(tmp_path, digits_small, digits_student):
     res = cli("finetune", digits_student, "--data", digits_small, *FAST, "-o", out, "--resume")
     assert res.returncode == 2 and "corrupt training state" in res.stderr
     assert "Traceback" not in res.stderr and not out.exists()
+
+
+def test_finetune_with_amp_on_cpu(tmp_path, digits_small, digits_student):
+    """bf16 autocast on CPU trains and still writes a valid binarized checkpoint."""
+    out = tmp_path / "amp.safetensors"
+    res = cli(
+        "finetune",
+        digits_student,
+        "--data",
+        digits_small,
+        "--epochs",
+        "1",
+        *FAST,
+        "--calibrate-batches",
+        "0",
+        "--amp",
+        "--device",
+        "cpu",
+        "-o",
+        out,
+        "--json",
+    )
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert 0 <= result["student_top1"] <= 100
+    assert load_model(out) is not None
