@@ -50,7 +50,6 @@ class FileInfo:
     config: BinarizeConfig
     binarized: list[str]
     source: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -251,9 +250,7 @@ def file_info(path: str | os.PathLike, meta: dict[str, str] | None = None) -> Fi
     if not all(isinstance(b, str) for b in binarized):
         raise _fail(path, "metadata 'binarized' must be a list of module names")
     source = _json_field(path, meta, "source", dict) if "source" in meta else {}
-    known = {"format", "format_version", "equalbits_version", "model", "model_kwargs", "binarize_config"}
-    extra = {k: v for k, v in meta.items() if k not in known | {"binarized", "source"}}
-    return FileInfo(str(path), fmt, model, kwargs, config, binarized, source, extra)
+    return FileInfo(str(path), fmt, model, kwargs, config, binarized, source)
 
 
 def build_model(info: FileInfo) -> nn.Module:

@@ -73,6 +73,7 @@ class BinaryLayer:
         self.config = config
         self._cache_key: tuple[int, int] | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._qweight: torch.Tensor | None = None  # scale * codes of _cache, kept in eval mode only
         self._ot_cache = OTCache()  # last step's per-filter thresholds: same codes, less work
 
     def quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +87,7 @@ class BinaryLayer:
             cfg = self.config
             self._cache = ot_codes(w, cfg.ratio, cfg.prune, cfg.method, cache=self._ot_cache)
             self._cache_key = key
+            self._qweight = None
         return self._cache
 
     def pin_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
@@ -94,12 +96,18 @@ class BinaryLayer:
             raise ValueError(f"codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit the weight")
         self._cache = (codes.to(torch.int8), scale.to(self.weight.dtype))
         self._cache_key = (self.weight.data_ptr(), self.weight._version)
+        self._qweight = None
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with: ``scale * codes`` (no gradient attached)."""
         codes, scale = self.quantize()
+        if self._qweight is not None:
+            return self._qweight
         shape = (-1,) + (1,) * (codes.dim() - 1)
-        return codes.to(self.weight.dtype) * scale.to(self.weight.dtype).view(shape)
+        q = codes.to(self.weight.dtype) * scale.to(self.weight.dtype).view(shape)
+        if not self.training:  # repeated inference reuses it; training changes the weight every step
+            self._qweight = q
+        return q
 
     def _effective_weight(self) -> torch.Tensor:
         q = self.quantized_weight()

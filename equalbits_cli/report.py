@@ -317,8 +317,8 @@ def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -
     size = os.path.getsize(path)
     if fmt == LATENT_FORMAT:
         model = load_model(path)
-        info = file_info(path, meta)
-        return FileReport(str(path), fmt, info.model, asdict(info.config), collect_stats(model), size)
+        meta_ = model.equalbits_meta
+        return FileReport(str(path), fmt, meta_["model"], asdict(meta_["config"]), collect_stats(model), size)
     if fmt == PACKED_FORMAT:
         info = file_info(path, meta)
         model = build_model(info)

@@ -296,7 +296,7 @@ def finetune(
         ValueError / FileNotFoundError: bad inputs. Interrupted: Ctrl-C (state saved).
     """
     from .data import EpochSampler, build_datasets, find_splits, make_loader
-    from .io import FileInfo, file_info, load_model, save_checkpoint
+    from .io import LATENT_FORMAT, load_model, read_metadata, save_checkpoint
 
     progress = progress or NullProgress()
     started = time.perf_counter()
@@ -307,11 +307,11 @@ def finetune(
     state = _load_state(state_path) if resume else None
 
     splits = find_splits(data_dir)
-    info: FileInfo = file_info(student_path)
-    if info.format != "equalbits.latent":
-        raise ValueError(f"{student_path}: fine-tuning needs a latent checkpoint (from binarize), not {info.format}")
+    fmt = read_metadata(student_path).get("format")
+    if fmt != LATENT_FORMAT:
+        raise ValueError(f"{student_path}: fine-tuning needs a latent checkpoint (from binarize), not {fmt}")
     student = load_model(student_path)
-    num_classes = int(info.model_kwargs.get("num_classes", 0)) or None
+    num_classes = int(student.equalbits_meta["model_kwargs"].get("num_classes", 0)) or None
     if num_classes is not None and len(splits.classes) > num_classes:
         raise ValueError(
             f"the data has {len(splits.classes)} classes but the model's classifier has {num_classes}; "
