@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_cli
 from typer.testing import CliRunner
 
 from equalbits_cli.cli import app
 from equalbits_cli.quantize import ot_counts
 
 runner = CliRunner()
-
-
-def run_cli(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "equalbits_cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
-    )
 
 
 def test_binarize_then_inspect_exact_counts(tmp_path):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
+from helpers import run_cli
 from typer.testing import CliRunner
 
 from equalbits_cli.cli import app
@@ -15,26 +13,8 @@ from equalbits_cli.quickstart import ARTIFACTS
 
 def test_reduced_quickstart(tmp_path):
     out = tmp_path / "qs"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "equalbits_cli",
-            "quickstart",
-            "--out",
-            str(out),
-            "--model",
-            "resnet10t",
-            "--teacher-epochs",
-            "1",
-            "--epochs",
-            "1",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    res = run_cli(
+        "quickstart", "--out", out, "--model", "resnet10t", "--teacher-epochs", "1", "--epochs", "1", "--json"
     )
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
@@ -52,12 +32,7 @@ def test_reduced_quickstart(tmp_path):
         r = runner.invoke(app, ["inspect", str(out / name), "--json"])
         assert r.exit_code == 0, r.output
     # A second run refuses to overwrite without --overwrite.
-    res = subprocess.run(
-        [sys.executable, "-m", "equalbits_cli", "quickstart", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    res = run_cli("quickstart", "--out", out)
     assert res.returncode == 2 and "--overwrite" in res.stderr
 
 

@@ -10,11 +10,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from helpers import start_cli, wait_for_file
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -106,33 +105,12 @@ def test_unwritable_output_directory(tmp_path):
 def test_ctrl_c_saves_state_and_says_how_to_resume(tmp_path, digits_small, digits_student):
     out = tmp_path / "ft.safetensors"
     state = state_path_for(out)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "equalbits_cli",
-        "finetune",
-        str(digits_student),
-        "--data",
-        str(digits_small),
-        "--epochs",
-        "3",
-        "--img-size",
-        "32",
-        "--batch-size",
-        "32",
-        "--workers",
-        "0",
-        "--save-every",
-        "2",
-        "--no-augment",
-        "-o",
-        str(out),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = start_cli(
+        "finetune", digits_student, "--data", digits_small, "--epochs", "3", "--img-size", "32", "--batch-size", "32",
+        "--workers", "0", "--save-every", "2", "--no-augment", "-o", out,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for_file(state, proc)
     assert state.exists()
     state.unlink()  # the Ctrl-C handler must write it again
     proc.send_signal(signal.SIGINT)

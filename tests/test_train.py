@@ -8,11 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli, start_cli, wait_for_file
 
 from equalbits_cli import load_model
 from equalbits_cli.train import codes_checksum, state_path_for
@@ -20,16 +20,9 @@ from equalbits_cli.train import codes_checksum, state_path_for
 FAST = ["--img-size", "32", "--batch-size", "32", "--workers", "0", "--warmup-steps", "5", "--no-augment"]
 
 
-def cli(*args, cwd=None, env=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "equalbits_cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
-    )
-
-
 def test_finetune_improves_the_student(tmp_path, digits_small, digits_student):
     out = tmp_path / "ft.safetensors"
-    res = cli(
+    res = run_cli(
         "finetune",
         digits_student,
         "--data",
@@ -52,16 +45,16 @@ def test_finetune_improves_the_student(tmp_path, digits_small, digits_student):
     assert result["epochs"] == 3 and result["output"] == str(out)
     assert result["student_top1"] > result["student_top1_before"] + 10
     assert not state_path_for(out).exists(), "the training state is removed once the run completes"
-    res = cli("eval", out, "--data", digits_small, "--img-size", "32", "--workers", "0", "--json")
+    res = run_cli("eval", out, "--data", digits_small, "--img-size", "32", "--workers", "0", "--json")
     assert res.returncode == 0, res.stderr
     evaluation = json.loads(res.stdout)
     assert evaluation["n"] == 120 and evaluation["top1"] == pytest.approx(result["student_top1"])
-    res = cli("inspect", out, "--json")
+    res = run_cli("inspect", out, "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["totals"]["entropy_bits"] == 1.0
 
 
 def test_eval_full_precision_model(digits_small, digits_teacher):
-    res = cli(
+    res = run_cli(
         "eval",
         "resnet10t",
         "--checkpoint",
@@ -80,13 +73,13 @@ def test_eval_full_precision_model(digits_small, digits_teacher):
 
 def test_finetune_finds_the_single_checkpoint_in_cwd(tmp_path, digits_small, digits_student):
     shutil.copy(digits_student, tmp_path / "only.safetensors")
-    res = cli(
+    res = run_cli(
         "finetune", "--data", digits_small, "--epochs", "1", *FAST, "--calibrate-batches", "2", "--json", cwd=tmp_path
     )
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["output"] == "only.ft.safetensors"
     shutil.copy(digits_student, tmp_path / "second.safetensors")
-    res = cli("finetune", "--data", digits_small, cwd=tmp_path)
+    res = run_cli("finetune", "--data", digits_small, cwd=tmp_path)
     assert res.returncode == 2 and "several binarized checkpoints" in res.stderr
 
 
@@ -146,27 +139,19 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, digits_small, d
         "1e-3",
     ]
     full = tmp_path / "full.safetensors"
-    res = cli(*args, "-o", full)
+    res = run_cli(*args, "-o", full)
     assert res.returncode == 0, res.stderr
 
     out = tmp_path / "killed.safetensors"
     state = state_path_for(out)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "equalbits_cli", *map(str, args), "-o", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = start_cli(*args, "-o", out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_file(state, proc)
     assert state.exists(), "a training state is written every --save-every steps"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "no final checkpoint from a killed run"
 
-    res = cli(*args, "-o", out, "--resume", "--json")
+    res = run_cli(*args, "-o", out, "--resume", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["resumed_from_step"] >= 3
     for a, b in zip(_codes(full), _codes(out), strict=True):
@@ -178,10 +163,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, digits_small, d
 
 def test_bad_training_states(tmp_path, digits_small, digits_student):
     out = tmp_path / "x.safetensors"
-    res = cli("finetune", digits_student, "--data", digits_small, *FAST, "-o", out, "--resume")
+    res = run_cli("finetune", digits_student, "--data", digits_small, *FAST, "-o", out, "--resume")
     assert res.returncode == 2 and "no training state to resume" in res.stderr
     state_path_for(out).write_bytes(b"garbage, not a zip file")
-    res = cli("finetune", digits_student, "--data", digits_small, *FAST, "-o", out, "--resume")
+    res = run_cli("finetune", digits_student, "--data", digits_small, *FAST, "-o", out, "--resume")
     assert res.returncode == 2 and "corrupt training state" in res.stderr
     assert "Traceback" not in res.stderr and not out.exists()
 
@@ -189,7 +174,7 @@ def test_bad_training_states(tmp_path, digits_small, digits_student):
 def test_finetune_with_amp_on_cpu(tmp_path, digits_small, digits_student):
     """bf16 autocast on CPU trains and still writes a valid binarized checkpoint."""
     out = tmp_path / "amp.safetensors"
-    res = cli(
+    res = run_cli(
         "finetune",
         digits_student,
         "--data",
