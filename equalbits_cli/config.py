@@ -27,6 +27,9 @@ class BinarizeConfig:
             ``irnet`` (IR-Net's balanced, standardized weights before sign).
         activations: ``none`` keeps activations full precision; ``sign`` binarizes each binarized
             layer's input (1-bit weights and 1-bit activations).
+        center: Compute with mean-centred levels ``scale * (codes - mu)`` (see
+            :func:`equalbits_cli.quantize.dequantize`); the bits are the same. Default: on for ``ot``,
+            off for ``sign`` and ``irnet`` (their methods define their own levels).
 
     Example:
         >>> BinarizeConfig(ratio=0.3, prune=0.2).ratio
@@ -41,6 +44,7 @@ class BinarizeConfig:
     prune: float = 0.0
     method: str = "ot"
     activations: str = "none"
+    center: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or not 0 < self.ratio < 1:
@@ -55,6 +59,10 @@ class BinarizeConfig:
             raise ValueError(f"prune applies to --method ot only; method {self.method!r} has no pruning")
         if self.method != "ot" and self.ratio != 0.5:
             raise ValueError(f"ratio applies to --method ot only; method {self.method!r} cannot enforce a ratio")
+        if self.center is None:
+            object.__setattr__(self, "center", self.method == "ot")
+        if not isinstance(self.center, bool):
+            raise ValueError(f"center must be true or false, got {self.center!r}")
         object.__setattr__(self, "ratio", float(self.ratio))
         object.__setattr__(self, "prune", float(self.prune))
 
@@ -105,7 +113,7 @@ class FinetuneConfig:
     workers: int = 2
     amp: bool = False
     device: str = "auto"
-    augment: bool = True
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: object, low: int = 1) -> None:
@@ -131,6 +139,8 @@ class FinetuneConfig:
             raise ValueError(f"alpha must be in [0, 1] (share of label cross-entropy in the loss), got {self.alpha}")
         if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
             raise ValueError(f"weight_decay must be in [0, 1), got {self.weight_decay}")
+        if self.augment not in ("none", "light", "full"):
+            raise ValueError(f"augment must be none, light or full, got {self.augment!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

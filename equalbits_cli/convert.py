@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from torch import nn
 
 from .config import BinarizeConfig
 from .layers import BinaryConv2d, BinaryLayer, BinaryLinear
+from .policy import LayerPlan, LayerPolicy, plan_layers, special_names
+from .policy import _names as _as_names
 
 __all__ = [
     "FilterFn",
@@ -28,16 +29,6 @@ __all__ = [
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def _names(entry: object) -> list[str]:
-    if entry is None:
-        return []
-    if isinstance(entry, str):
-        return [entry]
-    if isinstance(entry, (list, tuple)):
-        return [str(e) for e in entry]
-    return []
-
-
 def _is_plain(module: nn.Module) -> bool:
     """A Conv2d/Linear whose forward is the standard one (so swapping the class keeps its behaviour)."""
     if isinstance(module, BinaryLayer):
@@ -50,24 +41,17 @@ def _is_plain(module: nn.Module) -> bool:
 
 
 def excluded_names(model: nn.Module) -> list[str]:
-    """Module names kept full precision by default: the stem conv and the classifier.
+    """Module names of the stem conv and the classifier (always kept full precision unless included).
 
     Read from timm's ``pretrained_cfg`` (``first_conv``, ``classifier``). For a model without it, the
     first Conv2d and the last Linear in module order.
     """
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    names = _names(cfg.get("first_conv")) + _names(cfg.get("classifier"))
-    modules = dict(model.named_modules())
-    present = [n for n in names if n in modules]
-    if present:
-        return present
-    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    return ([convs[0]] if convs else []) + ([linears[-1]] if linears else [])
+    stem, head = special_names(model)
+    return stem + head
 
 
-def default_filter(model: nn.Module) -> FilterFn:
-    """The default layer filter: every Conv2d and Linear except the stem conv and the classifier.
+def default_filter(model: nn.Module, policy: LayerPolicy | None = None) -> FilterFn:
+    """The layer filter of a policy (default: :class:`LayerPolicy`'s rules), as ``(module, fqn) -> bool``.
 
     Example:
         >>> import timm
@@ -76,12 +60,10 @@ def default_filter(model: nn.Module) -> FilterFn:
         >>> keep(m.conv1, "conv1"), keep(m.layer1[0].conv1, "layer1.0.conv1"), keep(m.fc, "fc")
         (False, True, False)
     """
-    excluded = excluded_names(model)
+    chosen = {p.name for p in plan_layers(model, policy) if p.binarize}
 
     def keep(module: nn.Module, fqn: str) -> bool:
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            return False
-        return not any(fqn == e or fqn.startswith(e + ".") for e in excluded)
+        return fqn in chosen and isinstance(module, (nn.Conv2d, nn.Linear))
 
     return keep
 
@@ -92,42 +74,83 @@ def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def binarize_(model: nn.Module, config: BinarizeConfig | None = None, filter_fn: FilterFn | None = None) -> None:
+def _plans(model: nn.Module, policy: LayerPolicy | None, filter_fn: FilterFn | None) -> list[LayerPlan]:
+    if filter_fn is None:
+        return plan_layers(model, policy, is_swappable=_is_plain)
+    plans = []
+    for fqn, module in model.named_modules():
+        if not fqn or not isinstance(module, (nn.Conv2d, nn.Linear)) or isinstance(module, BinaryLayer):
+            continue
+        if not filter_fn(module, fqn):
+            plans.append(LayerPlan(fqn, False, "filter"))
+        elif not _is_plain(module):
+            plans.append(LayerPlan(fqn, False, "custom forward"))
+        else:
+            plans.append(LayerPlan(fqn, True, None))
+    return plans
+
+
+def binarize_(
+    model: nn.Module,
+    config: BinarizeConfig | None = None,
+    filter_fn: FilterFn | None = None,
+    *,
+    policy: LayerPolicy | None = None,
+) -> None:
     """Replace, in place, every selected Conv2d/Linear by its binarized version. Returns None.
+
+    Afterwards ``model.equalbits_meta`` records the config, the policy and why each other layer was kept,
+    so :func:`equalbits_cli.save_checkpoint` can write the model as it is.
 
     Args:
         model: The model to convert (a timm model or any ``nn.Module``).
         config: Quantizer settings; defaults to ``BinarizeConfig()`` (equal bits, no pruning).
-        filter_fn: ``(module, fqn) -> bool`` choosing the layers; defaults to :func:`default_filter`.
-            Selected layers of a Conv2d/Linear subclass with its own forward (e.g. timm's
-            ``Conv2dSame``) are left as they are, with a warning, since swapping them would change
-            what they compute.
+        filter_fn: ``(module, fqn) -> bool`` choosing the layers; overrides ``policy``.
+        policy: The layer policy (:class:`equalbits_cli.LayerPolicy`); default: keep the stem, the
+            classifier, depthwise convolutions and squeeze-excite gates full precision.
+            Conv2d/Linear subclasses with their own forward (e.g. timm's ``Conv2dSame``) are always
+            kept, since swapping them would change what they compute.
+
+    Raises:
+        ValueError: nothing would be binarized, or a policy pattern matches no module.
 
     Example:
         >>> import timm
         >>> m = timm.create_model("resnet18", pretrained=False, num_classes=10)
         >>> binarize_(m, BinarizeConfig(ratio=0.5))
-        >>> type(m.layer1[0].conv1).__name__, type(m.conv1).__name__
-        ('BinaryConv2d', 'Conv2d')
+        >>> type(m.layer1[0].conv1).__name__, type(m.conv1).__name__, m.equalbits_meta["kept"]["fc"]
+        ('BinaryConv2d', 'Conv2d', 'classifier')
     """
     config = config or BinarizeConfig()
-    keep = filter_fn or default_filter(model)
-    skipped = []
-    for fqn, module in list(model.named_modules()):
-        if not fqn or isinstance(module, BinaryLayer) or not keep(module, fqn):
-            continue
-        if not _is_plain(module):
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                skipped.append(f"{fqn} ({type(module).__name__})")
-            continue
+    modules = dict(model.named_modules())
+    already = {n for n, m in modules.items() if isinstance(m, BinaryLayer)}
+    plans = [p for p in _plans(model, policy, filter_fn) if p.name not in already]
+    chosen = [p.name for p in plans if p.binarize]
+    if not chosen and already:  # binarizing twice changes nothing
+        return
+    if not chosen:
+        custom = sorted({type(modules[p.name]).__name__ for p in plans if p.reason == "custom forward"})
+        if custom:
+            raise ValueError(
+                f"nothing to binarize: every selected layer has a custom forward ({', '.join(custom)}), "
+                "which a binary layer cannot replace; choose another model"
+            )
+        raise ValueError("nothing to binarize: the layer policy keeps every Conv2d/Linear; loosen --exclude/--include")
+    for fqn in chosen:
+        module = modules[fqn]
         if isinstance(module, nn.Conv2d):
             _set_submodule(model, fqn, BinaryConv2d.from_float(module, config))
         else:
             _set_submodule(model, fqn, BinaryLinear.from_float(module, config))
-    if skipped:
-        warnings.warn(
-            f"left full precision (custom forward, cannot be swapped safely): {', '.join(skipped)}", stacklevel=2
-        )
+    kept = {p.name: p.reason for p in plans if not p.binarize}
+    recorded_policy = None if filter_fn is not None else (policy or LayerPolicy())
+    meta = getattr(model, "equalbits_meta", None)
+    if meta is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        arch = cfg.get("architecture") or type(model).__name__
+        attach_meta(model, config, {"model": arch, "pretrained": None, "checkpoint": None})
+        meta = model.equalbits_meta
+    meta.update({"config": config, "kept": kept, "policy": recorded_policy})
 
 
 def binarized_names(model: nn.Module) -> list[str]:
@@ -229,7 +252,7 @@ def _offline_if_unreachable(download: bool) -> Iterator[None]:
 def _classifier_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
     """Number of classes the checkpoint's classifier has, if it can be read off."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    for name in _names(cfg.get("classifier")):
+    for name in _as_names(cfg.get("classifier")):
         w = state.get(f"{name}.weight")
         if w is not None and w.dim() >= 1:
             return int(w.shape[0])
@@ -329,11 +352,14 @@ def attach_meta(model: nn.Module, config: BinarizeConfig, source: dict) -> None:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture") or source.get("model")
     num_classes = getattr(model, "num_classes", None)
+    old = getattr(model, "equalbits_meta", None) or {}
     model.equalbits_meta = {
         "model": arch,
         "model_kwargs": {"num_classes": int(num_classes)} if num_classes is not None else {},
         "config": config,
         "source": source,
+        "kept": old.get("kept", {}),
+        "policy": old.get("policy"),
     }
 
 
@@ -345,6 +371,7 @@ def binarize_model(
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
     filter_fn: FilterFn | None = None,
+    policy: LayerPolicy | None = None,
 ) -> nn.Module:
     """Load a timm model (hub, ``hf-hub:`` or local file) and binarize it, ready to save.
 
@@ -354,7 +381,8 @@ def binarize_model(
         pretrained: Download pretrained weights when no checkpoint is given.
         checkpoint: Local state dict to load.
         num_classes: Classifier size (read from the checkpoint when not given).
-        filter_fn: Layer filter; defaults to :func:`default_filter`.
+        filter_fn: Layer filter ``(module, fqn) -> bool``; overrides ``policy``.
+        policy: Layer policy; default :class:`equalbits_cli.LayerPolicy` (see :mod:`equalbits_cli.policy`).
 
     Returns:
         The binarized model in eval mode, with ``equalbits_meta`` attached.
@@ -367,6 +395,6 @@ def binarize_model(
     """
     config = config or BinarizeConfig()
     model = create_model(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes)
-    binarize_(model, config, filter_fn)
+    binarize_(model, config, filter_fn, policy=policy)
     attach_meta(model, config, describe_source(name, pretrained, checkpoint))
     return model

@@ -32,6 +32,11 @@ def verify_packed(model: torch.nn.Module, packed_path: str | os.PathLike, img_si
     return diff
 
 
+def _check_img_size(img_size: int | None) -> None:
+    if img_size is not None and not 8 <= img_size <= 4096:
+        raise ValueError(f"--img-size must be between 8 and 4096 pixels, got {img_size}")
+
+
 def export_file(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
@@ -46,7 +51,7 @@ def export_file(
     Raises:
         ValueError: bad arguments, a damaged checkpoint, or a failed verification (then nothing is kept).
     """
-    from .io import check_output_path, load_model
+    from .io import atomic_write, check_output_path, load_model
     from .onnx_export import export_onnx
     from .packing import save_packed
     from .report import collect_stats
@@ -56,18 +61,15 @@ def export_file(
     out = check_output_path(output, overwrite)
     model = load_model(checkpoint)
     stats = collect_stats(model)
+    _check_img_size(img_size)
     if format == "packed":
-        existed = out.exists()
-        save_packed(model, out)
-        try:
-            diff = verify_packed(model, out, img_size)
-        except ValueError:
-            if not existed:
-                out.unlink(missing_ok=True)
-            raise
+        # Written and verified under a temporary name; only a verified file takes the final name.
+        with atomic_write(out, exclusive=not overwrite) as tmp:
+            save_packed(model, tmp)
+            diff = verify_packed(model, tmp, img_size)
         extra: dict[str, Any] = {}
     else:
-        result = export_onnx(model, out, weights=onnx_weights, img_size=img_size)
+        result = export_onnx(model, out, weights=onnx_weights, img_size=img_size, exclusive=not overwrite)
         diff = result.max_abs_diff
         extra = {"onnx_weights": onnx_weights, "rel_diff": result.rel_diff}
     size = Path(out).stat().st_size

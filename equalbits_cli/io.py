@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import BinarizeConfig
+from .policy import KEEP_REASONS, LayerPolicy
 
 __all__ = [
     "LATENT_FORMAT",
@@ -50,35 +51,83 @@ class FileInfo:
     config: BinarizeConfig
     binarized: list[str]
     source: dict[str, Any] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    policy: dict[str, Any] | None = None
+    classes: list[str] | None = None
+
+
+def _exists(path: Path) -> bool:
+    return os.path.lexists(path)
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Check that ``path`` can be written, before any work is done.
 
     Raises:
-        ValueError: the directory is missing or not writable, or the file exists without ``overwrite``.
+        ValueError: the directory is missing or not writable, the name is too long, the path exists and
+            is not a regular file (a device, a FIFO: never replaced), or it exists without ``overwrite``.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
+    if len(os.fsencode(path.name)) > 255:
+        raise ValueError(
+            f"output file name is {len(os.fsencode(path.name))} bytes, over the 255 the file system allows"
+        )
     if path.is_dir():
         raise ValueError(f"output {path} is a directory; give a file name")
     if not parent.is_dir():
         raise ValueError(f"output directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"output directory {parent} is not writable; choose another -o path")
-    if path.exists() and not overwrite:
+    if _exists(path) and not (path.is_file() or path.is_symlink()):
+        raise ValueError(f"output {path} exists and is not a regular file; choose another -o path")
+    if _exists(path) and not overwrite:
         raise ValueError(f"output {path} exists; pass --overwrite to replace it")
     return path
 
 
+def _publish(tmp_path: Path, path: Path, exclusive: bool) -> None:
+    """Give ``tmp_path`` its final name: replacing what is there, or (``exclusive``) only if nothing is,
+    checked atomically by the file system (a hard link fails if the name exists)."""
+    if _exists(path) and not (path.is_file() or path.is_symlink()):
+        raise ValueError(f"output {path} exists and is not a regular file; nothing was written")
+    if not exclusive:
+        os.replace(tmp_path, path)
+        return
+    try:
+        os.link(tmp_path, path)
+    except FileExistsError:
+        raise ValueError(
+            f"output {path} appeared while this command ran (another process?); nothing was written; "
+            "pass --overwrite or another -o path"
+        ) from None
+    except OSError:  # a file system without hard links: claim the name exclusively, then replace it
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            raise ValueError(f"output {path} appeared while this command ran; nothing was written") from None
+        os.close(fd)
+        os.replace(tmp_path, path)
+        return
+    tmp_path.unlink()
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``, else remove it.
+def atomic_write(path: str | os.PathLike, exclusive: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it to ``path``, else remove it.
 
     A crash or Ctrl-C at any point leaves either the old file or the new one, never a partial file.
+    With ``exclusive`` the rename happens only if ``path`` does not exist at that moment, so two
+    writers that both checked for it earlier cannot replace each other's file.
+
+    Raises:
+        ValueError: ``path`` is not a regular file, or (``exclusive``) it exists by the time of the rename.
+        OSError: the disk is full or the directory unwritable (the temporary is removed).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent if str(path.parent) else "."
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -86,14 +135,14 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         # mkstemp creates 0600 files; give the result the mode a plain open() would (or the old file's).
-        if path.exists():
+        if path.is_file():
             mode = path.stat().st_mode & 0o777
         else:
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o666 & ~umask
         os.chmod(tmp_path, mode)
-        os.replace(tmp_path, path)
+        _publish(tmp_path, path, exclusive)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
@@ -124,6 +173,7 @@ def base_metadata(model: nn.Module, fmt: str) -> dict[str, str]:
         raise ValueError("model has no equalbits metadata; build it with equalbits_cli.binarize_model or load_model")
     from .convert import binarized_names
 
+    policy = meta.get("policy")
     return {
         "format": fmt,
         "format_version": FORMAT_VERSION,
@@ -132,17 +182,23 @@ def base_metadata(model: nn.Module, fmt: str) -> dict[str, str]:
         "model_kwargs": json.dumps(meta["model_kwargs"], sort_keys=True),
         "binarize_config": meta["config"].to_json(),
         "binarized": json.dumps(binarized_names(model)),
+        "kept": json.dumps(meta.get("kept", {})),
+        "layer_policy": json.dumps(policy.to_dict() if policy is not None else None),
         "source": json.dumps(meta.get("source", {}), sort_keys=True),
+        **({"classes": json.dumps(meta["classes"])} if meta.get("classes") else {}),
     }
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
+def save_checkpoint(
+    model: nn.Module, path: str | os.PathLike, extra: dict[str, str] | None = None, *, exclusive: bool = False
+) -> Path:
     """Write the binarized model's latent weights and all other tensors, with metadata, atomically.
 
     Args:
         model: A model from :func:`equalbits_cli.binarize_model` or :func:`load_model`.
         path: Output ``.safetensors`` path.
         extra: Further string metadata to record.
+        exclusive: Refuse (ValueError) if ``path`` exists when the file is renamed into place.
 
     Returns:
         The path written.
@@ -152,7 +208,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, extra: dict[str, 
     meta = base_metadata(model, LATENT_FORMAT)
     meta.update(extra or {})
     path = Path(path)
-    with atomic_write(path) as tmp:
+    with atomic_write(path, exclusive=exclusive) as tmp:
         save_file(_tensors_for_saving(model.state_dict()), str(tmp), metadata=meta)
     return path
 
@@ -243,14 +299,31 @@ def file_info(path: str | os.PathLike, meta: dict[str, str] | None = None) -> Fi
     kwargs = _json_field(path, meta, "model_kwargs", dict)
     _check_model_kwargs(path, kwargs)
     try:
-        config = BinarizeConfig.from_dict(_json_field(path, meta, "binarize_config", dict))
+        # Files from before centred levels existed computed with scale * codes.
+        config = BinarizeConfig.from_dict({"center": False, **_json_field(path, meta, "binarize_config", dict)})
     except (TypeError, ValueError) as exc:
         raise _fail(path, f"bad binarize_config: {exc}") from None
     binarized = _json_field(path, meta, "binarized", list)
     if not all(isinstance(b, str) for b in binarized):
         raise _fail(path, "metadata 'binarized' must be a list of module names")
     source = _json_field(path, meta, "source", dict) if "source" in meta else {}
-    return FileInfo(str(path), fmt, model, kwargs, config, binarized, source)
+    kept = _json_field(path, meta, "kept", dict) if "kept" in meta else {}
+    if not all(isinstance(k, str) and v in KEEP_REASONS + ("filter",) for k, v in kept.items()):
+        raise _fail(path, "metadata 'kept' must map module names to a reason")
+    policy = None if meta.get("layer_policy") in (None, "null") else _json_field(path, meta, "layer_policy", dict)
+    if policy is not None:
+        try:
+            LayerPolicy.from_dict(policy)
+        except (TypeError, ValueError) as exc:
+            raise _fail(path, f"bad layer_policy: {exc}") from None
+    classes = _json_field(path, meta, "classes", list) if "classes" in meta else None
+    if classes is not None and (
+        not all(isinstance(c, str) and 0 < len(c) <= 255 for c in classes) or len(set(classes)) != len(classes)
+    ):
+        raise _fail(path, "metadata 'classes' must be a list of distinct folder names")
+    if classes is not None and kwargs.get("num_classes") is not None and len(classes) > kwargs["num_classes"]:
+        raise _fail(path, "metadata 'classes' lists more classes than the classifier has")
+    return FileInfo(str(path), fmt, model, kwargs, config, binarized, source, kept, policy, classes)
 
 
 def build_model(info: FileInfo) -> nn.Module:
@@ -274,12 +347,17 @@ def build_model(info: FileInfo) -> nn.Module:
     for name in wanted:
         if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear)):
             raise _fail(path, f"binarized module {name!r} is not a Conv2d/Linear of {info.model}")
+    if not wanted:
+        raise _fail(path, "metadata 'binarized' lists no layer; the file holds no binary network")
     binarize_(model, info.config, filter_fn=lambda m, fqn: fqn in wanted)
     model.equalbits_meta = {
         "model": info.model,
         "model_kwargs": kwargs,
         "config": info.config,
         "source": info.source,
+        "kept": dict(info.kept),
+        "policy": LayerPolicy.from_dict(info.policy) if info.policy is not None else None,
+        "classes": info.classes,
     }
     return model
 

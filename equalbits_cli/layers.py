@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BinarizeConfig
-from .quantize import OTCache, ot_codes
+from .quantize import OTCache, dequantize, ot_codes
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input", "conv_kwargs"]
 
@@ -71,42 +71,71 @@ class BinaryLayer:
 
     def _init_binary(self, config: BinarizeConfig) -> None:
         self.config = config
-        self._cache_key: tuple[int, int] | None = None
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._qweight: torch.Tensor | None = None  # scale * codes of _cache, kept in eval mode only
+        # Codes a packed file pinned: buffers, so .to(device/dtype) moves them with the layer. They are
+        # dropped when the layer is switched to training (the latent weight then moves every step).
+        self.register_buffer("pinned_codes", None, persistent=False)
+        self.register_buffer("pinned_scale", None, persistent=False)
+        # Eval-mode cache: (codes, scale, scale * codes) and a copy of the latent weight they came from.
+        # It is checked against the weight itself, not a version counter: a write through .data or a
+        # .to() leaves the counter as it was.
+        self._eval_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._ot_cache = OTCache()  # last step's per-filter thresholds: same codes, less work
 
-    def quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes, scale)`` of the current latent weight (see :func:`equalbits_cli.quantize.ot_codes`).
+    def train(self, mode: bool = True):  # type: ignore[override]
+        if mode:
+            self.pinned_codes = None
+            self.pinned_scale = None
+        self._eval_cache = None
+        return super().train(mode)  # type: ignore[misc]
 
-        Recomputed only when the latent weight changes (tracked by its version counter).
-        """
-        w = self.weight
-        key = (w.data_ptr(), w._version)
-        if self._cache is None or self._cache_key != key:
-            cfg = self.config
-            self._cache = ot_codes(w, cfg.ratio, cfg.prune, cfg.method, cache=self._ot_cache)
-            self._cache_key = key
-            self._qweight = None
-        return self._cache
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        self._eval_cache = None
+        return super()._apply(fn, recurse)  # type: ignore[misc]
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        self.pinned_codes = None
+        self.pinned_scale = None
+        self._eval_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+
+    def _cached(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        c = self._eval_cache
+        if c is None or self.training:
+            return None
+        w = self.weight.detach()
+        if c[3].dtype != w.dtype or c[3].device != w.device or not torch.equal(c[3], w):
+            self._eval_cache = None
+            return None
+        return c[0], c[1], c[2]
+
+    def quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, scale)`` of the current latent weight (see :func:`equalbits_cli.quantize.ot_codes`),
+        or the pinned codes of a packed file."""
+        if self.pinned_codes is not None and self.pinned_scale is not None:
+            return self.pinned_codes, self.pinned_scale.to(self.weight.dtype)
+        cached = self._cached()
+        if cached is not None:
+            return cached[0], cached[1]
+        cfg = self.config
+        return ot_codes(self.weight.detach(), cfg.ratio, cfg.prune, cfg.method, cache=self._ot_cache, center=cfg.center)
 
     def pin_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
-        """Use exactly these codes and scales until the latent weight next changes (packed files)."""
+        """Use exactly these codes and scales until the layer is trained or loaded again (packed files)."""
         if tuple(codes.shape) != tuple(self.weight.shape) or tuple(scale.shape) != (self.weight.shape[0],):
             raise ValueError(f"codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit the weight")
-        self._cache = (codes.to(torch.int8), scale.to(self.weight.dtype))
-        self._cache_key = (self.weight.data_ptr(), self.weight._version)
-        self._qweight = None
+        self.pinned_codes = codes.to(device=self.weight.device, dtype=torch.int8)
+        self.pinned_scale = scale.to(device=self.weight.device, dtype=self.weight.dtype)
+        self._eval_cache = None
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with: ``scale * codes`` (no gradient attached)."""
+        cached = self._cached()
+        if cached is not None:
+            return cached[2]
         codes, scale = self.quantize()
-        if self._qweight is not None:
-            return self._qweight
-        shape = (-1,) + (1,) * (codes.dim() - 1)
-        q = codes.to(self.weight.dtype) * scale.to(self.weight.dtype).view(shape)
+        q = dequantize(codes, scale.to(self.weight.dtype), bool(self.config.center))
         if not self.training:  # repeated inference reuses it; training changes the weight every step
-            self._qweight = q
+            self._eval_cache = (codes, scale, q, self.weight.detach().clone())
         return q
 
     def _effective_weight(self) -> torch.Tensor:
@@ -120,7 +149,7 @@ class BinaryLayer:
 
     def binary_extra_repr(self) -> str:
         c = self.config
-        return f"method={c.method}, ratio={c.ratio}, prune={c.prune}, activations={c.activations}"
+        return f"method={c.method}, ratio={c.ratio}, prune={c.prune}, activations={c.activations}, center={c.center}"
 
 
 class BinaryConv2d(BinaryLayer, nn.Conv2d):

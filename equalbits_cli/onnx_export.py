@@ -71,15 +71,19 @@ def inference_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _factor_if_same_codes(w: np.ndarray, codes: np.ndarray) -> np.ndarray | None:
-    """Per-row factor ``f`` with ``w == f * codes`` (within float rounding), or None if ``w`` has other codes."""
+def _factor_if_same_codes(w: np.ndarray, codes: np.ndarray, mu: np.ndarray | None = None) -> np.ndarray | None:
+    """Per-row factor ``f`` with ``w == f * (codes - mu * |codes|)`` (within float rounding; ``mu`` 0 when
+    None), or None if ``w`` has other codes."""
     rows = codes.shape[0]
     c = codes.reshape(rows, -1).astype(np.float32)
+    if mu is not None:
+        c = c - mu.reshape(rows, 1).astype(np.float32) * np.abs(c)
     w2 = w.reshape(rows, -1).astype(np.float32)
-    nz = c != 0
+    nz = codes.reshape(rows, -1) != 0
     if np.any((w2 != 0) & ~nz):
         return None
-    ratio = np.where(nz, w2 * c, np.nan)  # w / c on non-zero codes (c is +-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(nz & (c != 0), w2 / np.where(c != 0, c, 1), np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         f = np.nanmean(ratio, axis=1)
@@ -91,8 +95,11 @@ def _factor_if_same_codes(w: np.ndarray, codes: np.ndarray) -> np.ndarray | None
     return f
 
 
-def _unpack_nodes(prefix: str, shape: tuple[int, ...], ternary: bool, out_name: str) -> tuple[list, list]:
-    """Nodes and constant initializers computing ``factor * codes`` from the packed planes."""
+def _unpack_nodes(
+    prefix: str, shape: tuple[int, ...], ternary: bool, out_name: str, centered: bool = False
+) -> tuple[list, list]:
+    """Nodes and constant initializers computing ``factor * codes`` (or, ``centered``,
+    ``factor * (codes - mu * |codes|)`` with the per-filter initializer ``mu``) from the packed planes."""
     from onnx import helper, numpy_helper
 
     count = int(np.prod(shape))
@@ -130,14 +137,20 @@ def _unpack_nodes(prefix: str, shape: tuple[int, ...], ternary: bool, out_name: 
         nodes += plane("nonzero")
         nodes.append(helper.make_node("Mul", [prefix + "pm", prefix + "nonzero_f"], [prefix + "codes"]))
         codes = prefix + "codes"
-    nodes += [
-        helper.make_node("Reshape", [codes, prefix + "shape"], [prefix + "codes_shaped"]),
-        helper.make_node("Mul", [prefix + "codes_shaped", prefix + "factor"], [out_name]),
-    ]
+    nodes.append(helper.make_node("Reshape", [codes, prefix + "shape"], [prefix + "codes_shaped"]))
+    levels = prefix + "codes_shaped"
+    if centered:
+        nodes += [
+            helper.make_node("Abs", [levels], [prefix + "abs"]),
+            helper.make_node("Mul", [prefix + "abs", prefix + "mu"], [prefix + "shift"]),
+            helper.make_node("Sub", [levels, prefix + "shift"], [prefix + "levels"]),
+        ]
+        levels = prefix + "levels"
+    nodes.append(helper.make_node("Mul", [levels, prefix + "factor"], [out_name]))
     return nodes, inits
 
 
-def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]]) -> int:
     """Replace each binarized layer's float weight initializer by packed planes + unpack subgraph.
 
     The weight is found by name when the exporter kept it, else by its code pattern among the
@@ -162,9 +175,14 @@ def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, torch.T
 
     used: set[str] = set()
     new_nodes = []
-    for name, (codes_t, _) in layers.items():
+    from .quantize import code_offsets
+
+    for name, (codes_t, centered) in layers.items():
         codes = codes_t.numpy()
         shape = codes.shape
+        mu = code_offsets(codes_t).numpy() if centered else None
+        if mu is not None and not mu.any():  # ratio 0.5, even filter sizes: nothing to centre
+            mu = None
         candidates = [(name + ".weight", False)] if name + ".weight" in inits else []
         candidates += [(n, False) for n in by_shape.get(shape, [])]
         if codes.ndim == 2:
@@ -174,7 +192,7 @@ def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, torch.T
             if cand in used or tuple(inits[cand].dims) != (shape[::-1] if transposed else shape):
                 continue
             a = array(cand)
-            f = _factor_if_same_codes(a.T if transposed else a, codes)
+            f = _factor_if_same_codes(a.T if transposed else a, codes, mu)
             if f is not None:
                 found = (cand, f, transposed)
                 break
@@ -190,8 +208,10 @@ def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, torch.T
         if nonzero is not None:
             graph.initializer.append(numpy_helper.from_array(nonzero.numpy(), prefix + "nonzero"))
         graph.initializer.append(numpy_helper.from_array(factor.reshape(fshape), prefix + "factor"))
+        if mu is not None:
+            graph.initializer.append(numpy_helper.from_array(mu.astype(np.float32).reshape(fshape), prefix + "mu"))
         target = prefix + "weight" if transposed else init_name
-        nodes, consts = _unpack_nodes(prefix, shape, nonzero is not None, target)
+        nodes, consts = _unpack_nodes(prefix, shape, nonzero is not None, target, centered=mu is not None)
         if transposed:
             nodes.append(helper.make_node("Transpose", [target], [init_name], perm=[1, 0]))
         graph.initializer.extend(consts)
@@ -219,6 +239,7 @@ def export_onnx(
     img_size: int | None = None,
     tolerance: float = 1e-4,
     seed: int = 0,
+    exclusive: bool = False,
 ) -> ExportResult:
     """Export a binarized model to ONNX and check it in onnxruntime against PyTorch.
 
@@ -229,6 +250,7 @@ def export_onnx(
         img_size: Input height and width (default: the model's ``pretrained_cfg``).
         tolerance: Largest accepted ``max |onnx - torch| / (max(torch) - min(torch))``.
         seed: Seed of the random verification batch.
+        exclusive: Refuse if ``path`` exists when the file is renamed into place.
 
     Returns:
         An :class:`ExportResult` with the file size and the measured difference.
@@ -245,7 +267,9 @@ def export_onnx(
         raise ValueError(f"--onnx-weights must be packed or float, got {weights!r}")
     meta = base_metadata(model, "equalbits.onnx")
     plain = inference_model(model)
-    layers = {n: m.quantize() for n, m in model.named_modules() if isinstance(m, BinaryLayer)}
+    layers = {
+        n: (m.quantize()[0], bool(m.config.center)) for n, m in model.named_modules() if isinstance(m, BinaryLayer)
+    }
     c, h, w = _input_size(model, img_size)
     x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(seed))
     buf = io.BytesIO()
@@ -291,6 +315,6 @@ def export_onnx(
             f"{tolerance}); the file was not written"
         )
     path = Path(path)
-    with atomic_write(path) as tmp:
+    with atomic_write(path, exclusive=exclusive) as tmp:
         tmp.write_bytes(data)
     return ExportResult(str(path), len(data), weights, packed_layers, diff, rng, diff / rng)

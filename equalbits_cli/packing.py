@@ -150,6 +150,7 @@ def load_packed_into(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
     """Fill a freshly built binarized ``model`` from a packed file's tensors (codes pinned exactly)."""
     from .io import load_state_into
     from .layers import BinaryLayer
+    from .quantize import dequantize
 
     plain = {}
     binary = {n: m for n, m in model.named_modules() if isinstance(m, BinaryLayer)}
@@ -167,8 +168,7 @@ def load_packed_into(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
         if k not in packed_keys:
             plain[k] = v
     for name, (codes, scale) in decoded.items():
-        shape = (-1,) + (1,) * (codes.dim() - 1)
-        plain[name + ".weight"] = codes.float() * scale.view(shape)
+        plain[name + ".weight"] = dequantize(codes, scale.float(), bool(binary[name].config.center))
     load_state_into(model, plain, path)
     for name, (codes, scale) in decoded.items():
         binary[name].pin_codes(codes, scale)

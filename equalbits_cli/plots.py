@@ -8,7 +8,7 @@ from typing import Any
 
 from .report import ModelStats
 
-__all__ = ["plot_layers", "plot_sweep", "plot_toy"]
+__all__ = ["plot_history", "plot_layers", "plot_sweep", "plot_toy"]
 
 
 def _pyplot():
@@ -53,6 +53,28 @@ def plot_layers(stats: ModelStats, path: str | os.PathLike, title: str = "") -> 
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+def plot_history(history: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """Per-epoch training loss, learning rate and validation top-1 of a fine-tune, as a PNG."""
+    if not history:
+        raise ValueError("no epochs to plot")
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+    axes[0].plot(epochs, [h["loss"] for h in history], marker="o")
+    axes[0].set_ylabel("train loss")
+    axes[1].plot(epochs, [h["lr"] for h in history], marker="o", color="tab:orange")
+    axes[1].set_ylabel("learning rate\n(epoch end)")
+    axes[2].plot(epochs, [h.get("val_top1") for h in history], marker="o", color="tab:green")
+    axes[2].set_ylabel("val top-1 (%)")
+    axes[2].set_xlabel("epoch")
+    axes[0].set_title(title)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:

@@ -23,6 +23,8 @@ import math
 import torch
 
 __all__ = [
+    "code_offsets",
+    "dequantize",
     "ot_counts",
     "ot_codes",
     "ot_codes_reference",
@@ -69,11 +71,57 @@ def least_squares_scale(weight2d: torch.Tensor, codes2d: torch.Tensor, nonzero: 
     Rows whose codes are all zero get scale 0.
     """
     num = (weight2d * codes2d).sum(dim=1)
-    if nonzero is None:
+    if codes2d.is_floating_point():
+        den = (codes2d * codes2d).sum(dim=1)
+    elif nonzero is None:
         den = codes2d.abs().sum(dim=1, dtype=torch.int64).to(weight2d.dtype)
     else:
         den = torch.full_like(num, float(nonzero))
-    return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def code_offsets(codes: torch.Tensor) -> torch.Tensor:
+    """Per-filter mean of the non-zero codes, ``mu = (n_plus - n_minus) / (n_plus + n_minus)``.
+
+    A filter whose non-zero codes all have one sign (or that has none) gets 0: centring it would erase it.
+
+    Example:
+        >>> code_offsets(torch.tensor([[1, 1, 1, -1], [1, -1, 0, 0]], dtype=torch.int8)).tolist()
+        [0.5, 0.0]
+    """
+    c = codes.reshape(codes.shape[0], -1)
+    total = c.sum(dim=1, dtype=torch.int64)
+    nonzero = c.ne(0).sum(dim=1)
+    mu = total.double() / nonzero.clamp_min(1).double()
+    return torch.where(mu.abs() < 1, mu, torch.zeros_like(mu)).float()
+
+
+def centered_codes(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``codes - mu * |codes|`` per filter (see :func:`code_offsets`), as ``dtype``: the two levels of a
+    binary filter become ``1 - mu`` and ``-1 - mu``, so they average to zero; pruned zeros stay zero."""
+    c = codes.reshape(codes.shape[0], -1).to(dtype)
+    mu = code_offsets(codes).to(dtype)
+    return (c - mu[:, None] * c.abs()).reshape(codes.shape)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, center: bool = False) -> torch.Tensor:
+    """The weight a binarized layer computes with: ``scale * codes``, or with ``center``
+    ``scale * (codes - mu * |codes|)`` (:func:`centered_codes`), in ``scale``'s dtype.
+
+    Centring matters away from ratio 0.5: with 70% of codes +1, ``scale * codes`` has a mean of
+    0.4 * scale per weight, so every output channel carries the same large sum of its inputs, which
+    BatchNorm cannot remove sample by sample. Centred levels keep the filter's mean at zero while
+    every weight still takes one of two values fixed by its bit. At ratio 0.5 with an even filter size
+    ``mu`` is 0 and both forms are the same.
+
+    Example:
+        >>> codes = torch.tensor([[1, 1, 1, -1]], dtype=torch.int8)
+        >>> dequantize(codes, torch.tensor([2.0]), center=True).tolist()
+        [[1.0, 1.0, 1.0, -3.0]]
+    """
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    c = centered_codes(codes, scale.dtype) if center else codes.to(scale.dtype)
+    return c * scale.view(shape)
 
 
 def ot_codes_reference(
@@ -240,6 +288,7 @@ def ot_codes(
     prune: float = 0.0,
     method: str = "ot",
     cache: OTCache | None = None,
+    center: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary or ternary codes and per-filter scales of a weight tensor.
 
@@ -264,6 +313,8 @@ def ot_codes(
         method: ``ot``, ``sign`` or ``irnet``.
         cache: An :class:`OTCache` kept between calls on the same (slowly changing) weight, as in
             training: it makes the call cheaper, never different.
+        center: The layer computes with centred levels (:func:`dequantize`): the scale is then the
+            least-squares factor for ``codes - mu * |codes|``. The codes are the same either way.
 
     Returns:
         ``(codes, scale)``: int8 codes in {-1, 0, 1} of ``weight``'s shape, and the float per-filter
@@ -305,6 +356,8 @@ def ot_codes(
         scale = torch.pow(2.0, torch.round(torch.log2(mean_abs))) * std.squeeze(1)
     else:
         raise ValueError(f"method must be one of ot, sign, irnet, got {method!r}")
+    if center:
+        scale = least_squares_scale(w, centered_codes(codes, w.dtype))
     return codes.reshape(weight.shape), scale
 
 

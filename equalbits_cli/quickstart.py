@@ -92,7 +92,7 @@ def run_quickstart(
             seed=seed,
             workers=0,
             warmup_steps=20,
-            augment=False,
+            augment="none",
         ),
         output=paths["finetuned"],
         progress=progress,

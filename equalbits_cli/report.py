@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .quantize import code_counts, entropy_bits, sqnr_db
+from .quantize import code_counts, dequantize, entropy_bits, sqnr_db
 
 __all__ = ["LayerStats", "ModelStats", "collect_stats", "layer_stats", "packed_layer_bytes"]
 
@@ -39,6 +39,7 @@ class LayerStats:
     scale_max: float | None = None
     sqnr_db: float | None = None
     exact_filters: bool | None = None
+    kept_because: str | None = None  # for full-precision layers: stem, classifier, depthwise, gate, ...
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -93,6 +94,7 @@ def layer_stats(
     scale: torch.Tensor,
     latent: torch.Tensor | None = None,
     expected: tuple[int, int, int] | None = None,
+    center: bool = False,
 ) -> LayerStats:
     """Statistics of one binarized layer from its codes, scales and (optionally) latent weights.
 
@@ -111,8 +113,7 @@ def layer_stats(
         )
     sqnr = None
     if latent is not None:
-        shape = (-1,) + (1,) * (codes.dim() - 1)
-        sqnr = sqnr_db(latent, codes.to(scale.dtype) * scale.view(shape))
+        sqnr = sqnr_db(latent, dequantize(codes, scale, center))
     s = scale.detach().double()
     return LayerStats(
         name=name,
@@ -154,17 +155,20 @@ def collect_stats(model: nn.Module) -> ModelStats:
 
     layers = []
     binary_weight_keys: dict[str, int] = {}
+    kept = (getattr(model, "equalbits_meta", None) or {}).get("kept", {})
     for name, module in model.named_modules():
         if isinstance(module, BinaryLayer):
             codes, scale = module.quantize()
             cfg = module.config
             expected = ot_counts(codes[0].numel(), cfg.ratio, cfg.prune) if cfg.method == "ot" else None
-            st = layer_stats(name, _kind(module), codes, scale, module.weight, expected)
+            st = layer_stats(name, _kind(module), codes, scale, module.weight, expected, bool(cfg.center))
             layers.append(st)
             binary_weight_keys[name + ".weight"] = packed_layer_bytes(codes.numel(), codes.shape[0], bool(st.n_zero))
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             w = module.weight
-            layers.append(LayerStats(name, _kind(module), False, tuple(w.shape), w.numel()))
+            layers.append(
+                LayerStats(name, _kind(module), False, tuple(w.shape), w.numel(), kept_because=kept.get(name))
+            )
     return _totals(layers, model.state_dict(), binary_weight_keys, sum(p.numel() for p in model.parameters()))
 
 
@@ -217,6 +221,7 @@ def _packed_stats(model: nn.Module, state: dict[str, torch.Tensor], binarized: s
     layers = []
     sizes: dict[str, int] = {}
     fp32_extra: dict[str, int] = {}
+    kept = (getattr(model, "equalbits_meta", None) or {}).get("kept", {})
     for name, module in model.named_modules():
         if name in binarized:
             codes, scale = read_packed_layer(state, name, path)
@@ -228,7 +233,9 @@ def _packed_stats(model: nn.Module, state: dict[str, torch.Tensor], binarized: s
             fp32_extra[name + ".weight"] = 4 * codes.numel()
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             w = module.weight
-            layers.append(LayerStats(name, _kind(module), False, tuple(w.shape), w.numel()))
+            layers.append(
+                LayerStats(name, _kind(module), False, tuple(w.shape), w.numel(), kept_because=kept.get(name))
+            )
     suffixes = (SIGN_SUFFIX, NONZERO_SUFFIX, SCALE_SUFFIX, SHAPE_SUFFIX)
     plain = {k: v for k, v in state.items() if not any(k.endswith(s) and k[: -len(s)] in binarized for s in suffixes)}
     fp32 = sum(v.numel() * v.element_size() for v in plain.values()) + sum(fp32_extra.values())
@@ -238,13 +245,11 @@ def _packed_stats(model: nn.Module, state: dict[str, torch.Tensor], binarized: s
 
 
 def _onnx_report(path: Any) -> FileReport:
-    import json
     import os
 
     import onnx
     from onnx import numpy_helper
 
-    from .config import BinarizeConfig
     from .io import FileInfo, build_model, file_info
     from .packing import pack_bits
 
@@ -260,8 +265,13 @@ def _onnx_report(path: Any) -> FileReport:
     state: dict[str, torch.Tensor] = {}
     binarized = set(info.binarized)
     for init in m.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise ValueError(f"{path}: initializer {init.name[:100]!r} refers to external data; equalbits writes none")
         if init.name.startswith("eb::"):
-            _, layer, field = init.name.split("::", 2)
+            parts = init.name.split("::", 2)
+            if len(parts) != 3 or parts[1] not in binarized:
+                raise ValueError(f"{path}: initializer {init.name[:100]!r} names no binarized layer of the model")
+            _, layer, field = parts
             arr = numpy_helper.to_array(init)
             if field in ("sign", "nonzero"):
                 state[f"{layer}.weight.{field}"] = torch.from_numpy(arr.copy())
@@ -284,9 +294,7 @@ def _onnx_report(path: Any) -> FileReport:
             state[f"{layer}.weight.shape"] = torch.tensor(list(w.shape))
             del state[f"{layer}.weight"]
     stats = _packed_stats(model, state, binarized, path)
-    cfg = BinarizeConfig.from_dict(json.loads(meta["binarize_config"]))
-
-    return FileReport(str(path), "equalbits.onnx", info.model, asdict(cfg), stats, os.path.getsize(path))
+    return FileReport(str(path), "equalbits.onnx", info.model, asdict(info.config), stats, os.path.getsize(path))
 
 
 def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -> FileReport:

@@ -1,17 +1,22 @@
 """Training and evaluation loops: distillation fine-tune, BatchNorm re-estimation, top-k evaluation.
 
 No printing here: progress goes to a :class:`Progress` object (the CLI renders it with rich).
-Multi-process training runs under ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on GPU);
-only rank 0 evaluates, writes and reports.
+Multi-process training runs under ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on GPU,
+one GPU per local rank); only rank 0 evaluates, writes and reports. The pieces come from the field's
+libraries where they fit: timm's optimizer factory and cosine scheduler, timm.data's transforms,
+``torch.optim.swa_utils.update_bn`` for BatchNorm statistics. The distillation loss stays our own
+small function (:mod:`equalbits_cli.distill`): timm's distillation task owns the forward pass and
+the teacher, which would hide the per-step loss we log and the resumable state we save.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import math
 import os
+import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +25,16 @@ from torch import nn
 
 from .config import FinetuneConfig
 from .distill import distillation_loss
+from .distributed import all_equal, barrier, dist_setup, resolve_device
+from .state import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    check_resume_config,
+    load_state,
+    remove_stale_temporaries,
+    save_state,
+    state_path_for,
+)
 
 __all__ = [
     "FinetuneResult",
@@ -27,14 +42,14 @@ __all__ = [
     "Progress",
     "NullProgress",
     "evaluate",
+    "evaluate_source",
     "recalibrate_bn",
     "finetune",
     "state_path_for",
     "codes_checksum",
+    "resolve_device",
+    "train_classifier",
 ]
-
-STATE_FORMAT = "equalbits.train_state"
-STATE_VERSION = 1
 
 
 class Progress(Protocol):
@@ -57,12 +72,20 @@ class NullProgress:
 
 
 class Interrupted(Exception):
-    """Training stopped by Ctrl-C after saving its state; the message says how to resume."""
+    """Training stopped by Ctrl-C or SIGTERM after saving its state; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Terminated(BaseException):
+    """Raised inside the loop by the SIGTERM handler (what schedulers and ``kill`` send)."""
 
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    teacher_top1: float
+    teacher_top1: float | None
     student_top1_before: float
     student_top1_calibrated: float | None
     student_top1: float
@@ -75,17 +98,10 @@ class FinetuneResult:
     codes_checksum: int
     codes_identical_across_ranks: bool
     resumed_from_step: int | None
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -145,32 +161,23 @@ def recalibrate_bn(model: nn.Module, loader, batches: int, device: torch.device,
     """Re-estimate BatchNorm running statistics of ``model`` on ``batches`` batches (no training).
 
     Binarization changes every layer's output distribution; the stored running means and variances
-    then no longer fit. A cumulative average over a few batches fixes much of the accuracy drop.
+    then no longer fit. A cumulative average over a few batches (``torch.optim.swa_utils.update_bn``)
+    fixes much of the accuracy drop. Feed it un-augmented images: statistics taken on random crops do
+    not fit the images the model is evaluated on.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or batches == 0:
+    from torch.optim.swa_utils import update_bn
+
+    if batches == 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
-    saved = [(m, m.momentum) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    model.train()
-    try:
-        for i, (images, _) in enumerate(_batches(loader)):
-            if i >= batches:
-                break
-            model(images.to(device))
+
+    def images():
+        for batch, _ in itertools.islice(_batches(loader), batches):
+            yield batch
             if progress is not None:
                 progress.advance(1)
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-        model.eval()
 
-
-def state_path_for(output: str | os.PathLike) -> Path:
-    """Where the training state of a fine-tune writing ``output`` lives."""
-    return Path(str(output) + ".train-state.pt")
+    update_bn(images(), model, device)
+    model.eval()
 
 
 def codes_checksum(model: nn.Module) -> int:
@@ -185,19 +192,88 @@ def codes_checksum(model: nn.Module) -> int:
     return total
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def _pretrained_classes(name: str) -> int | None:
+    """Classes of the classifier timm's pretrained weights for ``name`` have (None if unknown)."""
+    try:
+        import timm.models
 
-    return factor
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # hf-hub names and tags timm cannot resolve offline: unknown
+        return None
+    return getattr(cfg, "num_classes", None) if cfg is not None else None
+
+
+def _refuse_random_head(name: str, num_classes: int) -> None:
+    pretrained = _pretrained_classes(name)
+    if pretrained is not None and pretrained != num_classes:
+        raise ValueError(
+            f"the teacher would be pretrained {name}, whose classifier has {pretrained} classes, not this "
+            f"data's {num_classes}: its head would be random. Pass --teacher CHECKPOINT (a full-precision "
+            f"{name} fine-tuned on this data), or --alpha 1 to train on the labels alone"
+        )
+
+
+def _teacher_for(student_meta: dict[str, Any], teacher: str | None, num_classes: int) -> nn.Module:
+    """The full-precision teacher: ``teacher`` (a file or a pretrained timm name) or the student's source.
+
+    A pretrained teacher whose classifier does not have ``num_classes`` classes is refused: timm would
+    give it a randomly initialized head, and the student would learn from noise.
+    """
+    from .convert import create_model
+
+    if teacher is None:
+        source = student_meta.get("source") or {}
+        name = source.get("model") or student_meta["model"]
+        ckpt = source.get("checkpoint")
+        if not isinstance(name, str) or not (ckpt is None or isinstance(ckpt, str)) or len(str(ckpt)) > 4096:
+            raise ValueError("the student's metadata names no usable teacher; pass --teacher NAME_OR_CHECKPOINT")
+        if ckpt is not None:
+            if not Path(ckpt).is_file():
+                raise ValueError(
+                    f"the student's full-precision source {ckpt} is gone; pass --teacher NAME_OR_CHECKPOINT"
+                )
+            return create_model(name, checkpoint=ckpt)
+        if source.get("pretrained") is True:
+            _refuse_random_head(name, num_classes)
+            return create_model(name, pretrained=True, num_classes=num_classes)
+        raise ValueError(
+            "the student was binarized from a randomly initialized model, which is no teacher; "
+            "pass --teacher NAME_OR_CHECKPOINT, or --alpha 1 to train on the labels alone"
+        )
+    if Path(teacher).is_file():
+        return create_model(student_meta["model"], checkpoint=teacher)
+    _refuse_random_head(teacher, num_classes)
+    return create_model(teacher, pretrained=True, num_classes=num_classes)
+
+
+class _Renormalized(nn.Module):
+    """The teacher behind a change of input normalization, when its data config differs from the
+    student's (the student's loader normalizes; the teacher is fed what its own config expects)."""
+
+    def __init__(self, model: nn.Module, src: tuple, dst: tuple) -> None:
+        super().__init__()
+        self.model = model
+        for name, value in zip(("src_mean", "src_std", "dst_mean", "dst_std"), (*src, *dst)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x * self.src_std + self.src_mean
+        return self.model((raw - self.dst_mean) / self.dst_std)
+
+
+def _match_normalization(teacher: nn.Module, student: nn.Module) -> nn.Module:
+    from timm.data import resolve_data_config
+
+    s, t = resolve_data_config({}, model=student), resolve_data_config({}, model=teacher)
+    if tuple(s["mean"]) == tuple(t["mean"]) and tuple(s["std"]) == tuple(t["std"]):
+        return teacher
+    return _Renormalized(teacher, (s["mean"], s["std"]), (t["mean"], t["std"])).eval()
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on latent binary weights (it would pull them to 0 and flip codes at random),
-    nor on norms and biases; the usual decay on the other full-precision weights."""
+    nor on norms and biases; the usual decay on the other full-precision weights. timm's
+    ``filter_bias_and_bn`` knows the second rule, not the first, so the groups are built here."""
     from .layers import BinaryLayer
 
     latent = {id(m.weight) for m in model.modules() if isinstance(m, BinaryLayer)}
@@ -209,115 +285,84 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _dist_setup(device: torch.device) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
+def _optimizer_and_schedule(model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup: int):
+    """AdamW from timm's factory, and timm's cosine schedule with linear warm-up, stepped per update."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _load_state(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no training state to resume at {path}; run without --resume to start afresh")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{path}: corrupt training state ({first}); delete it and run without --resume") from None
-    required = {"format", "version", "model", "optimizer", "scheduler", "step", "epoch", "batch", "rng"}
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not required <= set(state):
-        raise ValueError(f"{path}: not an equalbits training state; delete it and run without --resume")
-    if state["version"] != STATE_VERSION:
-        raise ValueError(f"{path}: training state version {state['version']} is not supported")
-    return state
+    optimizer = create_optimizer_v2(_param_groups(model, weight_decay), opt="adamw", lr=lr, weight_decay=weight_decay)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps),
+        lr_min=0.0,
+        warmup_t=warmup,
+        warmup_lr_init=lr * 0.01,
+        t_in_epochs=False,
+    )
+    return optimizer, scheduler
 
 
-def _save_state(path: Path, payload: dict[str, Any]) -> None:
-    from .io import atomic_write
+@dataclass
+class _Run:
+    """Everything a fine-tune holds while it runs."""
 
-    with atomic_write(path) as tmp:
-        torch.save(payload, str(tmp))
+    config: FinetuneConfig
+    device: torch.device
+    rank: int
+    world: int
+    student: nn.Module
+    model: nn.Module  # the student, wrapped in DDP when world > 1
+    teacher: nn.Module | None
+    train_ds: Any
+    train_sampler: Any
+    train_loader: Any
+    val_loader: Any
+    calib_loader: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    steps_per_epoch: int
+    total_steps: int
+    state_path: Path
+    progress: Progress
+    log: Any = None  # open JSON-lines file, rank 0
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    evals: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def write_log(self, row: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
 
-def _teacher_for(student_meta: dict[str, Any], teacher: str | None, num_classes: int) -> nn.Module:
-    from .convert import create_model
+def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, progress: Progress, output: Path):
+    from .data import EpochSampler, build_datasets, calibration_dataset, find_splits, make_loader
+    from .io import LATENT_FORMAT, load_model, read_metadata
 
-    if teacher is None:
-        source = student_meta.get("source") or {}
-        name = source.get("model") or student_meta["model"]
-        ckpt = source.get("checkpoint")
-        if ckpt is not None:
-            if not Path(ckpt).is_file():
-                raise ValueError(
-                    f"the student's full-precision source {ckpt} is gone; pass --teacher NAME_OR_CHECKPOINT"
-                )
-            return create_model(name, checkpoint=ckpt)
-        if source.get("pretrained"):
-            return create_model(name, pretrained=True, num_classes=num_classes)
-        raise ValueError(
-            "the student was binarized from a randomly initialized model, which is no teacher; "
-            "pass --teacher NAME_OR_CHECKPOINT"
-        )
-    if Path(teacher).is_file():
-        return create_model(student_meta["model"], checkpoint=teacher)
-    return create_model(teacher, pretrained=True, num_classes=num_classes)
-
-
-def finetune(
-    student_path: str | os.PathLike,
-    data_dir: str | os.PathLike,
-    config: FinetuneConfig,
-    *,
-    output: str | os.PathLike,
-    teacher: str | None = None,
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> FinetuneResult | None:
-    """Distil a binarized student from its full-precision teacher on an ImageFolder dataset.
-
-    Args:
-        student_path: A binarized latent checkpoint (``binarize`` output).
-        data_dir: ImageFolder root with ``train/`` and ``val/``.
-        config: Hyper-parameters.
-        output: The fine-tuned checkpoint to write (its training state goes next to it).
-        teacher: A timm name (pretrained) or a full-precision state dict file; default: the model the
-            student was binarized from, as its metadata records.
-        resume: Continue from the training state of ``output``.
-        progress: Receives progress; default none.
-
-    Returns:
-        The result on rank 0; None on other ranks.
-
-    Raises:
-        ValueError / FileNotFoundError: bad inputs. Interrupted: Ctrl-C (state saved).
-    """
-    from .data import EpochSampler, build_datasets, find_splits, make_loader
-    from .io import LATENT_FORMAT, load_model, read_metadata, save_checkpoint
-
-    progress = progress or NullProgress()
-    started = time.perf_counter()
     device = resolve_device(config.device)
-    rank, world = _dist_setup(device)
-    output = Path(output)
-    state_path = state_path_for(output)
-    state = _load_state(state_path) if resume else None
-
-    splits = find_splits(data_dir)
+    rank, world = dist_setup(device)
     fmt = read_metadata(student_path).get("format")
     if fmt != LATENT_FORMAT:
         raise ValueError(f"{student_path}: fine-tuning needs a latent checkpoint (from binarize), not {fmt}")
     student = load_model(student_path)
+    splits = find_splits(data_dir, classes=student.equalbits_meta.get("classes"))
     num_classes = int(student.equalbits_meta["model_kwargs"].get("num_classes", 0)) or None
     if num_classes is not None and len(splits.classes) > num_classes:
         raise ValueError(
             f"the data has {len(splits.classes)} classes but the model's classifier has {num_classes}; "
             f"binarize with --num-classes {len(splits.classes)}"
         )
-    teacher_model = _teacher_for(student.equalbits_meta, teacher, num_classes or len(splits.classes))
+    student.equalbits_meta["classes"] = list(splits.classes)
+    teacher_model = None
+    if config.alpha < 1:
+        teacher_model = _teacher_for(student.equalbits_meta, teacher, num_classes or len(splits.classes))
+        teacher_model = _match_normalization(teacher_model, student)
     train_ds, val_ds = build_datasets(splits, student, config.img_size, config.augment, config.seed)
     if len(train_ds) < config.batch_size * world:
         raise ValueError(
@@ -329,163 +374,276 @@ def finetune(
     val_loader = make_loader(
         val_ds, EpochSampler(len(val_ds), shuffle=False), config.batch_size, config.workers, drop_last=False
     )
-    calib_sampler = EpochSampler(len(train_ds), shuffle=True, seed=config.seed + 1)
-    calib_loader = make_loader(train_ds, calib_sampler, config.batch_size, config.workers, drop_last=True)
+    calib_ds = calibration_dataset(splits, student, config.img_size)
+    calib_sampler = EpochSampler(len(calib_ds), shuffle=True, seed=config.seed + 1)
+    calib_loader = make_loader(calib_ds, calib_sampler, config.batch_size, config.workers, drop_last=True)
     student.to(device)
-    teacher_model.to(device).eval()
-    for p in teacher_model.parameters():
-        p.requires_grad_(False)
-
+    if teacher_model is not None:
+        teacher_model.to(device).eval()
+        for p in teacher_model.parameters():
+            p.requires_grad_(False)
     steps_per_epoch = len(train_sampler) // config.batch_size
     total_steps = config.epochs * steps_per_epoch
     warmup = min(config.warmup_steps, total_steps // 10)
-    optimizer = torch.optim.AdamW(_param_groups(student, config.weight_decay), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
-
-    evals: dict[str, Any] = {}
-    if state is None:
-        if rank == 0:
-            progress.phase("evaluating teacher", len(val_loader))
-            evals["teacher_top1"] = evaluate(teacher_model, val_loader, device, config.amp, progress)["top1"]
-            progress.phase("evaluating binarized student", len(val_loader))
-            evals["student_top1_before"] = evaluate(student, val_loader, device, config.amp, progress)["top1"]
-        evals["student_top1_calibrated"] = None
-        if config.calibrate_batches:
-            n_calib = min(config.calibrate_batches, len(calib_loader))
-            progress.phase(f"re-estimating BatchNorm statistics on {n_calib} batches", n_calib)
-            recalibrate_bn(student, calib_loader, n_calib, device, progress)
-            if rank == 0:
-                progress.phase("evaluating calibrated student", len(val_loader))
-                evals["student_top1_calibrated"] = evaluate(student, val_loader, device, config.amp, progress)["top1"]
-        step, epoch, batch_in_epoch, resumed = 0, 0, 0, None
-    else:
-        try:
-            student.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or ["mismatch"])[0]
-            raise ValueError(f"{state_path}: does not fit this student or settings ({first})") from None
-        torch.set_rng_state(state["rng"])
-        evals = dict(state.get("evals", {}))
-        step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch"])
-        resumed = step
-
-    model: nn.Module = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    def save_state(epoch_: int, batch_: int) -> None:
-        if rank == 0:
-            _save_state(
-                state_path,
-                {
-                    "format": STATE_FORMAT,
-                    "version": STATE_VERSION,
-                    "model": student.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step,
-                    "epoch": epoch_,
-                    "batch": batch_,
-                    "rng": torch.get_rng_state(),
-                    "evals": evals,
-                    "config": config.to_json(),
-                },
-            )
-
+    optimizer, scheduler = _optimizer_and_schedule(student, config.lr, config.weight_decay, total_steps, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+    return _Run(
+        config,
+        device,
+        rank,
+        world,
+        student,
+        student,
+        teacher_model,
+        train_ds,
+        train_sampler,
+        train_loader,
+        val_loader,
+        calib_loader,
+        optimizer,
+        scheduler,
+        scaler,
+        steps_per_epoch,
+        total_steps,
+        state_path_for(output),
+        progress,
+    )
+
+
+def _evaluate_start(run: _Run) -> None:
+    """Teacher, binarized student, and student after BatchNorm re-estimation (rank 0 evaluates)."""
+    cfg, progress = run.config, run.progress
+    if run.rank == 0:
+        if run.teacher is not None:
+            progress.phase("evaluating teacher", len(run.val_loader))
+            run.evals["teacher_top1"] = evaluate(run.teacher, run.val_loader, run.device, cfg.amp, progress)["top1"]
+        progress.phase("evaluating binarized student", len(run.val_loader))
+        run.evals["student_top1_before"] = evaluate(run.student, run.val_loader, run.device, cfg.amp, progress)["top1"]
+    run.evals["student_top1_calibrated"] = None
+    if cfg.calibrate_batches:
+        n_calib = min(cfg.calibrate_batches, len(run.calib_loader))
+        progress.phase(f"re-estimating BatchNorm statistics on {n_calib} un-augmented batches", n_calib)
+        recalibrate_bn(run.student, run.calib_loader, n_calib, run.device, progress)
+        if run.rank == 0:
+            progress.phase("evaluating calibrated student", len(run.val_loader))
+            top1 = evaluate(run.student, run.val_loader, run.device, cfg.amp, progress)["top1"]
+            run.evals["student_top1_calibrated"] = top1
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
     try:
-        while epoch < config.epochs:
-            train_sampler.epoch = train_ds.epoch = epoch
-            train_sampler.start = batch_in_epoch * config.batch_size
-            model.train()
-            progress.phase(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch)
-            progress.advance(batch_in_epoch)
-            tick = time.perf_counter()
-            for images, targets in _batches(train_loader):
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                with torch.no_grad(), _autocast(device, config.amp):
-                    t_logits = teacher_model(images)
-                with _autocast(device, config.amp):
-                    s_logits = model(images)
-                loss = distillation_loss(s_logits, t_logits, targets, config.temperature, config.alpha)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"loss became {float(loss)} at step {step}; lower --lr or turn off --amp")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                batch_in_epoch += 1
-                now = time.perf_counter()
-                progress.advance(1, loss=float(loss.detach()), img_s=len(images) * world / max(now - tick, 1e-9))
-                tick = now
-                if step % config.save_every == 0:
-                    save_state(epoch, batch_in_epoch)
-            epoch += 1
-            batch_in_epoch = 0
-            save_state(epoch, 0)
-    except KeyboardInterrupt:
-        save_state(epoch, batch_in_epoch)
+        run.student.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or ["mismatch"])[0][:200]
+        raise ValueError(f"{run.state_path}: does not fit this student or settings ({first})") from None
+    run.evals = dict(state.get("evals", {}))
+    run.history = list(state.get("history", []))
+    run.step, run.epoch, run.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
+
+
+def _save(run: _Run) -> None:
+    if run.rank != 0:
+        return
+    save_state(
+        run.state_path,
+        {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "model": run.student.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "step": run.step,
+            "epoch": run.epoch,
+            "batch": run.batch,
+            "rng": torch.get_rng_state(),
+            "evals": run.evals,
+            "history": run.history,
+            "config": run.config.to_json(),
+        },
+    )
+
+
+def _train_epoch(run: _Run) -> float:
+    """Train from ``run.batch`` to the end of epoch ``run.epoch``; returns the mean loss of the steps run."""
+    cfg = run.config
+    run.train_sampler.epoch = run.train_ds.epoch = run.epoch
+    run.train_sampler.start = run.batch * cfg.batch_size
+    run.model.train()
+    run.progress.phase(f"epoch {run.epoch + 1}/{cfg.epochs}", run.steps_per_epoch)
+    run.progress.advance(run.batch)
+    tick = time.perf_counter()
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    n = 0
+    for images, targets in _batches(run.train_loader):
+        images = images.to(run.device, non_blocking=True)
+        targets = targets.to(run.device, non_blocking=True)
+        t_logits = None
+        if run.teacher is not None:
+            with torch.no_grad(), _autocast(run.device, cfg.amp):
+                t_logits = run.teacher(images)
+        with _autocast(run.device, cfg.amp):
+            s_logits = run.model(images)
+        if t_logits is None:  # --alpha 1: labels alone
+            loss = nn.functional.cross_entropy(s_logits.float(), targets)
+        else:
+            loss = distillation_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha)
+        if not torch.isfinite(loss):
+            raise ValueError(f"loss became {float(loss)} at step {run.step}; lower --lr or turn off --amp")
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.step += 1
+        run.batch += 1
+        run.scheduler.step_update(num_updates=run.step)
+        total += loss.detach().double()
+        n += 1
+        now = time.perf_counter()
+        img_s = len(images) * run.world / max(now - tick, 1e-9)
+        run.progress.advance(1, loss=float(loss.detach()), img_s=img_s)
+        tick = now
+        if run.step % 10 == 0 or run.batch == run.steps_per_epoch:
+            run.write_log(
+                {
+                    "event": "step",
+                    "step": run.step,
+                    "epoch": run.epoch + 1,
+                    "loss": float(loss.detach()),
+                    "lr": run.lr(),
+                }
+            )
+        if run.step % cfg.save_every == 0:
+            _save(run)
+    return float(total) / max(n, 1)
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def finetune(
+    student_path: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    config: FinetuneConfig,
+    *,
+    output: str | os.PathLike,
+    teacher: str | None = None,
+    resume: bool = False,
+    log: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> FinetuneResult | None:
+    """Distil a binarized student from its full-precision teacher on an ImageFolder dataset.
+
+    Args:
+        student_path: A binarized latent checkpoint (``binarize`` output).
+        data_dir: ImageFolder root with ``train/`` and ``val/``.
+        config: Hyper-parameters.
+        output: The fine-tuned checkpoint to write (its training state goes next to it).
+        teacher: A timm name (pretrained) or a full-precision state dict file; default: the model the
+            student was binarized from, as its metadata records. Not used when ``config.alpha == 1``.
+        resume: Continue from the training state of ``output`` (saved with the same settings).
+        log: Append one JSON line per 10 steps and per epoch to this file (rank 0).
+        progress: Receives progress; default none.
+
+    Returns:
+        The result on rank 0, with per-epoch ``history`` (loss, learning rate, validation top-1);
+        None on other ranks.
+
+    Raises:
+        ValueError / FileNotFoundError: bad inputs. Interrupted: Ctrl-C or SIGTERM (state saved).
+    """
+    from .io import save_checkpoint
+
+    progress = progress or NullProgress()
+    started = time.perf_counter()
+    output = Path(output)
+    state_path = state_path_for(output)
+    state = load_state(state_path) if resume else None
+    if state is not None:
+        check_resume_config(state_path, state, config.to_json())
+    run = _setup(student_path, data_dir, config, teacher, progress, output)
+    if run.rank == 0:
+        remove_stale_temporaries(state_path)
+        remove_stale_temporaries(output)
+    if state is None:
+        _evaluate_start(run)
+        resumed = None
+    else:
+        _restore(run, state)
+        resumed = run.step
+    if run.world > 1:
+        run.model = nn.parallel.DistributedDataParallel(
+            run.student, device_ids=[run.device.index] if run.device.type == "cuda" else None
+        )
+    previous = None
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    log_file = open(log, "a") if (log is not None and run.rank == 0) else None  # noqa: SIM115
+    run.log = log_file
+    try:
+        while run.epoch < config.epochs:
+            loss = _train_epoch(run)
+            row: dict[str, Any] = {"epoch": run.epoch + 1, "step": run.step, "loss": loss, "lr": run.lr()}
+            if run.rank == 0:
+                run.progress.phase(f"validating after epoch {run.epoch + 1}", len(run.val_loader))
+                row["val_top1"] = evaluate(run.student, run.val_loader, run.device, config.amp, run.progress)["top1"]
+            run.history.append(row)
+            run.write_log({"event": "epoch", **row})
+            run.epoch += 1
+            run.batch = 0
+            _save(run)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        _save(run)
+        signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
         raise Interrupted(
-            f"interrupted at step {step}; training state saved to {state_path}; continue with the same "
-            "command and --resume"
+            f"interrupted at step {run.step}; training state saved to {state_path}; continue with the same "
+            "command and --resume",
+            signum,
         ) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if log_file is not None:
+            log_file.close()
 
-    checksum = codes_checksum(student)
-    identical = True
-    if world > 1:
-        import torch.distributed as dist
-
-        sums = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(sums, torch.tensor([checksum], dtype=torch.int64))
-        identical = len({int(s) for s in sums}) == 1
-    if rank != 0:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+    checksum = codes_checksum(run.student)
+    identical = all_equal(checksum, run.world, run.device)
+    if run.rank != 0:
+        barrier(run.world)
         return None
-    progress.phase("evaluating fine-tuned student", len(val_loader))
-    final = evaluate(student, val_loader, device, config.amp, progress)
+    progress.phase("evaluating fine-tuned student", len(run.val_loader))
+    final = evaluate(run.student, run.val_loader, run.device, config.amp, progress)
     result = FinetuneResult(
-        teacher_top1=evals["teacher_top1"],
-        student_top1_before=evals["student_top1_before"],
-        student_top1_calibrated=evals.get("student_top1_calibrated"),
+        teacher_top1=run.evals.get("teacher_top1"),
+        student_top1_before=run.evals["student_top1_before"],
+        student_top1_calibrated=run.evals.get("student_top1_calibrated"),
         student_top1=final["top1"],
         student_top5=final["top5"],
         epochs=config.epochs,
-        steps=step,
+        steps=run.step,
         output=str(output),
         seconds=time.perf_counter() - started,
-        world_size=world,
+        world_size=run.world,
         codes_checksum=checksum,
         codes_identical_across_ranks=identical,
         resumed_from_step=resumed,
+        history=run.history,
     )
-    student.cpu()
+    run.student.cpu()
+    summary = {k: v for k, v in result.to_dict().items() if k.startswith(("teacher", "student"))}
     save_checkpoint(
-        student,
+        run.student,
         output,
-        extra={
-            "finetune": json.dumps(
-                {
-                    **json.loads(config.to_json()),
-                    **{k: v for k, v in result.to_dict().items() if k.startswith(("teacher", "student"))},
-                }
-            )
-        },
+        extra={"finetune": json.dumps({**json.loads(config.to_json()), **summary, "history": run.history})},
     )
     state_path.unlink(missing_ok=True)
     progress.done()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    barrier(run.world)
     return result
 
 
@@ -508,12 +666,15 @@ def evaluate_source(
         ValueError / FileNotFoundError: bad inputs.
     """
     from .convert import create_model
-    from .data import EpochSampler, build_datasets, find_splits, make_loader
+    from .data import EpochSampler, build_datasets, check_classes, find_splits, make_loader
     from .io import load_model, read_metadata
 
     dev = resolve_device(device)
-    splits = find_splits(data_dir, need_train=False)
+    if img_size is not None and not 8 <= img_size <= 4096:
+        raise ValueError(f"--img-size must be between 8 and 4096 pixels, got {img_size}")
     path = Path(model_or_file)
+    if path.suffix == ".onnx" and path.is_file():
+        raise ValueError(f"{path}: eval runs PyTorch models; evaluate the checkpoint the ONNX file was exported from")
     if path.is_file():
         meta = read_metadata(path) if path.suffix == ".safetensors" else {}
         if not str(meta.get("format", "")).startswith("equalbits."):
@@ -521,11 +682,16 @@ def evaluate_source(
                 f"{path} is a plain state dict: pass the timm model name as MODEL and the file as --checkpoint"
             )
         model = load_model(path)
+    elif path.exists():
+        raise ValueError(f"{path} is not a file; pass a checkpoint file or a timm model name")
     elif path.suffix in (".safetensors", ".pth", ".pt", ".onnx"):
         raise FileNotFoundError(f"file not found: {path}")
     else:
         model = create_model(model_or_file, checkpoint=checkpoint, pretrained=checkpoint is None)
-    _, val_ds = build_datasets(splits, model, img_size, augment=False, seed=0)
+    recorded = (getattr(model, "equalbits_meta", None) or {}).get("classes")
+    splits = find_splits(data_dir, need_train=False, classes=recorded)
+    check_classes(splits, getattr(model, "num_classes", None), recorded is not None)
+    _, val_ds = build_datasets(splits, model, img_size, augment="none", seed=0)
     loader = make_loader(val_ds, EpochSampler(len(val_ds), shuffle=False), batch_size, workers, drop_last=False)
     model.to(dev)
     if progress is not None:
@@ -534,9 +700,6 @@ def evaluate_source(
     if progress is not None:
         progress.done()
     return result
-
-
-__all__ += ["evaluate_source"]
 
 
 def train_classifier(
@@ -560,15 +723,15 @@ def train_classifier(
     dev = resolve_device(device)
     torch.manual_seed(seed)
     splits = find_splits(data_dir)
-    train_ds, val_ds = build_datasets(splits, model, img_size, augment=False, seed=seed)
+    train_ds, val_ds = build_datasets(splits, model, img_size, augment="none", seed=seed)
     sampler = EpochSampler(len(train_ds), shuffle=True, seed=seed)
     loader = make_loader(train_ds, sampler, batch_size, workers, drop_last=True)
     val_loader = make_loader(val_ds, EpochSampler(len(val_ds), shuffle=False), batch_size, workers, drop_last=False)
     model.to(dev)
     total = epochs * len(loader)
-    optimizer = torch.optim.AdamW(_param_groups(model, 1e-4), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, min(50, total // 10)))
+    optimizer, scheduler = _optimizer_and_schedule(model, lr, 1e-4, total, min(50, total // 10))
     loss_fn = nn.CrossEntropyLoss()
+    step = 0
     for epoch in range(epochs):
         sampler.epoch = epoch
         model.train()
@@ -580,12 +743,10 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
+            step += 1
+            scheduler.step_update(num_updates=step)
             now = time.perf_counter()
             progress.advance(1, loss=float(loss.detach()), img_s=len(images) / max(now - tick, 1e-9))
             tick = now
     progress.phase("evaluating teacher", len(val_loader))
     return evaluate(model, val_loader, dev, progress=progress)
-
-
-__all__ += ["train_classifier"]

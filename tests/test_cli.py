@@ -114,3 +114,46 @@ def test_help_teaches():
     assert res.exit_code == 0 and "binarize" in res.output and "export" in res.output
     res = runner.invoke(app, ["binarize", "--help"])
     assert "equal bits" in res.output and "Examples" in res.output
+
+
+def test_help_and_version_import_neither_torch_nor_timm():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from equalbits_cli.cli import app\n"
+        "for args in (['--help'], ['--version'], ['inspect', '--help'], ['finetune', '--help'], ['binarize']):\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('LOADED', 'torch' in sys.modules, 'timm' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "LOADED False False" in res.stdout, res.stdout + res.stderr
+    assert "equalbits 0." in res.stdout
+
+
+def test_user_text_with_brackets_is_not_markup(tmp_path, binary_ckpt):
+    odd = tmp_path / "m[" / "x]"
+    odd.mkdir(parents=True)
+    res = run_cli("export", binary_ckpt, "-o", odd / "out[b].safetensors")
+    assert res.returncode == 0, res.stderr
+    assert "out[b].safetensors" in res.stderr
+    res = run_cli("inspect", odd / "out[b].safetensors")
+    assert res.returncode == 0 and "m[/x]" in res.stdout, res.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = run_cli("inspect", tmp_path / "missing.safetensors")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    res = run_cli("--debug", "inspect", tmp_path / "missing.safetensors")
+    assert res.returncode != 0 and "Traceback" in res.stderr and "FileNotFoundError" in res.stderr
+
+
+def test_nothing_to_binarize_is_an_error(tmp_path):
+    out = tmp_path / "n.safetensors"
+    res = run_cli("binarize", "nf_resnet26", "--no-pretrained", "-o", out)
+    assert res.returncode == 2 and "custom forward" in res.stderr and "ScaledStdConv2d" in res.stderr
+    assert not out.exists()

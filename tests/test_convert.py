@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from equalbits_cli import BinarizeConfig, BinaryConv2d, BinaryLinear, binarize_, create_model
+from equalbits_cli import BinarizeConfig, BinaryConv2d, BinaryLinear, LayerPolicy, binarize_, create_model
 from equalbits_cli.convert import excluded_names, load_state_dict_file
 from equalbits_cli.layers import BinaryLayer
 
@@ -34,11 +34,13 @@ def test_binarize_every_family(name, size):
     plain_before = {
         n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear) or type(m).__name__ == "Linear"
     }
-    binarize_(model, BinarizeConfig(ratio=0.5))
+    binarize_(model, BinarizeConfig(ratio=0.5), policy=LayerPolicy(depthwise=True, gates=True))
     modules = dict(model.named_modules())
     for n in plain_before:
         is_excluded = any(n == e or n.startswith(e + ".") for e in excluded)
         assert isinstance(modules[n], BinaryLayer) != is_excluded, n
+        if is_excluded:
+            assert model.equalbits_meta["kept"][n] in ("stem", "classifier")
     depthwise = [m for m in modules.values() if isinstance(m, BinaryConv2d) and m.groups > 1]
     if name in ("mobilenetv3_small_050", "efficientnet_b0", "convnext_atto"):
         assert depthwise, "depthwise convs are binarized too"

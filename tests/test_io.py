@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -99,3 +101,61 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "new.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_output_that_is_not_a_regular_file_is_never_replaced(tmp_path):
+    from equalbits_cli.io import check_output_path
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="not a regular file"):
+            check_output_path(fifo, overwrite=overwrite)
+    with pytest.raises(ValueError, match="255"):
+        check_output_path(tmp_path / ("x" * 300), overwrite=True)
+
+
+def test_exclusive_write_refuses_a_file_that_appeared_meanwhile(tmp_path):
+    from equalbits_cli.io import atomic_write
+
+    out = tmp_path / "out.bin"
+    with pytest.raises(ValueError, match="appeared while this command ran"):
+        with atomic_write(out, exclusive=True) as tmp:
+            tmp.write_bytes(b"mine")
+            out.write_bytes(b"theirs")  # another writer got there first
+    assert out.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"], "no temporary is left"
+    with atomic_write(out) as tmp:  # not exclusive: replaces
+        tmp.write_bytes(b"mine")
+    assert out.read_bytes() == b"mine"
+
+
+def test_concurrent_exports_never_lose_a_file(tmp_path, binary_ckpt):
+    """Two exports to one path: one wins with a verified file, the other fails cleanly."""
+    from helpers import start_cli
+
+    out = tmp_path / "same.out"
+    procs = [
+        start_cli(
+            "export",
+            binary_ckpt,
+            "-f",
+            fmt,
+            "-o",
+            out,
+            "--img-size",
+            "32",
+            "--json",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for fmt in ("packed", "onnx")
+    ]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert out.exists() and codes == [0, 2], results
+    winner = next(json.loads(r[1]) for r in results if r[0] == 0)
+    assert winner["bytes"] == out.stat().st_size
+    loser = next(r for r in results if r[0] == 2)
+    assert "exists" in loser[2] or "appeared" in loser[2]

@@ -10,9 +10,19 @@ import torch
 
 from equalbits_cli import BinarizeConfig, binarize_model, save_packed
 from equalbits_cli.onnx_export import export_onnx, inference_model
+from equalbits_cli.quantize import code_offsets
+
+CONFIGS = [
+    BinarizeConfig(),
+    BinarizeConfig(prune=0.3),
+    BinarizeConfig(activations="sign"),
+    BinarizeConfig(ratio=0.3),  # centred levels: the graph subtracts mu * |codes|
+    BinarizeConfig(ratio=0.7, prune=0.2),
+    BinarizeConfig(ratio=0.3, center=False),
+]
 
 
-@pytest.mark.parametrize("config", [BinarizeConfig(), BinarizeConfig(prune=0.3), BinarizeConfig(activations="sign")])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_onnx_packed_parity_and_size(tmp_path, resnet18_state, config):
     model = binarize_model("resnet18", config, checkpoint=resnet18_state).eval()
     result = export_onnx(model, tmp_path / "m.onnx", img_size=32)
@@ -21,6 +31,10 @@ def test_onnx_packed_parity_and_size(tmp_path, resnet18_state, config):
     onnx.checker.check_model(m, full_check=True)
     ops = {n.op_type for n in m.graph.node}
     assert {"BitShift", "BitwiseAnd"} <= ops
+    offsets = [code_offsets(m.quantize()[0]) for m in model.modules() if hasattr(m, "pin_codes")]
+    assert ("Abs" in ops) == (config.center and any(bool(o.any()) for o in offsets))
+    if config.ratio != 0.5:
+        assert "Abs" in ops or not config.center
     assert not any(i.name.endswith("layer1.0.conv1.weight") for i in m.graph.initializer)
     packed = save_packed(model, tmp_path / "m.packed.safetensors")
     assert result.bytes <= 1.05 * packed.stat().st_size

@@ -36,7 +36,10 @@ def test_bit_order_is_numpy_little():
         unpack_bits(packed, 17)
 
 
-@pytest.mark.parametrize("config", [BinarizeConfig(), BinarizeConfig(prune=0.3), BinarizeConfig(method="sign")])
+@pytest.mark.parametrize(
+    "config",
+    [BinarizeConfig(), BinarizeConfig(prune=0.3), BinarizeConfig(method="sign"), BinarizeConfig(ratio=0.7, prune=0.1)],
+)
 def test_packed_round_trip_and_size(tmp_path, resnet18_state, config):
     model = binarize_model("resnet18", config, checkpoint=resnet18_state).eval()
     path = save_packed(model, tmp_path / "m.packed.safetensors")

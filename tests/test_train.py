@@ -17,7 +17,7 @@ from helpers import run_cli, start_cli, wait_for_file
 from equalbits_cli import load_model
 from equalbits_cli.train import codes_checksum, state_path_for
 
-FAST = ["--img-size", "32", "--batch-size", "32", "--workers", "0", "--warmup-steps", "5", "--no-augment"]
+FAST = ["--img-size", "32", "--batch-size", "32", "--workers", "0", "--warmup-steps", "5", "--augment", "none"]
 
 
 def test_finetune_improves_the_student(tmp_path, digits_small, digits_student):
@@ -171,27 +171,86 @@ def test_bad_training_states(tmp_path, digits_small, digits_student):
     assert "Traceback" not in res.stderr and not out.exists()
 
 
-def test_finetune_with_amp_on_cpu(tmp_path, digits_small, digits_student):
-    """bf16 autocast on CPU trains and still writes a valid binarized checkpoint."""
-    out = tmp_path / "amp.safetensors"
-    res = run_cli(
-        "finetune",
-        digits_student,
-        "--data",
-        digits_small,
-        "--epochs",
-        "1",
-        *FAST,
-        "--calibrate-batches",
-        "0",
-        "--amp",
-        "--device",
-        "cpu",
-        "-o",
-        out,
-        "--json",
-    )
+def test_each_local_rank_gets_its_own_gpu():
+    from equalbits_cli.distributed import device_for_rank
+
+    assert device_for_rank("cuda", 1, True, 2) == torch.device("cuda", 1)
+    assert device_for_rank("auto", 3, True, 4) == torch.device("cuda", 3)
+    assert device_for_rank("cuda:0", 1, True, 2) == torch.device("cuda", 0), "an explicit index is kept"
+    assert device_for_rank("auto", 1, False, 0) == torch.device("cpu")
+    with pytest.raises(ValueError, match="no GPU of its own"):
+        device_for_rank("cuda", 2, True, 2)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        device_for_rank("cuda", 0, False, 0)
+
+
+def test_pretrained_teacher_with_another_head_is_refused():
+    from equalbits_cli.train import _teacher_for
+
+    meta = {"model": "resnet18", "source": {"model": "resnet18", "pretrained": True, "checkpoint": None}}
+    with pytest.raises(ValueError, match="1000 classes, not this data's 10.*--teacher.*--alpha 1"):
+        _teacher_for(meta, None, 10)
+    with pytest.raises(ValueError, match="head would be random"):
+        _teacher_for(meta, "resnet18", 10)
+    for source in ({"checkpoint": 5}, {"model": 123}, {"checkpoint": "x" * 100_000}):
+        with pytest.raises(ValueError, match="teacher"):
+            _teacher_for({"model": "resnet18", "source": source}, None, 10)
+
+
+def test_label_only_training_needs_no_teacher(tmp_path, digits_small):
+    from equalbits_cli import BinarizeConfig, binarize_model, save_checkpoint
+
+    student = save_checkpoint(binarize_model("resnet10t", BinarizeConfig(), num_classes=10), tmp_path / "s.safetensors")
+    out = tmp_path / "ft.safetensors"
+    res = run_cli("finetune", student, "--data", digits_small, "--epochs", "1", *FAST, "--alpha", "1", "-o", out,
+                  "--json")  # fmt: skip
     assert res.returncode == 0, res.stderr
-    result = json.loads(res.stdout)
-    assert 0 <= result["student_top1"] <= 100
-    assert load_model(out) is not None
+    assert json.loads(res.stdout)["teacher_top1"] is None and out.exists()
+    res = run_cli("finetune", student, "--data", digits_small, "--epochs", "1", *FAST, "-o", tmp_path / "x.safetensors")
+    assert res.returncode == 2 and "--alpha 1" in res.stderr
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    from equalbits_cli.config import FinetuneConfig
+    from equalbits_cli.state import check_resume_config
+
+    saved = {"config": FinetuneConfig(epochs=1000).to_json()}
+    with pytest.raises(ValueError, match="--epochs 1000 \\(now 2\\)"):
+        check_resume_config(tmp_path / "s", saved, FinetuneConfig(epochs=2).to_json())
+    check_resume_config(tmp_path / "s", saved, FinetuneConfig(epochs=1000, workers=0, device="cpu").to_json())
+
+
+def test_damaged_training_state_fields(tmp_path, digits_small, digits_student):
+    from equalbits_cli.state import STATE_FORMAT
+
+    out = tmp_path / "x.safetensors"
+    base = {"format": STATE_FORMAT, "version": 1, "model": {}, "optimizer": {}, "scheduler": {}, "step": 1,
+            "epoch": 0, "batch": 1, "rng": torch.get_rng_state()}  # fmt: skip
+    for bad in ({"rng": "abc"}, {"model": [1, 2]}, {"step": "3"}):
+        torch.save({**base, **bad}, str(state_path_for(out)))
+        res = run_cli("finetune", digits_student, "--data", digits_small, *FAST, "-o", out, "--resume")
+        assert res.returncode == 2 and "damaged training state" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_amp_autocasts_on_cpu(tmp_path, digits_small, digits_student):
+    """--amp runs the student's convolutions in bf16 on the CPU (seen through a global forward hook)."""
+    from equalbits_cli.config import FinetuneConfig
+    from equalbits_cli.layers import BinaryConv2d
+    from equalbits_cli.train import finetune
+
+    dtypes = set()
+
+    def hook(module, args, output):
+        if isinstance(module, BinaryConv2d) and module.training:
+            dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        cfg = FinetuneConfig(epochs=1, img_size=32, batch_size=32, workers=0, calibrate_batches=0, amp=True,
+                             device="cpu", augment="none")  # fmt: skip
+        result = finetune(digits_student, digits_small, cfg, output=tmp_path / "amp.safetensors")
+    finally:
+        handle.remove()
+    assert dtypes == {torch.bfloat16}
+    assert result is not None and load_model(tmp_path / "amp.safetensors") is not None

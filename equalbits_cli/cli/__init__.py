@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,10 @@ import typer
 from .options import (
     ActivationsOpt,
     CheckpointOpt,
+    DepthwiseOpt,
+    ExcludeOpt,
+    GatesOpt,
+    IncludeOpt,
     JsonOpt,
     MethodOpt,
     NumClassesOpt,
@@ -35,6 +40,39 @@ app = typer.Typer(
 )
 
 
+class AugmentChoice(str, enum.Enum):
+    none = "none"
+    light = "light"
+    full = "full"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"equalbits {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback of errors (also EQUALBITS_DEBUG=1).")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Binary networks from timm models with exactly equally distributed weights (Equal Bits, AAAI 2022).
+
+    Typical path: binarize -> finetune -> eval -> export. Every command takes --json for scripts.
+    """
+    import os
+
+    if debug:
+        os.environ["EQUALBITS_DEBUG"] = "1"
+
+
 def _default_output(source: str, suffix: str) -> Path:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.split("/")[-1].removeprefix("hf-hub:"))
     return Path(f"{stem}{suffix}")
@@ -51,11 +89,19 @@ def binarize(
     prune: PruneOpt = 0.0,
     method: MethodOpt = "ot",
     activations: ActivationsOpt = "none",
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    binarize_depthwise: DepthwiseOpt = False,
+    binarize_gates: GatesOpt = False,
     output: OutOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Binarize every Conv2d/Linear of a timm model except the stem and the classifier, and save it.
+    """Binarize the Conv2d/Linear layers of a timm model and save a latent checkpoint.
+
+    Kept full precision by default, each with its reason in the table: the stem, the classifier,
+    depthwise convolutions and squeeze-excite gates (they cost accuracy for little size; see the
+    README's recipe table). --include / --exclude (shell globs on module names) override that.
 
     [b]Examples[/b]
 
@@ -63,26 +109,32 @@ def binarize(
 
       equalbits binarize resnet18 --checkpoint my_r18.pth --prune 0.3
 
+      equalbits binarize mobilenetv3_small_100 --checkpoint m.pth --exclude 'blocks.5.*'
+
       equalbits binarize resnet18 --no-pretrained --ratio 0.3 --prune 0.2 --json
     """
     from .. import binarize_model, collect_stats, save_checkpoint
     from ..config import BinarizeConfig
     from ..io import check_output_path
+    from ..policy import LayerPolicy
     from .render import print_json, show_stats, stderr
 
     config = BinarizeConfig(ratio=ratio, prune=prune, method=method, activations=activations)
+    policy = LayerPolicy(
+        depthwise=binarize_depthwise, gates=binarize_gates, include=tuple(include or ()), exclude=tuple(exclude or ())
+    )
     out = check_output_path(output or _default_output(model, ".binary.safetensors"), overwrite)
-    if not json_out:
-        origin = f"checkpoint {checkpoint}" if checkpoint else "pretrained" if pretrained else "random init"
-        stderr().print(f"loading {model} ({origin})")
-    net = binarize_model(model, config, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes)
+    net = binarize_model(
+        model, config, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes, policy=policy
+    )
     stats = collect_stats(net)
-    save_checkpoint(net, out)
+    save_checkpoint(net, out, exclusive=not overwrite)
     if json_out:
         print_json(
             {
                 "model": net.equalbits_meta["model"],
                 "config": config.__dict__,
+                "policy": policy.to_dict(),
                 "output": str(out),
                 "layers": [s.to_dict() for s in stats.layers],
                 "totals": stats.totals(),
@@ -224,7 +276,18 @@ def finetune(
         int, typer.Option(help="Save the training state every N steps (and at each epoch end).")
     ] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the saved training state of -o.")] = False,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="timm's training augmentation.")] = True,
+    augment: Annotated[
+        AugmentChoice,
+        typer.Option(
+            help="none; light: random crops of 64-100% of the area, no flips; full: timm's ImageNet training transform."
+        ),
+    ] = AugmentChoice.none,
+    log: Annotated[
+        Path | None, typer.Option(help="Append JSON lines (every 10 steps and each epoch) to this file.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw loss, learning rate and validation top-1 per epoch to this PNG.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and initialisation.")] = 0,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -270,7 +333,7 @@ def finetune(
         workers=workers,
         amp=amp,
         device=device,
-        augment=augment,
+        augment=augment.value,
     )
     student = checkpoint if checkpoint is not None else _find_student(Path("."))
     if not student.is_file():
@@ -279,25 +342,34 @@ def finetune(
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         check_output_path(out, overwrite or resume)
+        if plot is not None:
+            check_output_path(plot, overwrite)
     try:
         with RichProgress(enabled=rank == 0) as progress:
-            result = run_finetune(student, data, config, output=out, teacher=teacher, resume=resume, progress=progress)
+            result = run_finetune(
+                student, data, config, output=out, teacher=teacher, resume=resume, log=log, progress=progress
+            )
     except Interrupted as exc:
         from .options import fail
 
-        fail(str(exc), code=130)
+        fail(str(exc), code=128 + int(exc.signum))
         return
     if result is None:
         return
+    if plot is not None:
+        from ..plots import plot_history
+
+        plot_history(result.history, plot, title=f"fine-tune of {student.name}")
     if json_out:
         print_json({**result.to_dict(), "output": str(out)})
         return
-    rows = [
-        ("teacher top-1", f"{result.teacher_top1:.2f}%"),
-        ("student top-1, binarized", f"{result.student_top1_before:.2f}%"),
-    ]
+    rows = [("teacher top-1", "-" if result.teacher_top1 is None else f"{result.teacher_top1:.2f}%")]
+    rows.append(("student top-1, binarized", f"{result.student_top1_before:.2f}%"))
     if result.student_top1_calibrated is not None:
         rows.append(("student top-1, BatchNorm re-estimated", f"{result.student_top1_calibrated:.2f}%"))
+    rows += [
+        (f"epoch {h['epoch']}: loss / val top-1", f"{h['loss']:.4f} / {h['val_top1']:.2f}%") for h in result.history
+    ]
     rows += [
         ("student top-1, fine-tuned", f"{result.student_top1:.2f}%"),
         ("student top-5, fine-tuned", f"{result.student_top5:.2f}%"),

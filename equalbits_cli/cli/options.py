@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,29 +33,87 @@ CheckpointOpt = Annotated[
     Path | None,
     typer.Option(help="Local .safetensors or .pth state dict of the full-precision model.", show_default=False),
 ]
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--include",
+        help="Glob of module names to binarize whatever the policy says (repeatable), e.g. 'conv1'.",
+        show_default=False,
+    ),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Glob of module names to keep full precision (repeatable), e.g. 'layer4.*'. Wins over --include.",
+        show_default=False,
+    ),
+]
+DepthwiseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--binarize-depthwise/--keep-depthwise", help="Binarize depthwise convolutions (kept fp32 by default)."
+    ),
+]
+GatesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--binarize-gates/--keep-gates", help="Binarize squeeze-excite and other gating layers (kept fp32 by default)."
+    ),
+]
 PretrainedOpt = Annotated[
     bool, typer.Option("--pretrained/--no-pretrained", help="Download pretrained weights from the hub.")
 ]
 
 
 def fail(message: str, code: int = 2) -> None:
-    """One line on stderr, then exit with ``code`` (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
+    """One line on stderr, then exit with ``code`` (no traceback). Long messages are cut."""
+    line = " ".join(message.split())
+    if len(line) > 2000:
+        line = line[:2000] + " ... (cut)"
+    print(f"error: {line}", file=sys.stderr)
     raise typer.Exit(code)
 
 
+def debug_enabled() -> bool:
+    """Whether ``--debug`` or ``EQUALBITS_DEBUG=1`` asks for full tracebacks."""
+    return os.environ.get("EQUALBITS_DEBUG", "") not in ("", "0")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def user_errors(fn: F) -> F:
-    """Map library errors to one line on stderr and exit code 2; Ctrl-C to exit code 130."""
+    """Map errors to one line on stderr: bad input (ValueError, missing files, OS errors such as a
+    full disk) exits 2, Ctrl-C 130, anything unexpected 1. ``--debug`` re-raises with the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
         except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            fail(msg)
+            if debug_enabled():
+                raise
+            fail(_first_line(exc))
+        except OSError as exc:
+            if debug_enabled():
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or _first_line(exc)}")
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
+        except Exception as exc:
+            if debug_enabled():
+                raise
+            fail(
+                f"internal error: {type(exc).__name__}: {_first_line(exc)}; rerun with --debug for the traceback "
+                "and report it",
+                code=1,
+            )
 
     return wrapper  # type: ignore[return-value]

@@ -18,12 +18,16 @@ class RichProgress:
         self._task = None
 
     def __enter__(self) -> RichProgress:
-        if self.enabled:
+        return self
+
+    def _start(self) -> None:
+        # Started on the first phase, so that an error raised before any work prints its one line alone.
+        if self.enabled and self._progress is None:
             self._progress = Progress(
-                TextColumn("{task.description}"),
+                TextColumn("{task.description}", markup=False),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
+                TextColumn("{task.fields[info]}", markup=False),
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
@@ -31,13 +35,13 @@ class RichProgress:
                 transient=False,
             )
             self._progress.start()
-        return self
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
 
     def phase(self, text: str, total: int | None = None) -> None:
+        self._start()
         if self._progress is not None:
             self._task = self._progress.add_task(text, total=total, info="")
 

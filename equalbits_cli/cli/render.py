@@ -5,21 +5,22 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from ..report import ModelStats
+if TYPE_CHECKING:
+    from ..report import ModelStats
 
 
 def stdout() -> Console:
     # Piped output is not squeezed to 80 columns: layer names stay whole in logs.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+    return Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 140)
 
 
 def stderr() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:
@@ -72,7 +73,7 @@ def stats_table(stats: ModelStats, title: str) -> Table:
             s.name,
             s.kind,
             "x".join(map(str, s.shape)),
-            "yes" if s.binarized else "fp32",
+            "yes" if s.binarized else (f"fp32 ({s.kept_because})" if s.kept_because else "fp32"),
             counts,
             _fmt(s.ratio, ".4f"),
             _fmt(s.entropy_bits, ".4f"),
