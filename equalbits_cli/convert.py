@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]
+MAX_CLASSES = 1_000_000  # what file readers accept (io._MODEL_KWARGS): never write what cannot be read
 
 
 def _is_plain(module: nn.Module) -> bool:
@@ -90,6 +91,24 @@ def _plans(model: nn.Module, policy: LayerPolicy | None, filter_fn: FilterFn | N
     return plans
 
 
+def _check_counts(fqn: str, module: nn.Module, config: BinarizeConfig) -> None:
+    """Refuse settings under which a layer's codes carry no information (all 0, or one sign only)."""
+    from .quantize import ot_counts
+
+    n = module.weight[0].numel()
+    n_minus, n_zero, n_plus = ot_counts(n, config.ratio, config.prune)
+    if n_minus + n_plus == 0:
+        raise ValueError(
+            f"--prune {config.prune} sets all {n} weights of each filter of {fqn} to 0; use a smaller --prune"
+        )
+    if n_minus + n_plus > 1 and (n_minus == 0 or n_plus == 0):
+        sign = "+1" if n_minus == 0 else "-1"
+        raise ValueError(
+            f"--ratio {config.ratio} gives each filter of {fqn} ({n_minus + n_plus} unpruned weights) only {sign} "
+            "codes, which carry no information; choose a ratio nearer 0.5"
+        )
+
+
 def binarize_(
     model: nn.Module,
     config: BinarizeConfig | None = None,
@@ -136,6 +155,9 @@ def binarize_(
                 "which a binary layer cannot replace; choose another model"
             )
         raise ValueError("nothing to binarize: the layer policy keeps every Conv2d/Linear; loosen --exclude/--include")
+    if config.method == "ot":
+        for fqn in chosen:
+            _check_counts(fqn, modules[fqn], config)
     for fqn in chosen:
         module = modules[fqn]
         if isinstance(module, nn.Conv2d):
@@ -171,9 +193,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         FileNotFoundError: if the file does not exist.
         ValueError: if it cannot be read as a state dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    from .io import require_file
+
+    path = require_file(path, "checkpoint")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -290,8 +312,12 @@ def create_model(
     """
     import timm
 
-    if num_classes is not None and num_classes < 1:
-        raise ValueError(f"--num-classes must be a positive integer, got {num_classes}")
+    if num_classes is not None and not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"--num-classes must be between 1 and {MAX_CLASSES:,}, got {num_classes}")
+    if Path(name).suffix in (".safetensors", ".pth", ".pt", ".onnx") or Path(name).is_file():
+        raise ValueError(
+            f"MODEL is the timm architecture, not a file: pass e.g. 'resnet18' as MODEL and {name} as --checkpoint"
+        )
     _check_model_name(name)
     state = None
     if checkpoint is not None:
@@ -305,12 +331,13 @@ def create_model(
         with _offline_if_unreachable(download):
             model = timm.create_model(name, pretrained=download, **model_kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
+        cause = (str(exc).strip().splitlines() or [""])[0][:300]
         if pretrained or name.startswith("hf-hub:"):
             raise ValueError(
-                f"could not download pretrained weights for {name!r} (offline?): pass --checkpoint PATH "
-                f"with a local state dict, or --no-pretrained ({type(exc).__name__})"
-            ) from None
-        raise ValueError(f"could not build timm model {name!r}: {exc}") from None
+                f"could not download pretrained weights for {name!r} ({type(exc).__name__}: {cause}); pass "
+                "--checkpoint PATH with a local state dict, or --no-pretrained"
+            ) from exc
+        raise ValueError(f"could not build timm model {name!r}: {cause}") from exc
     if state is not None:
         ckpt_classes = _classifier_classes(model, state)
         if num_classes is None and ckpt_classes is not None and ckpt_classes != model_kwargs.get("num_classes"):

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
+    "make_digits_imagefolder",
     "AUGMENT",
     "DataSplits",
     "find_splits",
@@ -318,5 +319,3 @@ def make_digits_imagefolder(root: str | os.PathLike, size: int = 32, val_fractio
     marker.write_text(f"{size} {val_fraction} {seed}")
     return root
 
-
-__all__ += ["make_digits_imagefolder"]

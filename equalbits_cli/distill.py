@@ -12,10 +12,14 @@ choice for recovering a binarized network from its own full-precision model.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["distillation_loss"]
+__all__ = ["distillation_loss", "teacher_for"]
 
 
 def distillation_loss(
@@ -48,3 +52,81 @@ def distillation_loss(
     if labels is None:
         raise ValueError("alpha > 0 needs labels")
     return (1 - alpha) * kd + alpha * F.cross_entropy(student_logits.float(), labels)
+
+
+def _pretrained_classes(name: str) -> int | None:
+    """Classes of the classifier timm's pretrained weights for ``name`` have (None if unknown)."""
+    try:
+        import timm.models
+
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # hf-hub names and tags timm cannot resolve offline: unknown
+        return None
+    return getattr(cfg, "num_classes", None) if cfg is not None else None
+
+
+def _refuse_random_head(name: str, num_classes: int) -> None:
+    pretrained = _pretrained_classes(name)
+    if pretrained is not None and pretrained != num_classes:
+        raise ValueError(
+            f"the teacher would be pretrained {name}, whose classifier has {pretrained} classes, not this "
+            f"data's {num_classes}: its head would be random. Pass --teacher CHECKPOINT (a full-precision "
+            f"{name} fine-tuned on this data), or --alpha 1 to train on the labels alone"
+        )
+
+
+def teacher_for(student_meta: dict[str, Any], teacher: str | None, num_classes: int) -> nn.Module:
+    """The full-precision teacher: ``teacher`` (a file or a pretrained timm name) or the student's source.
+
+    A pretrained teacher whose classifier does not have ``num_classes`` classes is refused: timm would
+    give it a randomly initialized head, and the student would learn from noise.
+    """
+    from .convert import create_model
+
+    if teacher is None:
+        source = student_meta.get("source") or {}
+        name = source.get("model") or student_meta["model"]
+        ckpt = source.get("checkpoint")
+        if not isinstance(name, str) or not (ckpt is None or isinstance(ckpt, str)) or len(str(ckpt)) > 4096:
+            raise ValueError("the student's metadata names no usable teacher; pass --teacher NAME_OR_CHECKPOINT")
+        if ckpt is not None:
+            if not Path(ckpt).is_file():
+                raise ValueError(
+                    f"the student's full-precision source {ckpt} is gone; pass --teacher NAME_OR_CHECKPOINT"
+                )
+            return create_model(name, checkpoint=ckpt)
+        if source.get("pretrained") is True:
+            _refuse_random_head(name, num_classes)
+            return create_model(name, pretrained=True, num_classes=num_classes)
+        raise ValueError(
+            "the student was binarized from a randomly initialized model, which is no teacher; "
+            "pass --teacher NAME_OR_CHECKPOINT, or --alpha 1 to train on the labels alone"
+        )
+    if Path(teacher).is_file():
+        return create_model(student_meta["model"], checkpoint=teacher)
+    _refuse_random_head(teacher, num_classes)
+    return create_model(teacher, pretrained=True, num_classes=num_classes)
+
+
+class _Renormalized(nn.Module):
+    """The teacher behind a change of input normalization, when its data config differs from the
+    student's (the student's loader normalizes; the teacher is fed what its own config expects)."""
+
+    def __init__(self, model: nn.Module, src: tuple, dst: tuple) -> None:
+        super().__init__()
+        self.model = model
+        for name, value in zip(("src_mean", "src_std", "dst_mean", "dst_std"), (*src, *dst)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x * self.src_std + self.src_mean
+        return self.model((raw - self.dst_mean) / self.dst_std)
+
+
+def match_normalization(teacher: nn.Module, student: nn.Module) -> nn.Module:
+    from timm.data import resolve_data_config
+
+    s, t = resolve_data_config({}, model=student), resolve_data_config({}, model=teacher)
+    if tuple(s["mean"]) == tuple(t["mean"]) and tuple(s["std"]) == tuple(t["std"]):
+        return teacher
+    return _Renormalized(teacher, (s["mean"], s["std"]), (t["mean"], t["std"])).eval()

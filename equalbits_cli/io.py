@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,6 +55,27 @@ class FileInfo:
     kept: dict[str, str] = field(default_factory=dict)
     policy: dict[str, Any] | None = None
     classes: list[str] | None = None
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path if it is a readable regular file; else a one-line error that says what it is.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        ValueError: a directory, a symlink loop, a name too long, or not a regular file.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as exc:  # ELOOP, ENAMETOOLONG, ...
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is a directory, not a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    return path
 
 
 def _exists(path: Path) -> bool:
@@ -224,9 +246,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         FileNotFoundError: no such file.
         ValueError: not a valid safetensors file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
+    path = require_file(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -326,6 +346,37 @@ def file_info(path: str | os.PathLike, meta: dict[str, str] | None = None) -> Fi
     return FileInfo(str(path), fmt, model, kwargs, config, binarized, source, kept, policy, classes)
 
 
+_MAX_ELEMENTS = 4_000_000_000  # about 16 GB of fp32: more than any file equalbits writes should ask for
+
+
+def _check_declared_size(info: FileInfo, path: Path) -> None:
+    """Refuse, before allocating anything, a file too small for the model its metadata names.
+
+    The model is built on the meta device (shapes only, no memory), and the bytes its tensors need at
+    the least (1 bit per binarized weight, everything else as stored) are compared with the file's size,
+    so that a forged 500-byte header cannot make us allocate gigabytes.
+    """
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(info.model, pretrained=False, **info.model_kwargs)
+    except Exception:  # a model that cannot be built on meta: the real build reports the problem
+        return
+    binarized = {n + ".weight" for n in info.binarized}
+    need = total = 0
+    for name, t in model.state_dict().items():
+        total += t.numel()
+        need += t.numel() // 8 if name in binarized else t.numel() * t.element_size()
+    if total > _MAX_ELEMENTS:
+        raise _fail(path, f"model {info.model} with {info.model_kwargs} has {total:,} values, over the limit")
+    size = path.stat().st_size
+    if size < 0.9 * need:
+        raise _fail(
+            path, f"file of {size:,} bytes is too small for model {info.model!r}, which needs at least {need:,}"
+        )
+
+
 def build_model(info: FileInfo) -> nn.Module:
     """An untrained timm model with the file's architecture, binarized as the file says.
 
@@ -338,6 +389,7 @@ def build_model(info: FileInfo) -> nn.Module:
 
     path = Path(info.path)
     kwargs = dict(info.model_kwargs)
+    _check_declared_size(info, path)
     try:
         model = timm.create_model(info.model, pretrained=False, **kwargs)
     except Exception as exc:

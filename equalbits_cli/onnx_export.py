@@ -1,17 +1,21 @@
 """ONNX export of the inference graph, with binarized weights stored as packed bit planes.
 
-The exported graph computes each binarized layer as a plain Conv/Gemm whose weight is ``factor * codes``
-(the exporter may fold BatchNorm into ``factor``; the codes are untouched by that, since folding only
-rescales output channels). Each such float initializer is then replaced by its packed uint8 bit planes,
-a per-filter float factor and a small unpack subgraph (Unsqueeze, BitShift, BitwiseAnd, Reshape, Slice,
-Cast, Mul; opset 18), which onnxruntime folds into a constant once, when the session is created.
+The exported graph computes each binarized layer as a plain Conv/Gemm (MatMul for transformer Linear
+layers) whose weight is ``factor * levels`` (``levels`` = codes, or centred codes; BatchNorm is kept
+as its own node, so ``factor`` is the layer's scale). Each such float initializer is then replaced by
+its packed uint8 bit planes, a per-filter float factor and a small unpack subgraph (Unsqueeze,
+BitShift, BitwiseAnd, Reshape, Slice, Cast, Mul; opset 18), which onnxruntime folds into a constant
+once, when the session is created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +227,22 @@ def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]])
     return len(layers)
 
 
+@contextlib.contextmanager
+def _captured_stdout():
+    """Keep the exporter's own printing (it can dump hundreds of lines of IR on failure, some from C++)
+    off our stdout, which ``--json`` reserves for one JSON object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(io.StringIO()):
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _input_size(model: nn.Module, img_size: int | None) -> tuple[int, int, int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
@@ -273,7 +293,7 @@ def export_onnx(
     c, h, w = _input_size(model, img_size)
     x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(seed))
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _captured_stdout():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -291,11 +311,17 @@ def export_onnx(
                 training=torch.onnx.TrainingMode.PRESERVE,
             )
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             native = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", ("?", "?", "?"))[-1]
-            raise ValueError(
-                f"ONNX export failed: {first}; try --img-size {native} (the model's own input size)"
-            ) from None
+            sizey = any(
+                w in first.lower() for w in ("size", "shape", "dimension", "kernel", "patch", "grid", "height", "width")
+            )
+            hint = (
+                f"try --img-size {native} (the model's own input size)"
+                if sizey
+                else "torch's exporter cannot trace this model; export --format packed instead"
+            )
+            raise ValueError(f"ONNX export failed: {type(exc).__name__}: {first}; {hint}") from exc
     onnx_model = onnx.load_from_string(buf.getvalue())
     packed_layers = _pack_initializers(onnx_model, layers) if weights == "packed" else 0
     meta["onnx_weights"] = weights

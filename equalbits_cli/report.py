@@ -307,17 +307,14 @@ def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -
         ValueError: the file is damaged, or a plain state dict was given without ``model_name``.
     """
     import os
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
     from .config import BinarizeConfig
     from .convert import binarize_, create_model
-    from .io import LATENT_FORMAT, PACKED_FORMAT, build_model, file_info, load_model, read_metadata
+    from .io import LATENT_FORMAT, PACKED_FORMAT, build_model, file_info, load_model, read_metadata, require_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
+    path = require_file(path)
     if path.suffix == ".onnx":
         return _onnx_report(path)
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}

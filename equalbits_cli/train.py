@@ -11,21 +11,22 @@ the teacher, which would hide the per-step loss we log and the resumable state w
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import FinetuneConfig
-from .distill import distillation_loss
+from .distill import distillation_loss, match_normalization, teacher_for
 from .distributed import all_equal, barrier, dist_setup, resolve_device
+from .evaluate import _autocast, _batches, evaluate, evaluate_source, recalibrate_bn
+from .progress import NullProgress, Progress
 from .state import (
     STATE_FORMAT,
     STATE_VERSION,
@@ -50,25 +51,6 @@ __all__ = [
     "resolve_device",
     "train_classifier",
 ]
-
-
-class Progress(Protocol):
-    """Receives progress from the loops. Every method may be a no-op."""
-
-    def phase(self, text: str, total: int | None = None) -> None: ...
-    def advance(self, n: int = 1, **fields: Any) -> None: ...
-    def done(self) -> None: ...
-
-
-class NullProgress:
-    def phase(self, text: str, total: int | None = None) -> None:
-        pass
-
-    def advance(self, n: int = 1, **fields: Any) -> None:
-        pass
-
-    def done(self) -> None:
-        pass
 
 
 class Interrupted(Exception):
@@ -104,82 +86,6 @@ class FinetuneResult:
         return asdict(self)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
-
-
-def _batches(loader):
-    """Iterate a loader, turning a worker's wrapped error back into its one-line message."""
-    try:
-        yield from loader
-    except Exception as exc:
-        # DataLoader re-raises a worker's error with a multi-line "Caught ... Original Traceback" message.
-        text = str(exc)
-        if "Original Traceback" not in text:
-            raise
-        for line in reversed(text.splitlines()):
-            if line.startswith("ValueError: "):
-                raise ValueError(line[len("ValueError: ") :]) from None
-        raise
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader, device: torch.device, amp: bool = False, progress: Progress | None = None
-) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) and the number of samples.
-
-    Example:
-        >>> model = nn.Linear(4, 3)
-        >>> loader = [(torch.eye(4)[:3], torch.tensor([0, 1, 2]))]
-        >>> sorted(evaluate(model, loader, torch.device("cpu")))
-        ['n', 'top1', 'top5']
-    """
-    model.eval()
-    correct1 = correct5 = n = 0
-    for images, targets in _batches(loader):
-        images, targets = images.to(device), targets.to(device)
-        with _autocast(device, amp):
-            logits = model(images)
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        k = min(5, logits.shape[1])
-        top = logits.float().topk(k, dim=1).indices
-        hits = top == targets[:, None]
-        correct1 += int(hits[:, 0].sum())
-        correct5 += int(hits.any(dim=1).sum())
-        n += targets.numel()
-        if progress is not None:
-            progress.advance(1)
-    if n == 0:
-        raise ValueError("the validation split holds no images")
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader, batches: int, device: torch.device, progress: Progress | None = None):
-    """Re-estimate BatchNorm running statistics of ``model`` on ``batches`` batches (no training).
-
-    Binarization changes every layer's output distribution; the stored running means and variances
-    then no longer fit. A cumulative average over a few batches (``torch.optim.swa_utils.update_bn``)
-    fixes much of the accuracy drop. Feed it un-augmented images: statistics taken on random crops do
-    not fit the images the model is evaluated on.
-    """
-    from torch.optim.swa_utils import update_bn
-
-    if batches == 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return
-
-    def images():
-        for batch, _ in itertools.islice(_batches(loader), batches):
-            yield batch
-            if progress is not None:
-                progress.advance(1)
-
-    update_bn(images(), model, device)
-    model.eval()
-
-
 def codes_checksum(model: nn.Module) -> int:
     """A checksum of every binarized layer's codes (equal codes give equal checksums)."""
     from .layers import BinaryLayer
@@ -190,84 +96,6 @@ def codes_checksum(model: nn.Module) -> int:
         weights = torch.arange(codes.numel(), dtype=torch.int64) % 65_521 + 1
         total = (total * 1_000_003 + int((codes + 2).mul(weights).sum()) + i) % (2**61 - 1)
     return total
-
-
-def _pretrained_classes(name: str) -> int | None:
-    """Classes of the classifier timm's pretrained weights for ``name`` have (None if unknown)."""
-    try:
-        import timm.models
-
-        cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:  # hf-hub names and tags timm cannot resolve offline: unknown
-        return None
-    return getattr(cfg, "num_classes", None) if cfg is not None else None
-
-
-def _refuse_random_head(name: str, num_classes: int) -> None:
-    pretrained = _pretrained_classes(name)
-    if pretrained is not None and pretrained != num_classes:
-        raise ValueError(
-            f"the teacher would be pretrained {name}, whose classifier has {pretrained} classes, not this "
-            f"data's {num_classes}: its head would be random. Pass --teacher CHECKPOINT (a full-precision "
-            f"{name} fine-tuned on this data), or --alpha 1 to train on the labels alone"
-        )
-
-
-def _teacher_for(student_meta: dict[str, Any], teacher: str | None, num_classes: int) -> nn.Module:
-    """The full-precision teacher: ``teacher`` (a file or a pretrained timm name) or the student's source.
-
-    A pretrained teacher whose classifier does not have ``num_classes`` classes is refused: timm would
-    give it a randomly initialized head, and the student would learn from noise.
-    """
-    from .convert import create_model
-
-    if teacher is None:
-        source = student_meta.get("source") or {}
-        name = source.get("model") or student_meta["model"]
-        ckpt = source.get("checkpoint")
-        if not isinstance(name, str) or not (ckpt is None or isinstance(ckpt, str)) or len(str(ckpt)) > 4096:
-            raise ValueError("the student's metadata names no usable teacher; pass --teacher NAME_OR_CHECKPOINT")
-        if ckpt is not None:
-            if not Path(ckpt).is_file():
-                raise ValueError(
-                    f"the student's full-precision source {ckpt} is gone; pass --teacher NAME_OR_CHECKPOINT"
-                )
-            return create_model(name, checkpoint=ckpt)
-        if source.get("pretrained") is True:
-            _refuse_random_head(name, num_classes)
-            return create_model(name, pretrained=True, num_classes=num_classes)
-        raise ValueError(
-            "the student was binarized from a randomly initialized model, which is no teacher; "
-            "pass --teacher NAME_OR_CHECKPOINT, or --alpha 1 to train on the labels alone"
-        )
-    if Path(teacher).is_file():
-        return create_model(student_meta["model"], checkpoint=teacher)
-    _refuse_random_head(teacher, num_classes)
-    return create_model(teacher, pretrained=True, num_classes=num_classes)
-
-
-class _Renormalized(nn.Module):
-    """The teacher behind a change of input normalization, when its data config differs from the
-    student's (the student's loader normalizes; the teacher is fed what its own config expects)."""
-
-    def __init__(self, model: nn.Module, src: tuple, dst: tuple) -> None:
-        super().__init__()
-        self.model = model
-        for name, value in zip(("src_mean", "src_std", "dst_mean", "dst_std"), (*src, *dst)):
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raw = x * self.src_std + self.src_mean
-        return self.model((raw - self.dst_mean) / self.dst_std)
-
-
-def _match_normalization(teacher: nn.Module, student: nn.Module) -> nn.Module:
-    from timm.data import resolve_data_config
-
-    s, t = resolve_data_config({}, model=student), resolve_data_config({}, model=teacher)
-    if tuple(s["mean"]) == tuple(t["mean"]) and tuple(s["std"]) == tuple(t["std"]):
-        return teacher
-    return _Renormalized(teacher, (s["mean"], s["std"]), (t["mean"], t["std"])).eval()
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -361,8 +189,8 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
     student.equalbits_meta["classes"] = list(splits.classes)
     teacher_model = None
     if config.alpha < 1:
-        teacher_model = _teacher_for(student.equalbits_meta, teacher, num_classes or len(splits.classes))
-        teacher_model = _match_normalization(teacher_model, student)
+        teacher_model = teacher_for(student.equalbits_meta, teacher, num_classes or len(splits.classes))
+        teacher_model = match_normalization(teacher_model, student)
     train_ds, val_ds = build_datasets(splits, student, config.img_size, config.augment, config.seed)
     if len(train_ds) < config.batch_size * world:
         raise ValueError(
@@ -644,61 +472,6 @@ def finetune(
     state_path.unlink(missing_ok=True)
     progress.done()
     barrier(run.world)
-    return result
-
-
-def evaluate_source(
-    model_or_file: str,
-    data_dir: str | os.PathLike,
-    *,
-    checkpoint: str | os.PathLike | None = None,
-    img_size: int | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
-    device: str = "auto",
-    amp: bool = False,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Top-1/top-5 on the val split of ``data_dir`` for a binarized checkpoint, a packed file, or a
-    full-precision timm model (a name, with ``checkpoint`` or pretrained weights).
-
-    Raises:
-        ValueError / FileNotFoundError: bad inputs.
-    """
-    from .convert import create_model
-    from .data import EpochSampler, build_datasets, check_classes, find_splits, make_loader
-    from .io import load_model, read_metadata
-
-    dev = resolve_device(device)
-    if img_size is not None and not 8 <= img_size <= 4096:
-        raise ValueError(f"--img-size must be between 8 and 4096 pixels, got {img_size}")
-    path = Path(model_or_file)
-    if path.suffix == ".onnx" and path.is_file():
-        raise ValueError(f"{path}: eval runs PyTorch models; evaluate the checkpoint the ONNX file was exported from")
-    if path.is_file():
-        meta = read_metadata(path) if path.suffix == ".safetensors" else {}
-        if not str(meta.get("format", "")).startswith("equalbits."):
-            raise ValueError(
-                f"{path} is a plain state dict: pass the timm model name as MODEL and the file as --checkpoint"
-            )
-        model = load_model(path)
-    elif path.exists():
-        raise ValueError(f"{path} is not a file; pass a checkpoint file or a timm model name")
-    elif path.suffix in (".safetensors", ".pth", ".pt", ".onnx"):
-        raise FileNotFoundError(f"file not found: {path}")
-    else:
-        model = create_model(model_or_file, checkpoint=checkpoint, pretrained=checkpoint is None)
-    recorded = (getattr(model, "equalbits_meta", None) or {}).get("classes")
-    splits = find_splits(data_dir, need_train=False, classes=recorded)
-    check_classes(splits, getattr(model, "num_classes", None), recorded is not None)
-    _, val_ds = build_datasets(splits, model, img_size, augment="none", seed=0)
-    loader = make_loader(val_ds, EpochSampler(len(val_ds), shuffle=False), batch_size, workers, drop_last=False)
-    model.to(dev)
-    if progress is not None:
-        progress.phase("evaluating", len(loader))
-    result = evaluate(model, loader, dev, amp, progress)
-    if progress is not None:
-        progress.done()
     return result
 
 

@@ -71,3 +71,17 @@ def test_onnx_other_families(tmp_path, name):
     n_binary = sum(1 for m in model.modules() if hasattr(m, "pin_codes"))
     result = export_onnx(model, tmp_path / "m.onnx", img_size=None if name == "test_vit" else 64)
     assert result.packed_layers == n_binary and result.rel_diff <= 1e-4
+
+
+def test_failed_export_keeps_stdout_clean_and_names_the_cause(tmp_path):
+    from helpers import run_cli
+
+    from equalbits_cli import save_checkpoint
+
+    ckpt = save_checkpoint(binarize_model("test_vit", BinarizeConfig(), num_classes=10), tmp_path / "v.safetensors")
+    size = binarize_model("test_vit", BinarizeConfig(), num_classes=10).pretrained_cfg["input_size"][-1]
+    res = run_cli("export", ckpt, "-f", "onnx", "--img-size", str(size + 16), "-o", tmp_path / "v.onnx", "--json")
+    assert res.returncode == 2 and res.stdout == ""
+    assert len(res.stderr.strip().splitlines()) == 1 and "ONNX export failed: " in res.stderr
+    assert "Error" in res.stderr, "the exporter's exception is named"
+    assert not (tmp_path / "v.onnx").exists()

@@ -77,3 +77,19 @@ def test_damaged_planes_are_clear_errors(tmp_path, resnet18_state):
         with pytest.raises(ValueError, match="layer1.0.conv1"):
             load_model(p)
         assert label
+
+
+def test_format_doc_decoder_gives_the_model_weights(tmp_path, resnet18_state, monkeypatch):
+    """The decode example in docs/format.md, run as written, reproduces the weights load_model computes."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "format.md").read_text()
+    example = re.search(r"Python example, without equalbits:\n\n```python\n(.*?)```", doc, re.S).group(1)
+    model = binarize_model("resnet18", BinarizeConfig(ratio=0.3, prune=0.1), checkpoint=resnet18_state).eval()
+    save_packed(model, tmp_path / "model.packed.safetensors")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(example, scope)
+    want = load_model(tmp_path / "model.packed.safetensors").layer1[0].conv1.quantized_weight()
+    torch.testing.assert_close(torch.from_numpy(scope["weight"]).float(), want, rtol=0, atol=1e-7)

@@ -126,3 +126,52 @@ def test_interrupt_saves_state_and_says_how_to_resume(tmp_path, digits_small, di
     assert not list(tmp_path.glob(".*.tmp")), "no temporary is left"
     saved = torch.load(state, weights_only=True)
     assert saved["format"] == "equalbits.train_state" and saved["step"] >= 10
+
+
+def test_tiny_file_naming_a_huge_model_is_refused_before_allocating(tmp_path, binary_ckpt):
+    import json as _json
+    import resource
+
+    from equalbits_cli.io import read_metadata
+
+    meta = dict(read_metadata(binary_ckpt))
+    for model, kwargs in (("vit_huge_patch14_224", {}), ("resnet50", {"num_classes": 1_000_000})):
+        meta.update(model=model, model_kwargs=_json.dumps(kwargs), binarized="[]")
+        bad = tmp_path / f"{model}.safetensors"
+        save_file({"x": torch.zeros(1)}, str(bad), metadata=meta)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        res = runner.invoke(app, ["inspect", str(bad)])
+        assert res.exit_code == 2 and "too small for model" in res.stderr, res.stderr
+        grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert grown_mib < 500, f"inspect grew by {grown_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--no-pretrained", "--num-classes", "1000001"], "between 1 and 1,000,000"),
+        (["--no-pretrained", "--prune", "0.999999"], "sets all"),
+        (["--no-pretrained", "--ratio", "1e-300"], "only -1 codes"),
+    ],
+)
+def test_binarize_refuses_what_readers_would_refuse(tmp_path, args, message):
+    out = tmp_path / "o.safetensors"
+    res = runner.invoke(app, ["binarize", "resnet18", *args, "-o", str(out)])
+    assert res.exit_code == 2 and message in res.stderr, res.stderr
+    assert not out.exists()
+
+
+def test_file_given_as_model_and_directory_given_as_file(tmp_path, resnet18_state):
+    res = runner.invoke(app, ["binarize", str(resnet18_state), "-o", str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 2 and "--checkpoint" in res.stderr
+    res = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert res.exit_code == 2 and "is a directory" in res.stderr
+
+
+def test_inspect_plot_needs_overwrite(tmp_path, binary_ckpt):
+    plot = tmp_path / "p.png"
+    plot.write_bytes(b"keep")
+    res = runner.invoke(app, ["inspect", str(binary_ckpt), "--plot", str(plot)])
+    assert res.exit_code == 2 and "--overwrite" in res.stderr and plot.read_bytes() == b"keep"
+    res = runner.invoke(app, ["inspect", str(binary_ckpt), "--plot", str(plot), "--overwrite", "--json"])
+    assert res.exit_code == 0 and plot.read_bytes()[:4] == b"\x89PNG"

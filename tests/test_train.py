@@ -185,7 +185,7 @@ def test_each_local_rank_gets_its_own_gpu():
 
 
 def test_pretrained_teacher_with_another_head_is_refused():
-    from equalbits_cli.train import _teacher_for
+    from equalbits_cli.distill import teacher_for as _teacher_for
 
     meta = {"model": "resnet18", "source": {"model": "resnet18", "pretrained": True, "checkpoint": None}}
     with pytest.raises(ValueError, match="1000 classes, not this data's 10.*--teacher.*--alpha 1"):

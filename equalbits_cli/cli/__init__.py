@@ -68,9 +68,12 @@ def _main(
     Typical path: binarize -> finetune -> eval -> export. Every command takes --json for scripts.
     """
     import os
+    import warnings
 
     if debug:
         os.environ["EQUALBITS_DEBUG"] = "1"
+    else:  # library warnings (torch, timm) would break the one-line error promise; --debug shows them
+        warnings.filterwarnings("ignore")
 
 
 def _default_output(source: str, suffix: str) -> Path:
@@ -156,6 +159,7 @@ def inspect(
     prune: PruneOpt = 0.0,
     method: MethodOpt = "ot",
     plot: Annotated[Path | None, typer.Option(help="Also draw per-layer ratio, entropy and SQNR to this PNG.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --plot file if it exists.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Per-layer bit ratios, entropy, SQNR and sizes of a file.
@@ -163,9 +167,12 @@ def inspect(
     For a plain timm state dict (with --model), shows what binarize would do with --ratio/--prune/--method.
     """
     from ..config import BinarizeConfig
+    from ..io import check_output_path
     from ..report import inspect_file
     from .render import print_json, show_stats
 
+    if plot is not None:
+        check_output_path(plot, overwrite)
     report = inspect_file(file, model, BinarizeConfig(ratio=ratio, prune=prune, method=method))
     if plot is not None:
         from ..plots import plot_layers
@@ -181,9 +188,15 @@ def inspect(
 @user_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A binarized checkpoint (from binarize or finetune).")],
-    format: Annotated[str, typer.Option("--format", "-f", help="packed: 1-bit safetensors; onnx: ONNX.")] = "packed",
+    format: Annotated[
+        str, typer.Option("--format", "-f", metavar="[packed|onnx]", help="packed: 1-bit safetensors; onnx: ONNX.")
+    ] = "packed",
     onnx_weights: Annotated[
-        str, typer.Option(help="ONNX only. packed: uint8 bit planes + unpack ops; float: plain float weights.")
+        str,
+        typer.Option(
+            metavar="[packed|float]",
+            help="ONNX only. packed: uint8 bit planes + unpack ops; float: plain float weights.",
+        ),
     ] = "packed",
     img_size: Annotated[int | None, typer.Option(help="ONNX input size (default: the model's).")] = None,
     output: OutOpt = None,
@@ -239,7 +252,9 @@ DataOpt = Annotated[Path, typer.Option("--data", help="ImageFolder root with tra
 ImgSizeOpt = Annotated[int | None, typer.Option(help="Input size (default: the model's data config).")]
 BatchOpt = Annotated[int, typer.Option(help="Batch size per process.")]
 WorkersOpt = Annotated[int, typer.Option(help="Data loader worker processes.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+DeviceOpt = Annotated[
+    str, typer.Option(metavar="[auto|cpu|cuda|cuda:N]", help="auto: CUDA when available (one GPU per local rank).")
+]
 AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (bf16 on CPU, fp16 on CUDA).")]
 
 

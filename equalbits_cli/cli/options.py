@@ -21,10 +21,17 @@ RatioOpt = Annotated[
 ]
 PruneOpt = Annotated[float, typer.Option(help="Share of each filter's weights set to 0 (ternary codes). [0, 1)")]
 MethodOpt = Annotated[
-    str, typer.Option(help="ot: exact-ratio optimal transport (Equal Bits); sign: BWN/XNOR; irnet: IR-Net.")
+    str,
+    typer.Option(
+        metavar="[ot|sign|irnet]",
+        help="ot: exact-ratio optimal transport (Equal Bits); sign: BWN/XNOR; irnet: IR-Net.",
+    ),
 ]
 ActivationsOpt = Annotated[
-    str, typer.Option(help="none: full-precision activations; sign: also binarize layer inputs (1W/1A).")
+    str,
+    typer.Option(
+        metavar="[none|sign]", help="none: full-precision activations; sign: also binarize layer inputs (1W/1A)."
+    ),
 ]
 NumClassesOpt = Annotated[
     int | None, typer.Option(help="Classifier size (default: from the checkpoint, or the model's).", show_default=False)

@@ -1,0 +1,147 @@
+"""Evaluation: top-k accuracy, BatchNorm re-estimation, and ``eval`` of any model or file equalbits reads."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import resolve_device
+from .progress import Progress
+
+__all__ = ["evaluate", "evaluate_source", "recalibrate_bn"]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def _batches(loader):
+    """Iterate a loader, turning a worker's wrapped error back into its one-line message."""
+    try:
+        yield from loader
+    except Exception as exc:
+        # DataLoader re-raises a worker's error with a multi-line "Caught ... Original Traceback" message.
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        for line in reversed(text.splitlines()):
+            if line.startswith("ValueError: "):
+                raise ValueError(line[len("ValueError: ") :]) from None
+        raise
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader, device: torch.device, amp: bool = False, progress: Progress | None = None
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) and the number of samples.
+
+    Example:
+        >>> model = nn.Linear(4, 3)
+        >>> loader = [(torch.eye(4)[:3], torch.tensor([0, 1, 2]))]
+        >>> sorted(evaluate(model, loader, torch.device("cpu")))
+        ['n', 'top1', 'top5']
+    """
+    model.eval()
+    correct1 = correct5 = n = 0
+    for images, targets in _batches(loader):
+        images, targets = images.to(device), targets.to(device)
+        with _autocast(device, amp):
+            logits = model(images)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        k = min(5, logits.shape[1])
+        top = logits.float().topk(k, dim=1).indices
+        hits = top == targets[:, None]
+        correct1 += int(hits[:, 0].sum())
+        correct5 += int(hits.any(dim=1).sum())
+        n += targets.numel()
+        if progress is not None:
+            progress.advance(1)
+    if n == 0:
+        raise ValueError("the validation split holds no images")
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader, batches: int, device: torch.device, progress: Progress | None = None):
+    """Re-estimate BatchNorm running statistics of ``model`` on ``batches`` batches (no training).
+
+    Binarization changes every layer's output distribution; the stored running means and variances
+    then no longer fit. A cumulative average over a few batches (``torch.optim.swa_utils.update_bn``)
+    fixes much of the accuracy drop. Feed it un-augmented images: statistics taken on random crops do
+    not fit the images the model is evaluated on.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    if batches == 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+
+    def images():
+        for batch, _ in itertools.islice(_batches(loader), batches):
+            yield batch
+            if progress is not None:
+                progress.advance(1)
+
+    update_bn(images(), model, device)
+    model.eval()
+
+
+def evaluate_source(
+    model_or_file: str,
+    data_dir: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    img_size: int | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "auto",
+    amp: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Top-1/top-5 on the val split of ``data_dir`` for a binarized checkpoint, a packed file, or a
+    full-precision timm model (a name, with ``checkpoint`` or pretrained weights).
+
+    Raises:
+        ValueError / FileNotFoundError: bad inputs.
+    """
+    from .convert import create_model
+    from .data import EpochSampler, build_datasets, check_classes, find_splits, make_loader
+    from .io import load_model, read_metadata
+
+    dev = resolve_device(device)
+    if img_size is not None and not 8 <= img_size <= 4096:
+        raise ValueError(f"--img-size must be between 8 and 4096 pixels, got {img_size}")
+    path = Path(model_or_file)
+    if path.suffix == ".onnx" and path.is_file():
+        raise ValueError(f"{path}: eval runs PyTorch models; evaluate the checkpoint the ONNX file was exported from")
+    if path.is_file():
+        meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+        if not str(meta.get("format", "")).startswith("equalbits."):
+            raise ValueError(
+                f"{path} is a plain state dict: pass the timm model name as MODEL and the file as --checkpoint"
+            )
+        model = load_model(path)
+    elif path.exists():
+        raise ValueError(f"{path} is not a file; pass a checkpoint file or a timm model name")
+    elif path.suffix in (".safetensors", ".pth", ".pt", ".onnx"):
+        raise FileNotFoundError(f"file not found: {path}")
+    else:
+        model = create_model(model_or_file, checkpoint=checkpoint, pretrained=checkpoint is None)
+    recorded = (getattr(model, "equalbits_meta", None) or {}).get("classes")
+    splits = find_splits(data_dir, need_train=False, classes=recorded)
+    check_classes(splits, getattr(model, "num_classes", None), recorded is not None)
+    _, val_ds = build_datasets(splits, model, img_size, augment="none", seed=0)
+    loader = make_loader(val_ds, EpochSampler(len(val_ds), shuffle=False), batch_size, workers, drop_last=False)
+    model.to(dev)
+    if progress is not None:
+        progress.phase("evaluating", len(loader))
+    result = evaluate(model, loader, dev, amp, progress)
+    if progress is not None:
+        progress.done()
+    return result
