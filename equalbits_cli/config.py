@@ -92,7 +92,7 @@ class FinetuneConfig:
 
     Example:
         >>> FinetuneConfig(epochs=2).lr
-        0.0005
+        0.005
         >>> FinetuneConfig(alpha=2.0)
         Traceback (most recent call last):
         ...
@@ -100,7 +100,7 @@ class FinetuneConfig:
     """
 
     epochs: int = 5
-    lr: float = 5e-4
+    lr: float = 5e-3
     batch_size: int = 64
     img_size: int | None = None
     temperature: float = 1.0

@@ -318,4 +318,3 @@ def make_digits_imagefolder(root: str | os.PathLike, size: int = 32, val_fractio
             img.save(root / split / str(c) / f"{i:04d}.png")
     marker.write_text(f"{size} {val_fraction} {seed}")
     return root
-

@@ -13,7 +13,7 @@ from torch import nn
 from .distributed import resolve_device
 from .progress import Progress
 
-__all__ = ["evaluate", "evaluate_source", "recalibrate_bn"]
+__all__ = ["activation_batch", "evaluate", "evaluate_source", "recalibrate_bn"]
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -145,3 +145,15 @@ def evaluate_source(
     if progress is not None:
         progress.done()
     return result
+
+
+def activation_batch(model: nn.Module, data_dir: str | os.PathLike, img_size: int | None, n: int = 64) -> torch.Tensor:
+    """Up to ``n`` images of ``data_dir``'s val split, transformed for ``model`` (for inspect --data)."""
+    from .data import EpochSampler, build_datasets, find_splits, make_loader
+
+    recorded = (getattr(model, "equalbits_meta", None) or {}).get("classes")
+    splits = find_splits(data_dir, need_train=False, classes=recorded)
+    _, val = build_datasets(splits, model, img_size, "none", 0)
+    loader = make_loader(val, EpochSampler(len(val), shuffle=True, seed=0), n, 0, drop_last=False)
+    images, _ = next(iter(_batches(loader)))
+    return images

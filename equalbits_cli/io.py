@@ -422,6 +422,10 @@ def _check_finite(path: Path, name: str, t: torch.Tensor) -> None:
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Load ``state`` strictly, turning mismatches into one-line errors."""
     expected = model.state_dict()
+    state = dict(state)
+    for k in expected:  # 1W/1A files from before learned thresholds computed sign(x) at 0
+        if k.endswith(".act_threshold") and k not in state:
+            state[k] = torch.zeros_like(expected[k])
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

@@ -14,7 +14,7 @@ from torch import nn
 from .config import BinarizeConfig
 from .quantize import OTCache, dequantize, ot_codes
 
-__all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input", "conv_kwargs"]
+__all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input", "calibrate_thresholds", "conv_kwargs"]
 
 
 def conv_kwargs(conv: nn.Conv2d) -> dict:
@@ -69,8 +69,15 @@ class BinaryLayer:
     weight: nn.Parameter
     config: BinarizeConfig
 
-    def _init_binary(self, config: BinarizeConfig) -> None:
+    def _init_binary(self, config: BinarizeConfig, in_features: int, device=None) -> None:
         self.config = config
+        if config.activations == "sign":
+            # Per-input-channel threshold of the activation sign (ReActNet's RSign, Liu et al. 2020):
+            # b = sign(x - t). After a ReLU the input is never negative, so t = 0 would give a constant;
+            # calibrate_thresholds() starts t at each channel's median (equal bits for activations).
+            self.act_threshold = nn.Parameter(torch.zeros(in_features, device=device))
+        else:
+            self.register_parameter("act_threshold", None)
         # Codes a packed file pinned: buffers, so .to(device/dtype) moves them with the layer. They are
         # dropped when the layer is switched to training (the latent weight then moves every step).
         self.register_buffer("pinned_codes", None, persistent=False)
@@ -145,7 +152,11 @@ class BinaryLayer:
         return q
 
     def _maybe_binarize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return binarize_input(x) if self.config.activations == "sign" else x
+        if self.config.activations != "sign":
+            return x
+        t = self.act_threshold
+        shape = (1, -1) + (1,) * (x.dim() - 2) if isinstance(self, nn.Conv2d) else (-1,)
+        return binarize_input(x - t.view(shape).to(x.dtype))
 
     def binary_extra_repr(self) -> str:
         c = self.config
@@ -164,7 +175,7 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
 
     def __init__(self, *args, config: BinarizeConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_binary(config or BinarizeConfig())
+        self._init_binary(config or BinarizeConfig(), self.in_channels, self.weight.device)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, config: BinarizeConfig) -> BinaryConv2d:
@@ -172,6 +183,8 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         new = cls(**conv_kwargs(conv), device="meta", config=config)
         new.weight = conv.weight
         new.bias = conv.bias
+        if new.act_threshold is not None:
+            new.act_threshold = nn.Parameter(torch.zeros(new.in_channels, device=conv.weight.device))
         new.train(conv.training)
         return new
 
@@ -193,7 +206,7 @@ class BinaryLinear(BinaryLayer, nn.Linear):
 
     def __init__(self, *args, config: BinarizeConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_binary(config or BinarizeConfig())
+        self._init_binary(config or BinarizeConfig(), self.in_features, self.weight.device)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: BinarizeConfig) -> BinaryLinear:
@@ -201,6 +214,8 @@ class BinaryLinear(BinaryLayer, nn.Linear):
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", config=config)
         new.weight = linear.weight
         new.bias = linear.bias
+        if new.act_threshold is not None:
+            new.act_threshold = nn.Parameter(torch.zeros(new.in_features, device=linear.weight.device))
         new.train(linear.training)
         return new
 
@@ -209,3 +224,47 @@ class BinaryLinear(BinaryLayer, nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.binary_extra_repr()
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, batches, device: torch.device | None = None) -> int:
+    """Start every activation threshold at its channel's median input over ``batches`` (an iterable of
+    image tensors), so that each channel's activation bits are balanced: half +1, half -1, the most
+    information a bit can carry. Returns the number of layers calibrated.
+
+    Each layer's threshold is set just before the layer runs (a pre-hook), to the running mean of the
+    per-batch medians over the batch and spatial positions, so deeper layers are calibrated on the
+    inputs that the already calibrated layers before them produce. BatchNorm uses batch statistics
+    meanwhile (train mode, no gradients), as the BatchNorm re-estimation that should follow will.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BinaryLayer) and m.act_threshold is not None]
+    if not layers:
+        return 0
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def hook(module, args):
+        x = args[0].detach().float()
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 else x.reshape(-1, x.shape[-1]).T
+        key = id(module)
+        med = flat.median(dim=1).values
+        # After a ReLU, often over half of a channel is exactly 0 and the median is 0: sign(x - 0) would
+        # then be +1 everywhere. Move such thresholds half-way to the next larger value instead.
+        above = torch.where(flat > med[:, None], flat, torch.full_like(flat, float("inf"))).min(dim=1).values
+        tied = ((flat >= med[:, None]).float().mean(dim=1) > 0.5) & torch.isfinite(above)
+        med = torch.where(tied, (med + above) / 2, med)
+        sums[key] = sums.get(key, 0) + med
+        counts[key] = counts.get(key, 0) + 1
+        module.act_threshold.copy_((sums[key] / counts[key]).to(module.act_threshold.dtype))
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    was_training = model.training
+    model.train()
+    try:
+        for images in batches:
+            model(images.to(device) if device is not None else images)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return len(sums)

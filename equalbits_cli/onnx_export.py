@@ -32,9 +32,18 @@ OPSET = 18
 
 
 class SignActivation(nn.Module):
-    """Inference-time activation binarization: sign(x) with sign(0) = +1."""
+    """Inference-time activation binarization: sign(x - t) with sign(0) = +1, ``t`` per channel."""
+
+    def __init__(self, threshold: torch.Tensor | None = None, channel_dim: int = 1) -> None:
+        super().__init__()
+        self.register_buffer("threshold", None if threshold is None else threshold.detach().clone())
+        self.channel_dim = channel_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.threshold is not None:
+            shape = [1] * x.dim()
+            shape[self.channel_dim if self.channel_dim >= 0 else x.dim() + self.channel_dim] = -1
+            x = x - self.threshold.view(shape)
         return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
@@ -68,7 +77,8 @@ def inference_model(model: nn.Module) -> nn.Module:
             if module.bias is not None:
                 plain.bias.copy_(module.bias)
         if module.config.activations == "sign":
-            plain = nn.Sequential(SignActivation(), plain)
+            channel_dim = 1 if isinstance(module, nn.Conv2d) else -1
+            plain = nn.Sequential(SignActivation(module.act_threshold, channel_dim), plain)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, plain)

@@ -35,7 +35,7 @@ def run_quickstart(
     teacher_epochs: int = 4,
     epochs: int = 4,
     batch_size: int = 64,
-    lr: float = 5e-4,
+    lr: float = 5e-3,
     seed: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,

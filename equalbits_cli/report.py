@@ -40,6 +40,7 @@ class LayerStats:
     sqnr_db: float | None = None
     exact_filters: bool | None = None
     kept_because: str | None = None  # for full-precision layers: stem, classifier, depthwise, gate, ...
+    act_plus_share: float | None = None  # 1W/1A layers, with inspect --data: share of +1 activation bits
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -341,3 +342,55 @@ def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -
     model = create_model(model_name, checkpoint=path)
     binarize_(model, config)
     return FileReport(str(path), "state_dict", model_name, asdict(config), collect_stats(model), size)
+
+
+@torch.no_grad()
+def activation_shares(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """For each layer with binary activations, the share of +1 bits its input gets on ``images``
+    (``sign(x - t)``): near 0.5 means the bits carry information, 0 or 1 means a constant.
+
+    Example:
+        >>> import timm
+        >>> from equalbits_cli import BinarizeConfig, binarize_
+        >>> from equalbits_cli.layers import calibrate_thresholds
+        >>> from equalbits_cli.evaluate import recalibrate_bn
+        >>> m = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+        >>> binarize_(m, BinarizeConfig(activations="sign"))
+        >>> x = torch.randn(16, 3, 32, 32)
+        >>> activation_shares(m.eval(), x)["layer1.0.conv2"] > 0.9  # post-ReLU, threshold 0: all +1
+        True
+        >>> _ = calibrate_thresholds(m, [x]); recalibrate_bn(m, [(x, None)], 1, torch.device("cpu"))
+        >>> 0.3 < activation_shares(m, x)["layer1.0.conv2"] < 0.7
+        True
+    """
+    from .layers import BinaryLayer
+
+    shares: dict[str, float] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, BinaryLayer) and module.act_threshold is not None:
+
+            def hook(mod, args, name=name):
+                x = args[0]
+                t = mod.act_threshold
+                shape = (1, -1) + (1,) * (x.dim() - 2) if isinstance(mod, nn.Conv2d) else (-1,)
+                shares[name] = float((x - t.view(shape) >= 0).float().mean())
+
+            handles.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return shares
+
+
+def with_activation_shares(report: FileReport, shares: dict[str, float]) -> FileReport:
+    """``report`` with each layer's ``act_plus_share`` filled in."""
+    from dataclasses import replace
+
+    layers = [replace(s, act_plus_share=shares.get(s.name)) for s in report.stats.layers]
+    return replace(report, stats=replace(report.stats, layers=layers))

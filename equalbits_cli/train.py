@@ -11,6 +11,7 @@ the teacher, which would hide the per-step loss we log and the resumable state w
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -248,6 +249,13 @@ def _evaluate_start(run: _Run) -> None:
         progress.phase("evaluating binarized student", len(run.val_loader))
         run.evals["student_top1_before"] = evaluate(run.student, run.val_loader, run.device, cfg.amp, progress)["top1"]
     run.evals["student_top1_calibrated"] = None
+    if cfg.calibrate_batches and any(getattr(m, "act_threshold", None) is not None for m in run.student.modules()):
+        from .layers import calibrate_thresholds
+
+        n_calib = min(cfg.calibrate_batches, len(run.calib_loader))
+        progress.phase(f"calibrating activation thresholds on {n_calib} batches", n_calib)
+        images = (b for b, _ in itertools.islice(_batches(run.calib_loader), n_calib))
+        calibrate_thresholds(run.student, images, run.device)
     if cfg.calibrate_batches:
         n_calib = min(cfg.calibrate_batches, len(run.calib_loader))
         progress.phase(f"re-estimating BatchNorm statistics on {n_calib} un-augmented batches", n_calib)

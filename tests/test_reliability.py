@@ -59,7 +59,7 @@ CASES = [
     ("eval", "truncated", ["--workers", "0"], "unreadable image"),
     ("eval", "truncated", ["--workers", "1"], "unreadable image"),
     ("eval", "not_image", ["--workers", "0"], "unreadable image"),
-    ("finetune", "extra_val_class", [], "has classes not in train/"),
+    ("finetune", "extra_val_class", [], "has classes the model was not trained on"),
     ("finetune", "ok", ["--epochs", "0"], "epochs must be an integer >= 1"),
     ("finetune", "ok", ["--alpha", "2"], "alpha must be in [0, 1]"),
     ("finetune", "ok", ["--lr", "-1"], "lr must be in (0, 1)"),

@@ -159,6 +159,11 @@ def inspect(
     prune: PruneOpt = 0.0,
     method: MethodOpt = "ot",
     plot: Annotated[Path | None, typer.Option(help="Also draw per-layer ratio, entropy and SQNR to this PNG.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="ImageFolder root: also report each 1W/1A layer's share of +1 activation bits on a batch."),
+    ] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size for --data (default: the model's).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --plot file if it exists.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -174,6 +179,13 @@ def inspect(
     if plot is not None:
         check_output_path(plot, overwrite)
     report = inspect_file(file, model, BinarizeConfig(ratio=ratio, prune=prune, method=method))
+    if data is not None:
+        from ..evaluate import activation_batch
+        from ..io import load_model
+        from ..report import activation_shares, with_activation_shares
+
+        net = load_model(file)
+        report = with_activation_shares(report, activation_shares(net, activation_batch(net, data, img_size)))
     if plot is not None:
         from ..plots import plot_layers
 
@@ -269,7 +281,7 @@ def finetune(
     ] = None,
     data: DataOpt = ...,  # type: ignore[assignment]
     epochs: Annotated[int, typer.Option(help="Passes over train/.")] = 5,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (after warm-up, then cosine to 0).")] = 5e-4,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (after warm-up, then cosine to 0).")] = 5e-3,
     batch_size: BatchOpt = 64,
     img_size: ImgSizeOpt = None,
     teacher: Annotated[
@@ -503,7 +515,7 @@ def sweep(
     methods: Annotated[str, typer.Option(help="Comma-separated: ot, sign, irnet.")] = "ot,sign,irnet",
     checkpoint: CheckpointOpt = None,
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs per setting.")] = 2,
-    lr: Annotated[float, typer.Option(help="Peak learning rate per setting.")] = 5e-4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate per setting.")] = 5e-3,
     batch_size: BatchOpt = 64,
     img_size: ImgSizeOpt = None,
     workers: WorkersOpt = 2,

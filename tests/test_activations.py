@@ -1,0 +1,71 @@
+"""1-bit activations: calibrated per-channel thresholds carry information, and survive every file format."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
+from equalbits_cli.evaluate import activation_batch, recalibrate_bn
+from equalbits_cli.layers import calibrate_thresholds
+from equalbits_cli.onnx_export import export_onnx
+from equalbits_cli.report import activation_shares
+
+
+@pytest.fixture(scope="module")
+def one_w_one_a(digits_teacher, digits_small):
+    model = binarize_model("resnet10t", BinarizeConfig(activations="sign"), checkpoint=digits_teacher)
+    images = activation_batch(model, digits_small, 32, n=48)
+    before = activation_shares(model, images)
+    assert calibrate_thresholds(model, [images]) == len(before)
+    recalibrate_bn(model, [(images, None)], 1, torch.device("cpu"))
+    return model.eval(), images, before
+
+
+def test_thresholds_balance_the_activation_bits(one_w_one_a):
+    model, images, before = one_w_one_a
+    assert max(before.values()) > 0.95, "at threshold 0 some post-ReLU layer sees (almost) only +1"
+    after = activation_shares(model, images)
+    assert set(after) == set(before)
+    assert all(0.2 <= share <= 0.8 for share in after.values()), after
+
+
+def test_thresholds_round_trip_through_files(tmp_path, one_w_one_a):
+    model, images, _ = one_w_one_a
+    x = images[:4]
+    with torch.no_grad():
+        want = model(x)
+    for path in (save_checkpoint(model, tmp_path / "l.safetensors"), save_packed(model, tmp_path / "p.safetensors")):
+        loaded = load_model(path)
+        assert torch.equal(loaded.layer1[0].conv1.act_threshold, model.layer1[0].conv1.act_threshold)
+        torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+    result = export_onnx(model, tmp_path / "m.onnx", img_size=32)
+    got = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    # a value within float error of its threshold may flip its bit: compare most outputs exactly
+    close = np.abs(got - want.detach().numpy()) <= 1e-4 * float(want.max() - want.min())
+    assert close.mean() >= 0.95
+
+
+def test_files_without_thresholds_load_at_zero_and_bad_thresholds_are_refused(tmp_path, one_w_one_a):
+    model, _, _ = one_w_one_a
+    path = save_checkpoint(model, tmp_path / "l.safetensors")
+    state = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    old = {k: v for k, v in state.items() if not k.endswith("act_threshold")}
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    assert float(load_model(tmp_path / "old.safetensors").layer1[0].conv1.act_threshold.abs().sum()) == 0
+    bad = dict(state)
+    bad["layer1.0.conv1.act_threshold"] = torch.full_like(bad["layer1.0.conv1.act_threshold"], float("nan"))
+    save_file(bad, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        load_model(tmp_path / "nan.safetensors")
+    bad["layer1.0.conv1.act_threshold"] = torch.zeros(3)
+    save_file(bad, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="act_threshold"):
+        load_model(tmp_path / "shape.safetensors")
