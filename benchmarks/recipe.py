@@ -14,7 +14,11 @@ Columns: teacher top-1, student top-1 just binarized, after BatchNorm re-estimat
 fine-tune; the share of all parameters binarized and the packed size. Every number is measured in
 this run; nothing is copied from elsewhere.
 
-    python benchmarks/recipe.py [--out recipe.json] [--quick]
+    python benchmarks/recipe.py [--out recipe.json] [--quick] [--models resnet18,...] [--activations sign]
+        [--recipes before,after]
+
+With ``--activations sign`` the students binarize their activations too (1W/1A); the fine-tune starts
+each activation threshold at its channel's median before re-estimating BatchNorm.
 """
 
 from __future__ import annotations
@@ -47,7 +51,13 @@ def recipes():
     }
 
 
-def run(out_json: Path | None, quick: bool) -> list[dict]:
+def run(
+    out_json: Path | None,
+    quick: bool,
+    models: list[str] | None = None,
+    activations: str = "none",
+    which: tuple[str, ...] = ("before", "after"),
+) -> list[dict]:
     import timm
     from safetensors.torch import save_file
 
@@ -61,6 +71,8 @@ def run(out_json: Path | None, quick: bool) -> list[dict]:
         tmp = Path(tmp)
         data = make_digits_imagefolder(tmp / "digits")
         for name, teacher_epochs, epochs, ratios in QUICK if quick else PLAN:
+            if models and name not in models:
+                continue
             torch.manual_seed(0)
             teacher = timm.create_model(name, pretrained=False, num_classes=10)
             t0 = time.perf_counter()
@@ -70,7 +82,9 @@ def run(out_json: Path | None, quick: bool) -> list[dict]:
             print(f"# teacher {name}: {top1:.2f}% in {time.perf_counter() - t0:.0f} s", flush=True)
             for ratio in ratios:
                 for recipe, r in recipes().items():
-                    cfg = BinarizeConfig(ratio=ratio, center=r["center"])
+                    if recipe not in which:
+                        continue
+                    cfg = BinarizeConfig(ratio=ratio, center=r["center"], activations=activations)
                     student = binarize_model(name, cfg, checkpoint=teacher_path, policy=r["policy"])
                     stats = collect_stats(student)
                     path = save_checkpoint(student, tmp / f"{name}-{ratio}-{recipe}.safetensors")
@@ -85,7 +99,7 @@ def run(out_json: Path | None, quick: bool) -> list[dict]:
                     row = {
                         "model": name,
                         "ratio": ratio,
-                        "recipe": recipe,
+                        "recipe": recipe if activations == "none" else f"{recipe}, 1W/1A",
                         "epochs": epochs,
                         "teacher_top1": res.teacher_top1,
                         "binarized_top1": res.student_top1_before,
@@ -132,9 +146,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="Also write the rows as JSON here.")
     ap.add_argument("--quick", action="store_true", help="resnet18 at 0.3/0.7, 1 epoch: a smoke run.")
+    ap.add_argument("--models", default="", help="Comma-separated subset of the plan's models.")
+    ap.add_argument("--activations", default="none", choices=["none", "sign"], help="sign: 1-bit activations too.")
+    ap.add_argument("--recipes", default="before,after", help="Which recipes to run.")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    rows = run(args.out, args.quick)
+    models = [m for m in args.models.split(",") if m]
+    rows = run(args.out, args.quick, models, args.activations, tuple(args.recipes.split(",")))
     print(f"\n{machine()}\n")
     print(table(rows))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import sys
@@ -71,6 +72,22 @@ GatesOpt = Annotated[
 PretrainedOpt = Annotated[
     bool, typer.Option("--pretrained/--no-pretrained", help="Download pretrained weights from the hub.")
 ]
+
+
+class AugmentChoice(str, enum.Enum):
+    none = "none"
+    light = "light"
+    full = "full"
+
+
+DataOpt = Annotated[Path, typer.Option("--data", help="ImageFolder root with train/ and val/ (or validation/).")]
+ImgSizeOpt = Annotated[int | None, typer.Option(help="Input size (default: the model's data config).")]
+BatchOpt = Annotated[int, typer.Option(help="Batch size per process.")]
+WorkersOpt = Annotated[int, typer.Option(help="Data loader worker processes.")]
+DeviceOpt = Annotated[
+    str, typer.Option(metavar="[auto|cpu|cuda|cuda:N]", help="auto: CUDA when available (one GPU per local rank).")
+]
+AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (bf16 on CPU, fp16 on CUDA).")]
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -1,0 +1,149 @@
+"""``quickstart`` and ``sweep``: the whole path on the digits data, and the ratio experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import app
+from .options import (
+    BatchOpt,
+    CheckpointOpt,
+    DataOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    OverwriteOpt,
+    RatioOpt,
+    WorkersOpt,
+    user_errors,
+)
+
+
+@app.command()
+@user_errors
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Folder for the data and every artifact.")] = Path("quickstart_out"),
+    model: Annotated[str, typer.Option(help="timm architecture to train, binarize and fine-tune.")] = "resnet18",
+    ratio: RatioOpt = 0.5,
+    teacher_epochs: Annotated[int, typer.Option(help="Epochs to train the full-precision teacher.")] = 4,
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs of the binarized student.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """The whole path offline in a few minutes: digits data, teacher, binarize, fine-tune, export.
+
+    Uses the UCI handwritten digits that scikit-learn ships (32x32, 10 classes; nothing is downloaded).
+    """
+    from ..quickstart import run_quickstart
+    from .progress import RichProgress
+    from .render import human_bytes, kv_table, print_json, stdout
+
+    with RichProgress(enabled=True) as progress:
+        summary = run_quickstart(
+            out,
+            model=model,
+            ratio=ratio,
+            teacher_epochs=teacher_epochs,
+            epochs=epochs,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    if json_out:
+        print_json(summary)
+        return
+    rows = [
+        ("teacher top-1 (full precision)", f"{summary['teacher_top1']:.2f}%"),
+        ("student top-1, just binarized", f"{summary['student_top1_before']:.2f}%"),
+    ]
+    if summary["student_top1_calibrated"] is not None:
+        rows.append(("student top-1, BatchNorm re-estimated", f"{summary['student_top1_calibrated']:.2f}%"))
+    rows += [
+        ("student top-1, fine-tuned", f"{summary['student_top1']:.2f}%"),
+        ("entropy (bits / binary weight)", f"{summary['entropy_bits']:.4f}"),
+        ("fp32 size", human_bytes(summary["fp32_bytes"])),
+        ("packed safetensors", human_bytes(summary["packed_bytes"])),
+        ("ONNX (packed weights)", human_bytes(summary["onnx_bytes"])),
+        ("compression", f"{summary['compression']:.1f}x"),
+        ("time", f"{summary['seconds']:.0f} s"),
+        ("artifacts", str(out)),
+    ]
+    stdout().print(kv_table(f"equalbits quickstart: {model} on digits, ratio {ratio}", rows))
+
+
+@app.command()
+@user_errors
+def sweep(
+    model: Annotated[str, typer.Argument(help="timm name (with --checkpoint) or a binarized checkpoint (its source).")],
+    data: DataOpt = ...,  # type: ignore[assignment]
+    ratios: Annotated[
+        str, typer.Option(help="Comma-separated +1 ratios for --method ot.")
+    ] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+    prune: Annotated[str, typer.Option(help="Comma-separated prune shares for ot.")] = "0",
+    methods: Annotated[str, typer.Option(help="Comma-separated: ot, sign, irnet.")] = "ot,sign,irnet",
+    checkpoint: CheckpointOpt = None,
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs per setting.")] = 2,
+    lr: Annotated[float, typer.Option(help="Peak learning rate per setting.")] = 5e-3,
+    batch_size: BatchOpt = 64,
+    img_size: ImgSizeOpt = None,
+    workers: WorkersOpt = 2,
+    seed: Annotated[int, typer.Option(help="Seed (the same for every setting).")] = 0,
+    plot: Annotated[Path | None, typer.Option(help="Write accuracy and entropy against the ratio to this PNG.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Accuracy and entropy across bit ratios and methods: do equal bits win on your model and data?
+
+    [b]Example[/b]
+
+      equalbits sweep resnet18 --checkpoint r18.pth --data ./digits --ratios 0.1,0.3,0.5 --plot sweep.png
+    """
+    from ..config import FinetuneConfig
+    from ..sweep import parse_floats, run_sweep
+    from .progress import RichProgress
+    from .render import print_json, stdout
+
+    ratio_list = parse_floats(ratios, "ratios")
+    prune_list = parse_floats(prune, "prune")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, img_size=img_size, workers=workers, seed=seed)
+    if plot is not None:
+        from ..io import check_output_path
+
+        check_output_path(plot, overwrite=True)
+    with RichProgress(enabled=True) as progress:
+        rows = run_sweep(
+            model,
+            data,
+            ratios=ratio_list,
+            prunes=prune_list,
+            methods=method_list,
+            checkpoint=checkpoint,
+            finetune_config=config,
+            progress=progress,
+        )
+    if plot is not None:
+        from ..plots import plot_sweep
+
+        plot_sweep(rows, plot, title=f"{model}: accuracy and entropy vs +1 ratio")
+    if json_out:
+        print_json({"model": model, "rows": rows, "plot": str(plot) if plot else None})
+        return
+    from rich.table import Table
+
+    t = Table(title=f"sweep of {model}", title_justify="left")
+    for col in ("method", "prune", "+1 ratio", "entropy", "top-1 before", "top-1 after", "top-5 after"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            r["method"],
+            f"{r['prune']:g}",
+            f"{r['ratio']:.3f}",
+            f"{r['entropy_bits']:.4f}",
+            f"{r['top1_before']:.2f}%",
+            f"{r['top1']:.2f}%",
+            f"{r['top5']:.2f}%",
+        )
+    stdout().print(t)

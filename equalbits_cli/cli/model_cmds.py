@@ -1,0 +1,188 @@
+"""``binarize``, ``inspect`` and ``export``: the commands that make, read and ship model files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import _default_output, app
+from .options import (
+    ActivationsOpt,
+    CheckpointOpt,
+    DepthwiseOpt,
+    ExcludeOpt,
+    GatesOpt,
+    IncludeOpt,
+    JsonOpt,
+    MethodOpt,
+    NumClassesOpt,
+    OutOpt,
+    OverwriteOpt,
+    PretrainedOpt,
+    PruneOpt,
+    RatioOpt,
+    user_errors,
+)
+
+
+@app.command()
+@user_errors
+def binarize(
+    model: Annotated[str, typer.Argument(help="timm model name (resnet18) or hf-hub:org/name.")],
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = True,
+    num_classes: NumClassesOpt = None,
+    ratio: RatioOpt = 0.5,
+    prune: PruneOpt = 0.0,
+    method: MethodOpt = "ot",
+    activations: ActivationsOpt = "none",
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    binarize_depthwise: DepthwiseOpt = False,
+    binarize_gates: GatesOpt = False,
+    output: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Binarize the Conv2d/Linear layers of a timm model and save a latent checkpoint.
+
+    Kept full precision by default, each with its reason in the table: the stem, the classifier,
+    depthwise convolutions and squeeze-excite gates (they cost accuracy for little size; see the
+    README's recipe table). --include / --exclude (shell globs on module names) override that.
+
+    [b]Examples[/b]
+
+      equalbits binarize resnet18 --ratio 0.5 -o r18.safetensors
+
+      equalbits binarize resnet18 --checkpoint my_r18.pth --prune 0.3
+
+      equalbits binarize mobilenetv3_small_100 --checkpoint m.pth --exclude 'blocks.5.*'
+
+      equalbits binarize resnet18 --no-pretrained --ratio 0.3 --prune 0.2 --json
+    """
+    from .. import binarize_model, collect_stats, save_checkpoint
+    from ..config import BinarizeConfig
+    from ..io import check_output_path
+    from ..policy import LayerPolicy
+    from .render import print_json, show_stats, stderr
+
+    config = BinarizeConfig(ratio=ratio, prune=prune, method=method, activations=activations)
+    policy = LayerPolicy(
+        depthwise=binarize_depthwise, gates=binarize_gates, include=tuple(include or ()), exclude=tuple(exclude or ())
+    )
+    out = check_output_path(output or _default_output(model, ".binary.safetensors"), overwrite)
+    net = binarize_model(
+        model, config, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes, policy=policy
+    )
+    stats = collect_stats(net)
+    save_checkpoint(net, out, exclusive=not overwrite)
+    if json_out:
+        print_json(
+            {
+                "model": net.equalbits_meta["model"],
+                "config": config.__dict__,
+                "policy": policy.to_dict(),
+                "output": str(out),
+                "layers": [s.to_dict() for s in stats.layers],
+                "totals": stats.totals(),
+            }
+        )
+    else:
+        show_stats(stats, f"{model}  method={method} ratio={ratio} prune={prune} activations={activations}")
+        stderr().print(f"wrote {out}")
+
+
+@app.command()
+@user_errors
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A file equalbits wrote (.safetensors, .onnx) or a plain state dict.")],
+    model: Annotated[
+        str | None, typer.Option(help="timm architecture of a plain state dict (not needed for our files).")
+    ] = None,
+    ratio: RatioOpt = 0.5,
+    prune: PruneOpt = 0.0,
+    method: MethodOpt = "ot",
+    plot: Annotated[Path | None, typer.Option(help="Also draw per-layer ratio, entropy and SQNR to this PNG.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="ImageFolder root: also report each 1W/1A layer's share of +1 activation bits on a batch."),
+    ] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size for --data (default: the model's).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --plot file if it exists.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Per-layer bit ratios, entropy, SQNR and sizes of a file.
+
+    For a plain timm state dict (with --model), shows what binarize would do with --ratio/--prune/--method.
+    """
+    from ..config import BinarizeConfig
+    from ..io import check_output_path
+    from ..report import inspect_file
+    from .render import print_json, show_stats
+
+    if plot is not None:
+        check_output_path(plot, overwrite)
+    report = inspect_file(file, model, BinarizeConfig(ratio=ratio, prune=prune, method=method))
+    if data is not None:
+        from ..evaluate import activation_batch
+        from ..io import load_model
+        from ..report import activation_shares, with_activation_shares
+
+        net = load_model(file)
+        report = with_activation_shares(report, activation_shares(net, activation_batch(net, data, img_size)))
+    if plot is not None:
+        from ..plots import plot_layers
+
+        plot_layers(report.stats, plot, title=f"{report.model} ({Path(report.path).name})")
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        show_stats(report.stats, f"{report.path}  [{report.format}]  model={report.model}", report.file_bytes)
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A binarized checkpoint (from binarize or finetune).")],
+    format: Annotated[
+        str, typer.Option("--format", "-f", metavar="[packed|onnx]", help="packed: 1-bit safetensors; onnx: ONNX.")
+    ] = "packed",
+    onnx_weights: Annotated[
+        str,
+        typer.Option(
+            metavar="[packed|float]",
+            help="ONNX only. packed: uint8 bit planes + unpack ops; float: plain float weights.",
+        ),
+    ] = "packed",
+    img_size: Annotated[int | None, typer.Option(help="ONNX input size (default: the model's).")] = None,
+    output: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a packed 1-bit safetensors file or an ONNX model, then verify it against PyTorch.
+
+    [b]Examples[/b]
+
+      equalbits export r18.safetensors --format packed -o r18.packed.safetensors
+
+      equalbits export r18.safetensors --format onnx -o r18.onnx
+    """
+    from ..export import export_file
+    from .render import human_bytes, print_json, stderr
+
+    if format not in ("packed", "onnx"):
+        raise ValueError(f"--format must be packed or onnx, got {format!r}")
+    suffix = ".packed.safetensors" if format == "packed" else ".onnx"
+    out = output or checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + suffix)
+    result = export_file(
+        checkpoint, out, format=format, onnx_weights=onnx_weights, img_size=img_size, overwrite=overwrite
+    )
+    if json_out:
+        print_json(result)
+    else:
+        stderr().print(
+            f"wrote {result['output']} ({human_bytes(result['bytes'])}, {result['compression']:.2f}x smaller than "
+            f"fp32); max |difference| vs PyTorch {result['max_abs_diff']:.3g}"
+        )

@@ -1,0 +1,222 @@
+"""``finetune`` and ``eval``: the commands that train and score models on an ImageFolder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import app
+from .options import (
+    AmpOpt,
+    AugmentChoice,
+    BatchOpt,
+    CheckpointOpt,
+    DataOpt,
+    DeviceOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    OutOpt,
+    OverwriteOpt,
+    WorkersOpt,
+    user_errors,
+)
+
+
+def _find_student(directory: Path) -> Path:
+    """The single binarized latent checkpoint in ``directory`` (for ``finetune`` without CKPT)."""
+    from ..io import LATENT_FORMAT, read_metadata
+
+    found = []
+    for f in sorted(directory.glob("*.safetensors")):
+        try:
+            if read_metadata(f).get("format") == LATENT_FORMAT:
+                found.append(f)
+        except (ValueError, OSError):
+            continue
+    if not found:
+        raise ValueError(f"no binarized checkpoint in {directory.resolve()}; run 'equalbits binarize' or pass CKPT")
+    if len(found) > 1:
+        raise ValueError(f"several binarized checkpoints here ({', '.join(f.name for f in found)}); pass one as CKPT")
+    return found[0]
+
+
+@app.command()
+@user_errors
+def finetune(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Binarized checkpoint (default: the single one in the working directory).", show_default=False
+        ),
+    ] = None,
+    data: DataOpt = ...,  # type: ignore[assignment]
+    epochs: Annotated[int, typer.Option(help="Passes over train/.")] = 5,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (after warm-up, then cosine to 0).")] = 5e-3,
+    batch_size: BatchOpt = 64,
+    img_size: ImgSizeOpt = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="Teacher: timm name (pretrained) or state dict file. Default: the student's source."),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 1.0,
+    alpha: Annotated[
+        float, typer.Option(help="Share of label cross-entropy in the loss (0 = pure distillation).")
+    ] = 0.0,
+    weight_decay: Annotated[
+        float, typer.Option(help="AdamW decay of full-precision weights (never latent binary).")
+    ] = 1e-4,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps (at most 10% of training).")] = 100,
+    calibrate_batches: Annotated[
+        int, typer.Option(help="Batches to re-estimate BatchNorm statistics first (0: off).")
+    ] = 20,
+    save_every: Annotated[
+        int, typer.Option(help="Save the training state every N steps (and at each epoch end).")
+    ] = 200,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the saved training state of -o.")] = False,
+    augment: Annotated[
+        AugmentChoice,
+        typer.Option(
+            help="none; light: random crops of 64-100% of the area, no flips; full: timm's ImageNet training transform."
+        ),
+    ] = AugmentChoice.none,
+    log: Annotated[
+        Path | None, typer.Option(help="Append JSON lines (every 10 steps and each epoch) to this file.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw loss, learning rate and validation top-1 per epoch to this PNG.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and initialisation.")] = 0,
+    workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = False,
+    output: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Distil the binarized student from its full-precision teacher on an ImageFolder dataset.
+
+    Loss: KL(teacher || student) at temperature T, times T^2, mixed with label cross-entropy by --alpha.
+    AdamW, linear warm-up then cosine decay; BatchNorm statistics re-estimated first.
+
+    [b]Examples[/b]
+
+      equalbits finetune r18.safetensors --data ./imagenet --epochs 5
+
+      equalbits finetune --data ./imagenet            (uses the one checkpoint here)
+
+      torchrun --nproc-per-node 2 -m equalbits_cli finetune r18.safetensors --data ./imagenet
+    """
+    import os
+
+    from ..config import FinetuneConfig
+    from ..io import check_output_path
+    from ..train import Interrupted
+    from ..train import finetune as run_finetune
+    from .progress import RichProgress
+    from .render import kv_table, print_json, stdout
+
+    config = FinetuneConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        img_size=img_size,
+        temperature=temperature,
+        alpha=alpha,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        calibrate_batches=calibrate_batches,
+        save_every=save_every,
+        seed=seed,
+        workers=workers,
+        amp=amp,
+        device=device,
+        augment=augment.value,
+    )
+    student = checkpoint if checkpoint is not None else _find_student(Path("."))
+    if not student.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {student}")
+    out = output or student.with_name(student.name.removesuffix(".safetensors") + ".ft.safetensors")
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        check_output_path(out, overwrite or resume)
+        if plot is not None:
+            check_output_path(plot, overwrite)
+    try:
+        with RichProgress(enabled=rank == 0) as progress:
+            result = run_finetune(
+                student, data, config, output=out, teacher=teacher, resume=resume, log=log, progress=progress
+            )
+    except Interrupted as exc:
+        from .options import fail
+
+        fail(str(exc), code=128 + int(exc.signum))
+        return
+    if result is None:
+        return
+    if plot is not None:
+        from ..plots import plot_history
+
+        plot_history(result.history, plot, title=f"fine-tune of {student.name}")
+    if json_out:
+        print_json({**result.to_dict(), "output": str(out)})
+        return
+    rows = [("teacher top-1", "-" if result.teacher_top1 is None else f"{result.teacher_top1:.2f}%")]
+    rows.append(("student top-1, binarized", f"{result.student_top1_before:.2f}%"))
+    if result.student_top1_calibrated is not None:
+        rows.append(("student top-1, BatchNorm re-estimated", f"{result.student_top1_calibrated:.2f}%"))
+    rows += [
+        (f"epoch {h['epoch']}: loss / val top-1", f"{h['loss']:.4f} / {h['val_top1']:.2f}%") for h in result.history
+    ]
+    rows += [
+        ("student top-1, fine-tuned", f"{result.student_top1:.2f}%"),
+        ("student top-5, fine-tuned", f"{result.student_top5:.2f}%"),
+        ("steps / epochs", f"{result.steps} / {result.epochs}"),
+        ("processes", str(result.world_size)),
+        ("time", f"{result.seconds:.1f} s"),
+    ]
+    stdout().print(kv_table(f"fine-tuned {student.name} -> {out}", rows))
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    model: Annotated[str, typer.Argument(help="Binarized or packed file, or a timm model name (with --checkpoint).")],
+    data: DataOpt = ...,  # type: ignore[assignment]
+    checkpoint: CheckpointOpt = None,
+    img_size: ImgSizeOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Top-1 / top-5 accuracy on the val split of an ImageFolder dataset.
+
+    [b]Examples[/b]
+
+      equalbits eval r18.ft.safetensors --data ./imagenet
+
+      equalbits eval resnet18 --checkpoint r18_fp.safetensors --data ./imagenet --json
+    """
+    from ..train import evaluate_source
+    from .progress import RichProgress
+    from .render import print_json, stdout
+
+    with RichProgress(enabled=not json_out) as progress:
+        result = evaluate_source(
+            model,
+            data,
+            checkpoint=checkpoint,
+            img_size=img_size,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            amp=amp,
+            progress=progress,
+        )
+    if json_out:
+        print_json(result)
+    else:
+        stdout().print(f"{model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['n']} images")
