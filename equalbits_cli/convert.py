@@ -193,7 +193,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         FileNotFoundError: if the file does not exist.
         ValueError: if it cannot be read as a state dict.
     """
-    from .io import require_file
+    from .paths import require_file
 
     path = require_file(path, "checkpoint")
     if path.suffix == ".safetensors":

@@ -1,214 +1,49 @@
-"""Reading and writing the files equalbits makes: latent checkpoints and packed files.
+"""The latent checkpoint (the file ``binarize`` and ``finetune`` write) and ``load_model`` for every format.
 
-Every file is a safetensors file whose string metadata describes the model, so that
-:func:`load_model` rebuilds a ready model from the file alone. Writes are atomic: the data go to a
-temporary file in the target directory, which is flushed and then renamed over the target.
+Every file is a safetensors file whose string metadata describes the model (:mod:`equalbits_cli.files`),
+so that :func:`load_model` rebuilds a ready model from the file alone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import stat
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import nn
 
-from .config import BinarizeConfig
-from .policy import KEEP_REASONS, LayerPolicy
+from .files import (
+    FORMAT_VERSION,
+    LATENT_FORMAT,
+    PACKED_FORMAT,
+    FileInfo,
+    _fail,
+    _tensors_for_saving,
+    atomic_write,
+    base_metadata,
+    build_model,
+    check_output_path,
+    file_info,
+    load_state_into,
+    read_metadata,
+    require_file,
+)
+from .packing import load_packed_into
 
 __all__ = [
+    "FORMAT_VERSION",
     "LATENT_FORMAT",
     "PACKED_FORMAT",
     "FileInfo",
     "atomic_write",
-    "check_output_path",
-    "read_metadata",
-    "save_checkpoint",
-    "load_model",
     "build_model",
+    "check_output_path",
+    "file_info",
+    "load_model",
+    "load_state_into",
+    "read_metadata",
+    "require_file",
+    "save_checkpoint",
 ]
-
-LATENT_FORMAT = "equalbits.latent"
-PACKED_FORMAT = "equalbits.packed"
-FORMAT_VERSION = "1"
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """What an equalbits file's metadata says about the model it holds."""
-
-    path: str
-    format: str
-    model: str
-    model_kwargs: dict[str, Any]
-    config: BinarizeConfig
-    binarized: list[str]
-    source: dict[str, Any] = field(default_factory=dict)
-    kept: dict[str, str] = field(default_factory=dict)
-    policy: dict[str, Any] | None = None
-    classes: list[str] | None = None
-
-
-def require_file(path: str | os.PathLike, what: str = "file") -> Path:
-    """``path`` as a Path if it is a readable regular file; else a one-line error that says what it is.
-
-    Raises:
-        FileNotFoundError: nothing there.
-        ValueError: a directory, a symlink loop, a name too long, or not a regular file.
-    """
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
-    except OSError as exc:  # ELOOP, ENAMETOOLONG, ...
-        raise ValueError(f"{path}: {exc.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"{path} is a directory, not a {what}")
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path} is not a regular file")
-    return path
-
-
-def _exists(path: Path) -> bool:
-    return os.path.lexists(path)
-
-
-def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that ``path`` can be written, before any work is done.
-
-    Raises:
-        ValueError: the directory is missing or not writable, the name is too long, the path exists and
-            is not a regular file (a device, a FIFO: never replaced), or it exists without ``overwrite``.
-    """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if len(os.fsencode(path.name)) > 255:
-        raise ValueError(
-            f"output file name is {len(os.fsencode(path.name))} bytes, over the 255 the file system allows"
-        )
-    if path.is_dir():
-        raise ValueError(f"output {path} is a directory; give a file name")
-    if not parent.is_dir():
-        raise ValueError(f"output directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"output directory {parent} is not writable; choose another -o path")
-    if _exists(path) and not (path.is_file() or path.is_symlink()):
-        raise ValueError(f"output {path} exists and is not a regular file; choose another -o path")
-    if _exists(path) and not overwrite:
-        raise ValueError(f"output {path} exists; pass --overwrite to replace it")
-    return path
-
-
-def _publish(tmp_path: Path, path: Path, exclusive: bool) -> None:
-    """Give ``tmp_path`` its final name: replacing what is there, or (``exclusive``) only if nothing is,
-    checked atomically by the file system (a hard link fails if the name exists)."""
-    if _exists(path) and not (path.is_file() or path.is_symlink()):
-        raise ValueError(f"output {path} exists and is not a regular file; nothing was written")
-    if not exclusive:
-        os.replace(tmp_path, path)
-        return
-    try:
-        os.link(tmp_path, path)
-    except FileExistsError:
-        raise ValueError(
-            f"output {path} appeared while this command ran (another process?); nothing was written; "
-            "pass --overwrite or another -o path"
-        ) from None
-    except OSError:  # a file system without hard links: claim the name exclusively, then replace it
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
-            raise ValueError(f"output {path} appeared while this command ran; nothing was written") from None
-        os.close(fd)
-        os.replace(tmp_path, path)
-        return
-    tmp_path.unlink()
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, exclusive: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it to ``path``, else remove it.
-
-    A crash or Ctrl-C at any point leaves either the old file or the new one, never a partial file.
-    With ``exclusive`` the rename happens only if ``path`` does not exist at that moment, so two
-    writers that both checked for it earlier cannot replace each other's file.
-
-    Raises:
-        ValueError: ``path`` is not a regular file, or (``exclusive``) it exists by the time of the rename.
-        OSError: the disk is full or the directory unwritable (the temporary is removed).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent if str(path.parent) else "."
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600 files; give the result the mode a plain open() would (or the old file's).
-        if path.is_file():
-            mode = path.stat().st_mode & 0o777
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp_path, mode)
-        _publish(tmp_path, path, exclusive)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
-
-
-def _tensors_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses tensors that share memory; clone those (and make everything contiguous).
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for k, v in state.items():
-        v = v.detach().cpu()
-        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
-        if ptr in seen or not v.is_contiguous():
-            v = v.clone().contiguous()
-        if ptr != -1:
-            seen.add(ptr)
-        out[k] = v
-    return out
-
-
-def base_metadata(model: nn.Module, fmt: str) -> dict[str, str]:
-    """The metadata every equalbits file carries (all values are strings)."""
-    from . import __version__
-
-    meta = getattr(model, "equalbits_meta", None)
-    if meta is None:
-        raise ValueError("model has no equalbits metadata; build it with equalbits_cli.binarize_model or load_model")
-    from .convert import binarized_names
-
-    policy = meta.get("policy")
-    return {
-        "format": fmt,
-        "format_version": FORMAT_VERSION,
-        "equalbits_version": __version__,
-        "model": meta["model"],
-        "model_kwargs": json.dumps(meta["model_kwargs"], sort_keys=True),
-        "binarize_config": meta["config"].to_json(),
-        "binarized": json.dumps(binarized_names(model)),
-        "kept": json.dumps(meta.get("kept", {})),
-        "layer_policy": json.dumps(policy.to_dict() if policy is not None else None),
-        "source": json.dumps(meta.get("source", {}), sort_keys=True),
-        **({"classes": json.dumps(meta["classes"])} if meta.get("classes") else {}),
-    }
 
 
 def save_checkpoint(
@@ -235,213 +70,6 @@ def save_checkpoint(
     return path
 
 
-def _fail(path: Path, problem: str) -> ValueError:
-    return ValueError(f"{path}: {problem}")
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file, with the header validated.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a valid safetensors file.
-    """
-    path = require_file(path)
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise _fail(path, "not a safetensors file (shorter than its 8-byte header length)")
-        n = int.from_bytes(head, "little")
-        if n > min(_MAX_HEADER, size - 8):
-            raise _fail(path, "not a safetensors file (header length past the end of the file)")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _fail(path, "not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "not a safetensors file (header is not a JSON object)")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise _fail(path, "safetensors metadata must map strings to strings")
-    return meta
-
-
-def _json_field(path: Path, meta: dict[str, str], key: str, kind: type) -> Any:
-    if key not in meta:
-        raise _fail(path, f"metadata lacks {key!r}; the file was not written by equalbits or is damaged")
-    try:
-        value = json.loads(meta[key])
-    except json.JSONDecodeError:
-        raise _fail(path, f"metadata {key!r} is not valid JSON") from None
-    if not isinstance(value, kind):
-        raise _fail(path, f"metadata {key!r} must be a JSON {kind.__name__}")
-    return value
-
-
-# Constructor arguments a file may record, with their accepted ranges: anything else is refused, so
-# that a forged file cannot make timm build something huge or unexpected.
-_MODEL_KWARGS = {"num_classes": (0, 1_000_000)}
-
-
-def _check_model_kwargs(path: Path, kwargs: dict[str, Any]) -> None:
-    for key, value in kwargs.items():
-        if key not in _MODEL_KWARGS:
-            raise _fail(path, f"metadata model_kwargs has unsupported key {key!r}")
-        low, high = _MODEL_KWARGS[key]
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise _fail(path, f"metadata model_kwargs {key}={value!r} is out of range [{low}, {high}]")
-
-
-def file_info(path: str | os.PathLike, meta: dict[str, str] | None = None) -> FileInfo:
-    """Parse and check an equalbits file's metadata.
-
-    Raises:
-        ValueError: not an equalbits file, an unsupported version, or malformed metadata.
-    """
-    import timm
-
-    path = Path(path)
-    meta = read_metadata(path) if meta is None else meta
-    fmt = meta.get("format")
-    if fmt not in (LATENT_FORMAT, PACKED_FORMAT):
-        raise _fail(path, f"not an equalbits file (format {fmt!r}); for a plain timm state dict pass --model NAME")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise _fail(
-            path,
-            f"{fmt} version {meta.get('format_version')!r} is not supported by this equalbits (reads "
-            f"version {FORMAT_VERSION}); upgrade equalbits",
-        )
-    model = meta.get("model", "")
-    if not model or not (model.startswith("hf-hub:") or timm.is_model(model)):
-        raise _fail(path, f"model {model!r} is not known to this timm; upgrade timm")
-    kwargs = _json_field(path, meta, "model_kwargs", dict)
-    _check_model_kwargs(path, kwargs)
-    try:
-        # Files from before centred levels existed computed with scale * codes.
-        config = BinarizeConfig.from_dict({"center": False, **_json_field(path, meta, "binarize_config", dict)})
-    except (TypeError, ValueError) as exc:
-        raise _fail(path, f"bad binarize_config: {exc}") from None
-    binarized = _json_field(path, meta, "binarized", list)
-    if not all(isinstance(b, str) for b in binarized):
-        raise _fail(path, "metadata 'binarized' must be a list of module names")
-    source = _json_field(path, meta, "source", dict) if "source" in meta else {}
-    kept = _json_field(path, meta, "kept", dict) if "kept" in meta else {}
-    if not all(isinstance(k, str) and v in KEEP_REASONS + ("filter",) for k, v in kept.items()):
-        raise _fail(path, "metadata 'kept' must map module names to a reason")
-    policy = None if meta.get("layer_policy") in (None, "null") else _json_field(path, meta, "layer_policy", dict)
-    if policy is not None:
-        try:
-            LayerPolicy.from_dict(policy)
-        except (TypeError, ValueError) as exc:
-            raise _fail(path, f"bad layer_policy: {exc}") from None
-    classes = _json_field(path, meta, "classes", list) if "classes" in meta else None
-    if classes is not None and (
-        not all(isinstance(c, str) and 0 < len(c) <= 255 for c in classes) or len(set(classes)) != len(classes)
-    ):
-        raise _fail(path, "metadata 'classes' must be a list of distinct folder names")
-    if classes is not None and kwargs.get("num_classes") is not None and len(classes) > kwargs["num_classes"]:
-        raise _fail(path, "metadata 'classes' lists more classes than the classifier has")
-    return FileInfo(str(path), fmt, model, kwargs, config, binarized, source, kept, policy, classes)
-
-
-_MAX_ELEMENTS = 4_000_000_000  # about 16 GB of fp32: more than any file equalbits writes should ask for
-
-
-def _check_declared_size(info: FileInfo, path: Path) -> None:
-    """Refuse, before allocating anything, a file too small for the model its metadata names.
-
-    The model is built on the meta device (shapes only, no memory), and the bytes its tensors need at
-    the least (1 bit per binarized weight, everything else as stored) are compared with the file's size,
-    so that a forged 500-byte header cannot make us allocate gigabytes.
-    """
-    import timm
-
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(info.model, pretrained=False, **info.model_kwargs)
-    except Exception:  # a model that cannot be built on meta: the real build reports the problem
-        return
-    binarized = {n + ".weight" for n in info.binarized}
-    need = total = 0
-    for name, t in model.state_dict().items():
-        total += t.numel()
-        need += t.numel() // 8 if name in binarized else t.numel() * t.element_size()
-    if total > _MAX_ELEMENTS:
-        raise _fail(path, f"model {info.model} with {info.model_kwargs} has {total:,} values, over the limit")
-    size = path.stat().st_size
-    if size < 0.9 * need:
-        raise _fail(
-            path, f"file of {size:,} bytes is too small for model {info.model!r}, which needs at least {need:,}"
-        )
-
-
-def build_model(info: FileInfo) -> nn.Module:
-    """An untrained timm model with the file's architecture, binarized as the file says.
-
-    Raises:
-        ValueError: the model cannot be built or a listed module is missing or not Conv2d/Linear.
-    """
-    import timm
-
-    from .convert import binarize_
-
-    path = Path(info.path)
-    kwargs = dict(info.model_kwargs)
-    _check_declared_size(info, path)
-    try:
-        model = timm.create_model(info.model, pretrained=False, **kwargs)
-    except Exception as exc:
-        raise _fail(path, f"cannot build model {info.model!r} with {kwargs}: {exc}") from None
-    modules = dict(model.named_modules())
-    wanted = set(info.binarized)
-    for name in wanted:
-        if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear)):
-            raise _fail(path, f"binarized module {name!r} is not a Conv2d/Linear of {info.model}")
-    if not wanted:
-        raise _fail(path, "metadata 'binarized' lists no layer; the file holds no binary network")
-    binarize_(model, info.config, filter_fn=lambda m, fqn: fqn in wanted)
-    model.equalbits_meta = {
-        "model": info.model,
-        "model_kwargs": kwargs,
-        "config": info.config,
-        "source": info.source,
-        "kept": dict(info.kept),
-        "policy": LayerPolicy.from_dict(info.policy) if info.policy is not None else None,
-        "classes": info.classes,
-    }
-    return model
-
-
-def _check_finite(path: Path, name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise _fail(path, f"tensor {name!r} holds NaN or inf values")
-
-
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load ``state`` strictly, turning mismatches into one-line errors."""
-    expected = model.state_dict()
-    state = dict(state)
-    for k in expected:  # 1W/1A files from before learned thresholds computed sign(x) at 0
-        if k.endswith(".act_threshold") and k not in state:
-            state[k] = torch.zeros_like(expected[k])
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]})")
-        raise _fail(path, "tensors do not match the model: " + "; ".join(parts))
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise _fail(path, f"tensor {k!r} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")
-        _check_finite(path, k, state[k])
-    model.load_state_dict(state, strict=True)
-
-
 def load_model(path: str | os.PathLike) -> nn.Module:
     """Rebuild a ready binarized model (eval mode) from a latent checkpoint or a packed file.
 
@@ -465,8 +93,6 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     except Exception as exc:
         raise _fail(path, f"cannot read tensors ({exc})") from None
     if info.format == PACKED_FORMAT:
-        from .packing import load_packed_into
-
         load_packed_into(model, state, path)
     else:
         load_state_into(model, state, path)

@@ -291,7 +291,7 @@ def export_onnx(
     import onnx
     import onnxruntime as ort
 
-    from .io import atomic_write, base_metadata
+    from .files import atomic_write, base_metadata
 
     if weights not in ("packed", "float"):
         raise ValueError(f"--onnx-weights must be packed or float, got {weights!r}")

@@ -79,7 +79,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    from .io import PACKED_FORMAT, _tensors_for_saving, atomic_write, base_metadata
+    from .files import PACKED_FORMAT, _tensors_for_saving, atomic_write, base_metadata
     from .layers import BinaryLayer
 
     tensors: dict[str, torch.Tensor] = {}
@@ -148,7 +148,7 @@ def read_packed_layer(state: dict[str, torch.Tensor], name: str, path: Path) -> 
 
 def load_packed_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Fill a freshly built binarized ``model`` from a packed file's tensors (codes pinned exactly)."""
-    from .io import load_state_into
+    from .files import load_state_into
     from .layers import BinaryLayer
     from .quantize import dequantize
 

@@ -21,7 +21,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    from .io import atomic_write
+    from .paths import atomic_write
 
     path = Path(path)
     with atomic_write(path) as tmp:

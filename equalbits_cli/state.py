@@ -107,7 +107,7 @@ def check_resume_config(path: Path, state: dict[str, Any], config_json: str) -> 
 
 def save_state(path: Path, payload: dict[str, Any]) -> None:
     """Write the state atomically (the previous one stays until this one is complete)."""
-    from .io import atomic_write
+    from .paths import atomic_write
 
     with atomic_write(path) as tmp:
         torch.save(payload, str(tmp))
