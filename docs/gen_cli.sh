@@ -6,7 +6,8 @@ EB=${EB:-.venv/bin/equalbits}
   echo "# CLI reference"
   echo
   echo "Generated from \`equalbits COMMAND --help\` by \`docs/gen_cli.sh\`. Every command exits 0 on success,"
-  echo "2 on bad input (one line on stderr, no output file), 130 when interrupted."
+  echo "2 on bad input (one line on stderr, no output file), 1 on an internal error (rerun with --debug),"
+  echo "130 when interrupted by Ctrl-C, 143 by SIGTERM."
   for cmd in "" binarize inspect finetune eval export sweep quickstart; do
     echo
     echo "## equalbits ${cmd}"

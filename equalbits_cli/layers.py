@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BinarizeConfig
-from .quantize import OTCache, dequantize, ot_codes
+from .quantize import OTCache, dequantize, ot_codes, ot_offset
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input", "calibrate_thresholds", "conv_kwargs"]
 
@@ -140,7 +140,11 @@ class BinaryLayer:
         if cached is not None:
             return cached[2]
         codes, scale = self.quantize()
-        q = dequantize(codes, scale.to(self.weight.dtype), bool(self.config.center))
+        cfg = self.config
+        offset = None
+        if cfg.center and cfg.method == "ot" and self.pinned_codes is None:
+            offset = ot_offset(codes[0].numel(), cfg.ratio, cfg.prune)
+        q = dequantize(codes, scale.to(self.weight.dtype), bool(cfg.center), offset)
         if not self.training:  # repeated inference reuses it; training changes the weight every step
             self._eval_cache = (codes, scale, q, self.weight.detach().clone())
         return q

@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "code_offsets",
     "dequantize",
+    "ot_offset",
     "ot_counts",
     "ot_codes",
     "ot_codes_reference",
@@ -96,6 +97,20 @@ def code_offsets(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(mu.abs() < 1, mu, torch.zeros_like(mu)).float()
 
 
+def ot_offset(n: int, ratio: float = 0.5, prune: float = 0.0) -> float:
+    """The mean code ``mu`` every filter of ``n`` weights has under ``ot`` (the counts are exact), as
+    :func:`code_offsets` would compute it from the codes.
+
+    Example:
+        >>> ot_offset(10, ratio=0.7), ot_offset(10), ot_offset(9)
+        (0.4, 0.0, -0.1111111111111111)
+    """
+    n_minus, _, n_plus = ot_counts(n, ratio, prune)
+    m = n_minus + n_plus
+    mu = (n_plus - n_minus) / m if m else 0.0
+    return mu if abs(mu) < 1 else 0.0
+
+
 def centered_codes(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``codes - mu * |codes|`` per filter (see :func:`code_offsets`), as ``dtype``: the two levels of a
     binary filter become ``1 - mu`` and ``-1 - mu``, so they average to zero; pruned zeros stay zero."""
@@ -104,7 +119,9 @@ def centered_codes(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
     return (c - mu[:, None] * c.abs()).reshape(codes.shape)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, center: bool = False) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, center: bool = False, offset: float | None = None
+) -> torch.Tensor:
     """The weight a binarized layer computes with: ``scale * codes``, or with ``center``
     ``scale * (codes - mu * |codes|)`` (:func:`centered_codes`), in ``scale``'s dtype.
 
@@ -120,7 +137,13 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, center: bool = False) -
         [[1.0, 1.0, 1.0, -3.0]]
     """
     shape = (-1,) + (1,) * (codes.dim() - 1)
-    c = centered_codes(codes, scale.dtype) if center else codes.to(scale.dtype)
+    if not center or offset == 0:  # ``offset``: the filters' common mu when known (ot), saves a pass
+        c = codes.to(scale.dtype)
+    elif offset is not None:
+        c = codes.to(scale.dtype)
+        c = c - offset * c.abs() if bool(codes.eq(0).any()) else c - offset
+    else:
+        c = centered_codes(codes, scale.dtype)
     return c * scale.view(shape)
 
 
@@ -356,7 +379,7 @@ def ot_codes(
         scale = torch.pow(2.0, torch.round(torch.log2(mean_abs))) * std.squeeze(1)
     else:
         raise ValueError(f"method must be one of ot, sign, irnet, got {method!r}")
-    if center:
+    if center and (method != "ot" or ot_offset(w.shape[1], ratio, prune) != 0):
         scale = least_squares_scale(w, centered_codes(codes, w.dtype))
     return codes.reshape(weight.shape), scale
 

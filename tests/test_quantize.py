@@ -163,3 +163,18 @@ def test_warm_cache_hits_when_weights_barely_move():
     assert cache.misses == 64 and cache.hits == 0
     ot_codes(w * 1.0001, cache=cache)
     assert cache.hits == 64
+
+
+@pytest.mark.parametrize(("ratio", "prune"), [(0.3, 0.0), (0.7, 0.2), (0.5, 0.3), (0.5, 0.0), (0.45, 0.1)])
+@pytest.mark.parametrize("n", [9, 10, 27, 576])
+def test_known_offset_matches_the_codes(ratio, prune, n):
+    """The layer's shortcut (mu from the counts) gives the same weight as mu read from the codes."""
+    from equalbits_cli.quantize import code_offsets, dequantize, ot_offset
+
+    w = torch.randn(6, n, generator=torch.Generator().manual_seed(n))
+    codes, scale = ot_codes(w, ratio, prune, center=True)
+    mu = ot_offset(n, ratio, prune)
+    assert torch.allclose(code_offsets(codes), torch.full((6,), mu), atol=1e-7)
+    torch.testing.assert_close(dequantize(codes, scale, True, mu), dequantize(codes, scale, True), rtol=0, atol=1e-7)
+    levels = dequantize(codes, scale, True) / scale[:, None]
+    assert levels.sum(dim=1).abs().max() < 1e-4, "centred levels average to zero over each filter"

@@ -137,6 +137,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, digits_small, d
         "3",
         "--lr",
         "1e-3",
+        "--augment",  # after FAST's "--augment none": the last one wins; seeded crops must resume exactly
+        "light",
     ]
     full = tmp_path / "full.safetensors"
     res = run_cli(*args, "-o", full)
