@@ -138,11 +138,11 @@ def test_help_and_version_import_neither_torch_nor_timm():
 def test_user_text_with_brackets_is_not_markup(tmp_path, binary_ckpt):
     odd = tmp_path / "m[" / "x]"
     odd.mkdir(parents=True)
-    res = run_cli("export", binary_ckpt, "-o", odd / "out[b].safetensors")
-    assert res.returncode == 0, res.stderr
+    res = runner.invoke(app, ["export", str(binary_ckpt), "-o", str(odd / "out[b].safetensors")])
+    assert res.exit_code == 0, res.stderr
     assert "out[b].safetensors" in res.stderr
-    res = run_cli("inspect", odd / "out[b].safetensors")
-    assert res.returncode == 0 and "m[/x]" in res.stdout, res.stderr
+    res = runner.invoke(app, ["inspect", str(odd / "out[b].safetensors")])
+    assert res.exit_code == 0 and "m[/x]" in res.stdout, res.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path):

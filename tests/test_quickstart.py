@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import run_cli
 from typer.testing import CliRunner
 
@@ -11,6 +12,7 @@ from equalbits_cli.cli import app
 from equalbits_cli.quickstart import ARTIFACTS
 
 
+@pytest.mark.slow
 def test_reduced_quickstart(tmp_path):
     out = tmp_path / "qs"
     res = run_cli(
@@ -43,6 +45,7 @@ def test_inspect_plot(tmp_path, binary_ckpt):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_sweep_small(tmp_path, digits_small, digits_teacher):
     png = tmp_path / "sweep.png"
     res = CliRunner().invoke(

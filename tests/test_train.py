@@ -15,6 +15,7 @@ import torch
 from helpers import run_cli, start_cli, wait_for_file
 
 from equalbits_cli import load_model
+from equalbits_cli.io import read_metadata
 from equalbits_cli.train import codes_checksum, state_path_for
 
 FAST = ["--img-size", "32", "--batch-size", "32", "--workers", "0", "--warmup-steps", "5", "--augment", "none"]
@@ -22,6 +23,7 @@ FAST = ["--img-size", "32", "--batch-size", "32", "--workers", "0", "--warmup-st
 
 def test_finetune_improves_the_student(tmp_path, digits_small, digits_student):
     out = tmp_path / "ft.safetensors"
+    log = tmp_path / "log.jsonl"
     res = run_cli(
         "finetune",
         digits_student,
@@ -37,6 +39,8 @@ def test_finetune_improves_the_student(tmp_path, digits_small, digits_student):
         "-o",
         out,
         "--json",
+        "--log",
+        log,
     )
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
@@ -51,6 +55,14 @@ def test_finetune_improves_the_student(tmp_path, digits_small, digits_student):
     assert evaluation["n"] == 120 and evaluation["top1"] == pytest.approx(result["student_top1"])
     res = run_cli("inspect", out, "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["totals"]["entropy_bits"] == 1.0
+    # the class list is recorded for eval, and the curves are reported
+    assert json.loads(read_metadata(out)["classes"]) == sorted(p.name for p in (digits_small / "train").iterdir())
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert all({"loss", "lr", "val_top1"} <= set(h) for h in result["history"])
+    assert result["history"][-1]["val_top1"] == pytest.approx(result["student_top1"])
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["event"] == "epoch"] == [1, 2, 3]
+    assert any(r["event"] == "step" for r in rows)
 
 
 def test_eval_full_precision_model(digits_small, digits_teacher):
@@ -83,6 +95,7 @@ def test_finetune_finds_the_single_checkpoint_in_cwd(tmp_path, digits_small, dig
     assert res.returncode == 2 and "several binarized checkpoints" in res.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, digits_small, digits_student):
     out = tmp_path / "ddp.safetensors"
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -122,6 +135,7 @@ def _codes(path):
     return [m.quantize()[0] for m in model.modules() if hasattr(m, "pin_codes")]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, digits_small, digits_student):
     args = [
         "finetune",
