@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import BinarizeConfig
 from .convert import binarize_, binarized_names
-from .paths import atomic_write, check_output_path, require_file
+from .paths import atomic_write, check_output_path, read_metadata, require_file
 from .policy import KEEP_REASONS, LayerPolicy
 
 __all__ = [
@@ -95,40 +95,14 @@ def base_metadata(model: nn.Module, fmt: str) -> dict[str, str]:
         "layer_policy": json.dumps(policy.to_dict() if policy is not None else None),
         "source": json.dumps(meta.get("source", {}), sort_keys=True),
         **({"classes": json.dumps(meta["classes"])} if meta.get("classes") else {}),
+        # What inspect needs to report a packed file without building the model (numpy only):
+        "layers": json.dumps([n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]),
+        "param_count": str(sum(p.numel() for p in model.parameters())),
     }
 
 
 def _fail(path: Path, problem: str) -> ValueError:
     return ValueError(f"{path}: {problem}")
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file, with the header validated.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a valid safetensors file.
-    """
-    path = require_file(path)
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise _fail(path, "not a safetensors file (shorter than its 8-byte header length)")
-        n = int.from_bytes(head, "little")
-        if n > min(_MAX_HEADER, size - 8):
-            raise _fail(path, "not a safetensors file (header length past the end of the file)")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _fail(path, "not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "not a safetensors file (header is not a JSON object)")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise _fail(path, "safetensors metadata must map strings to strings")
-    return meta
 
 
 def _json_field(path: Path, meta: dict[str, str], key: str, kind: type) -> Any:

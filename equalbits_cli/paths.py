@@ -8,13 +8,14 @@ meanwhile. No torch here: the CLI can check paths before importing it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "check_output_path", "require_file"]
+__all__ = ["atomic_write", "check_output_path", "read_metadata", "require_file"]
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
@@ -129,3 +130,39 @@ def atomic_write(path: str | os.PathLike, exclusive: bool = False) -> Iterator[P
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def _bad(path: Path, problem: str) -> ValueError:
+    return ValueError(f"{path}: {problem}")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file, with the header validated.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a valid safetensors file.
+    """
+    path = require_file(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _bad(path, "not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if n > min(_MAX_HEADER, size - 8):
+            raise _bad(path, "not a safetensors file (header length past the end of the file)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _bad(path, "not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "not a safetensors file (header is not a JSON object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _bad(path, "safetensors metadata must map strings to strings")
+    return meta

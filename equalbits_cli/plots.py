@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .report import ModelStats
+from .stats import ModelStats
 
 __all__ = ["plot_history", "plot_layers", "plot_sweep", "plot_toy"]
 

@@ -25,9 +25,10 @@ import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where modules are examined, so that reading files needs none
+    from torch import nn
 
 __all__ = ["LayerPolicy", "LayerPlan", "plan_layers", "KEEP_REASONS"]
 
@@ -116,6 +117,8 @@ def _names(entry: object) -> list[str]:
 def special_names(model: nn.Module) -> tuple[list[str], list[str]]:
     """``(stem, classifier)`` module names, from timm's ``pretrained_cfg`` where present, else the first
     Conv2d and the last Linear in module order."""
+    from torch import nn
+
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     modules = dict(model.named_modules())
     stem = [n for n in _names(cfg.get("first_conv")) if n in modules]
@@ -128,6 +131,8 @@ def special_names(model: nn.Module) -> tuple[list[str], list[str]]:
 
 
 def is_depthwise(module: nn.Module) -> bool:
+    from torch import nn
+
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
@@ -169,6 +174,8 @@ def plan_layers(
         >>> plans["blocks.0.0.conv_pw"] is None
         True
     """
+    from torch import nn
+
     policy = policy or LayerPolicy()
     candidates = [(n, m) for n, m in model.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Linear))]
     names = [n for n, _ in candidates]

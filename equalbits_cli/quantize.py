@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from .counts import entropy_of_counts, ot_counts
+
 __all__ = [
     "code_offsets",
     "dequantize",
@@ -35,34 +37,6 @@ __all__ = [
     "code_counts",
     "sqnr_db",
 ]
-
-
-def _round_half_up(x: float) -> int:
-    # 1e-9 absorbs float noise such as (1 - 0.7) * 10 = 3.0000000000000004 or 2.9999999999999996.
-    return int(math.floor(x + 0.5 + 1e-9))
-
-
-def ot_counts(n: int, ratio: float = 0.5, prune: float = 0.0) -> tuple[int, int, int]:
-    """Exact per-filter code counts for a filter of ``n`` weights.
-
-    Args:
-        n: Number of weights in the filter.
-        ratio: Share of +1 among unpruned weights.
-        prune: Share of weights set to 0.
-
-    Returns:
-        ``(n_minus, n_zero, n_plus)``, summing to ``n``.
-
-    Example:
-        >>> ot_counts(10, ratio=0.3, prune=0.2)
-        (6, 2, 2)
-        >>> ot_counts(9)
-        (5, 0, 4)
-    """
-    n_zero = min(n, _round_half_up(prune * n))
-    m = n - n_zero
-    n_minus = min(m, _round_half_up((1.0 - ratio) * m))
-    return n_minus, n_zero, m - n_minus
 
 
 def least_squares_scale(weight2d: torch.Tensor, codes2d: torch.Tensor, nonzero: int | None = None) -> torch.Tensor:
@@ -400,15 +374,9 @@ def entropy_bits(codes: torch.Tensor) -> float:
         >>> entropy_bits(torch.tensor([1, 1, 1, 1], dtype=torch.int8))
         0.0
     """
-    n = codes.numel()
-    if n == 0:
+    if codes.numel() == 0:
         return 0.0
-    h = 0.0
-    for count in code_counts(codes):
-        if count:
-            p = count / n
-            h -= p * math.log2(p)
-    return h + 0.0  # turns -0.0 into 0.0
+    return entropy_of_counts(code_counts(codes))
 
 
 def sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:

@@ -93,3 +93,32 @@ def test_format_doc_decoder_gives_the_model_weights(tmp_path, resnet18_state, mo
     exec(example, scope)
     want = load_model(tmp_path / "model.packed.safetensors").layer1[0].conv1.quantized_weight()
     torch.testing.assert_close(torch.from_numpy(scope["weight"]).float(), want, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "config", [BinarizeConfig(), BinarizeConfig(ratio=0.3, prune=0.2), BinarizeConfig(method="sign")]
+)
+def test_numpy_inspect_of_packed_files_matches_the_torch_one(tmp_path, config):
+    """inspect reads packed files with numpy alone; its report is the one the torch path gives."""
+    import subprocess
+    import sys
+
+    import timm
+
+    from equalbits_cli import LayerPolicy, binarize_
+    from equalbits_cli.inspect_packed import packed_report
+    from equalbits_cli.report import inspect_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=7)
+    binarize_(model, config, policy=LayerPolicy(exclude=("blocks.5.*",)))
+    path = save_packed(model.eval(), tmp_path / "m.packed.safetensors")
+    fast, slow = packed_report(path).to_dict(), inspect_file(path).to_dict()
+    assert fast == slow
+    code = (
+        "import sys\nfrom equalbits_cli.cli import app\ntry:\n"
+        f"    app(['inspect', {str(path)!r}, '--json'])\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', 'torch' in sys.modules, 'timm' in sys.modules)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "LOADED False False" in res.stdout, res.stdout[-500:] + res.stderr

@@ -118,13 +118,20 @@ def inspect(
     For a plain timm state dict (with --model), shows what binarize would do with --ratio/--prune/--method.
     """
     from ..config import BinarizeConfig
-    from ..io import check_output_path
-    from ..report import inspect_file
+    from ..paths import check_output_path
     from .render import print_json, show_stats
 
     if plot is not None:
         check_output_path(plot, overwrite)
-    report = inspect_file(file, model, BinarizeConfig(ratio=ratio, prune=prune, method=method))
+    report = None
+    if model is None and file.suffix == ".safetensors":
+        from ..inspect_packed import packed_report
+
+        report = packed_report(file)  # numpy only: no torch, no timm; None for other files
+    if report is None:
+        from ..report import inspect_file
+
+        report = inspect_file(file, model, BinarizeConfig(ratio=ratio, prune=prune, method=method))
     if data is not None:
         from ..evaluate import activation_batch
         from ..io import load_model
