@@ -355,12 +355,10 @@ def create_model(
             first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc)[:200])
             raise ValueError(f"{checkpoint}: does not fit timm model {name!r}: {first}") from None
         if missing or unexpected:
-            detail = []
-            if missing:
-                detail.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
-            if unexpected:
-                detail.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
-            raise ValueError(f"{checkpoint}: does not fit timm model {name!r}: {'; '.join(detail)}")
+            from .paths import mismatch_detail
+
+            detail = mismatch_detail(missing, unexpected, "keys")
+            raise ValueError(f"{checkpoint}: does not fit timm model {name!r}: {detail}")
     model.eval()
     return model
 

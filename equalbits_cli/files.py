@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import BinarizeConfig
 from .convert import binarize_, binarized_names
-from .paths import atomic_write, check_output_path, read_metadata, require_file
+from .paths import atomic_write, check_output_path, mismatch_detail, read_metadata, require_file
 from .policy import KEEP_REASONS, LayerPolicy
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
 LATENT_FORMAT = "equalbits.latent"
 PACKED_FORMAT = "equalbits.packed"
 FORMAT_VERSION = "1"
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
 @dataclass(frozen=True)
@@ -264,12 +263,7 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]})")
-        raise _fail(path, "tensors do not match the model: " + "; ".join(parts))
+        raise _fail(path, "tensors do not match the model: " + mismatch_detail(missing, unexpected))
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise _fail(path, f"tensor {k!r} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")

@@ -166,3 +166,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _bad(path, "safetensors metadata must map strings to strings")
     return meta
+
+
+def mismatch_detail(missing: list[str], unexpected: list[str], noun: str = "tensors") -> str:
+    """``missing 3 tensors (e.g. a.weight); unexpected 1 tensors (e.g. b)`` for a state dict that does not fit."""
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} {noun} (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} {noun} (e.g. {unexpected[0]})")
+    return "; ".join(parts)
