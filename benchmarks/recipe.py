@@ -57,6 +57,8 @@ def run(
     models: list[str] | None = None,
     activations: str = "none",
     which: tuple[str, ...] = ("before", "after"),
+    ratios_override: tuple[float, ...] | None = None,
+    epochs_override: int | None = None,
 ) -> list[dict]:
     import timm
     from safetensors.torch import save_file
@@ -73,6 +75,8 @@ def run(
         for name, teacher_epochs, epochs, ratios in QUICK if quick else PLAN:
             if models and name not in models:
                 continue
+            ratios = ratios_override or ratios
+            epochs = epochs_override or epochs
             torch.manual_seed(0)
             teacher = timm.create_model(name, pretrained=False, num_classes=10)
             t0 = time.perf_counter()
@@ -149,10 +153,13 @@ def main() -> None:
     ap.add_argument("--models", default="", help="Comma-separated subset of the plan's models.")
     ap.add_argument("--activations", default="none", choices=["none", "sign"], help="sign: 1-bit activations too.")
     ap.add_argument("--recipes", default="before,after", help="Which recipes to run.")
+    ap.add_argument("--ratios", default="", help="Comma-separated ratios instead of the plan's.")
+    ap.add_argument("--epochs", type=int, default=None, help="Fine-tune epochs instead of the plan's.")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     models = [m for m in args.models.split(",") if m]
-    rows = run(args.out, args.quick, models, args.activations, tuple(args.recipes.split(",")))
+    ratios = tuple(float(r) for r in args.ratios.split(",") if r) or None
+    rows = run(args.out, args.quick, models, args.activations, tuple(args.recipes.split(",")), ratios, args.epochs)
     print(f"\n{machine()}\n")
     print(table(rows))
 

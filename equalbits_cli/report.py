@@ -175,13 +175,14 @@ def _onnx_report(path: Any) -> FileReport:
     meta = {p.key: p.value for p in m.metadata_props}
     if meta.get("format") != "equalbits.onnx":
         raise ValueError(f"{path}: not an ONNX file written by equalbits export (no equalbits metadata)")
+    for init in m.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise ValueError(f"{path}: initializer {init.name[:100]!r} refers to external data; equalbits writes none")
     info: FileInfo = file_info(path, {**meta, "format": "equalbits.packed"})
     model = build_model(info)
     state: dict[str, torch.Tensor] = {}
     binarized = set(info.binarized)
     for init in m.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            raise ValueError(f"{path}: initializer {init.name[:100]!r} refers to external data; equalbits writes none")
         if init.name.startswith("eb::"):
             parts = init.name.split("::", 2)
             if len(parts) != 3 or parts[1] not in binarized:

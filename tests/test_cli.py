@@ -80,6 +80,8 @@ BAD = [
     (["export", "CORRUPT"], "not a safetensors file"),
     (["export", "FP", "-f", "packed"], "not an equalbits file"),
     (["export", "CKPT", "-f", "tflite"], "--format must be packed or onnx"),
+    (["export", "CKPT", "--img-size", "0"], "--img-size must be between 8 and 4096"),
+    (["export", "CKPT", "--img-size", "100000"], "--img-size must be between 8 and 4096"),
 ]
 
 

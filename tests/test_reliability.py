@@ -175,3 +175,38 @@ def test_inspect_plot_needs_overwrite(tmp_path, binary_ckpt):
     assert res.exit_code == 2 and "--overwrite" in res.stderr and plot.read_bytes() == b"keep"
     res = runner.invoke(app, ["inspect", str(binary_ckpt), "--plot", str(plot), "--overwrite", "--json"])
     assert res.exit_code == 0 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "o.safetensors"
+    res = runner.invoke(app, ["binarize", "resnet18", "--no-pretrained", "-o", str(out)])
+    assert res.exit_code == 2 and "No space left on device" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
+
+
+def test_forged_onnx_initializers_are_refused(tmp_path, binary_ckpt):
+    import onnx
+
+    res = runner.invoke(
+        app, ["export", str(binary_ckpt), "-f", "onnx", "--img-size", "32", "-o", str(tmp_path / "m.onnx")]
+    )
+    assert res.exit_code == 0, res.stderr
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    init = next(i for i in m.graph.initializer if i.name.endswith("::factor"))
+    init.name = "eb::no.such.layer::factor"
+    onnx.save(m, str(tmp_path / "forged.onnx"))
+    res = runner.invoke(app, ["inspect", str(tmp_path / "forged.onnx")])
+    assert res.exit_code == 2 and "names no binarized layer" in res.stderr
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.save(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.data", size_threshold=0)  # fmt: skip
+    res = runner.invoke(app, ["inspect", str(tmp_path / "ext.onnx")])
+    assert res.exit_code == 2 and "external data" in res.stderr
