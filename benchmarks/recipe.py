@@ -115,6 +115,17 @@ def run(
                         "fp32_mib": stats.fp32_bytes / 2**20,
                         "seconds": time.perf_counter() - t0,
                     }
+                    if activations == "sign":  # do the activation bits carry information?
+                        from equalbits_cli import load_model
+                        from equalbits_cli.evaluate import activation_batch
+                        from equalbits_cli.report import activation_shares
+
+                        tuned = load_model(tmp / f"{name}-{ratio}-{recipe}.ft.safetensors")
+                        shares = activation_shares(tuned, activation_batch(tuned, data, 32))
+                        row["act_plus_share_min"], row["act_plus_share_max"] = (
+                            min(shares.values()),
+                            max(shares.values()),
+                        )
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     if out_json is not None:
