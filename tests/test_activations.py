@@ -59,7 +59,7 @@ def test_files_without_thresholds_load_at_zero_and_bad_thresholds_are_refused(tm
         meta = f.metadata()
     old = {k: v for k, v in state.items() if not k.endswith("act_threshold")}
     save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
-    assert float(load_model(tmp_path / "old.safetensors").layer1[0].conv1.act_threshold.abs().sum()) == 0
+    assert float(load_model(tmp_path / "old.safetensors").layer1[0].conv1.act_threshold.detach().abs().sum()) == 0
     bad = dict(state)
     bad["layer1.0.conv1.act_threshold"] = torch.full_like(bad["layer1.0.conv1.act_threshold"], float("nan"))
     save_file(bad, str(tmp_path / "nan.safetensors"), metadata=meta)
