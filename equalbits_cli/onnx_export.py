@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import os
 import sys
 import tempfile
@@ -164,19 +165,18 @@ def _unpack_nodes(
     return nodes, inits
 
 
-def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]]) -> int:
-    """Replace each binarized layer's float weight initializer by packed planes + unpack subgraph.
+def _find_weights(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]]) -> dict[str, tuple]:
+    """For each binarized layer, ``(initializer name, factor, transposed, mu)`` of its float weight.
 
     The weight is found by name when the exporter kept it, else by its code pattern among the
     initializers of the same shape, or of the transposed shape (a Linear applied to 3-D input is
     exported as MatMul with a transposed constant, under a generated name).
     """
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
-    from .packing import pack_codes
+    from .quantize import code_offsets
 
-    graph = onnx_model.graph
-    inits = {i.name: i for i in graph.initializer}
+    inits = {i.name: i for i in onnx_model.graph.initializer}
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for name, init in inits.items():
         by_shape.setdefault(tuple(init.dims), []).append(name)
@@ -188,9 +188,7 @@ def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]])
         return arrays[name]
 
     used: set[str] = set()
-    new_nodes = []
-    from .quantize import code_offsets
-
+    out = {}
     for name, (codes_t, centered) in layers.items():
         codes = codes_t.numpy()
         shape = codes.shape
@@ -208,12 +206,28 @@ def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]])
             a = array(cand)
             f = _factor_if_same_codes(a.T if transposed else a, codes, mu)
             if f is not None:
-                found = (cand, f, transposed)
+                found = (cand, f, transposed, mu)
                 break
         if found is None:
             raise ValueError(f"ONNX export: cannot find the weight of binarized layer {name!r} in the exported graph")
-        init_name, factor, transposed = found
-        used.add(init_name)
+        used.add(found[0])
+        out[name] = found
+    return out
+
+
+def _pack_initializers(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]]) -> int:
+    """Replace each binarized layer's float weight initializer by packed planes + unpack subgraph."""
+    from onnx import helper, numpy_helper
+
+    from .packing import pack_codes
+
+    graph = onnx_model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes = []
+    for name, (init_name, factor, transposed, mu) in _find_weights(onnx_model, layers).items():
+        codes_t = layers[name][0]
+        codes = codes_t.numpy()
+        shape = codes.shape
         prefix = f"eb::{name}::"
         sign, nonzero = pack_codes(codes_t)
         fshape = (-1,) + (1,) * (codes.ndim - 1)
@@ -334,6 +348,9 @@ def export_onnx(
             raise ValueError(f"ONNX export failed: {type(exc).__name__}: {first}; {hint}") from exc
     onnx_model = onnx.load_from_string(buf.getvalue())
     packed_layers = _pack_initializers(onnx_model, layers) if weights == "packed" else 0
+    if weights == "float":  # where each binarized weight went, for readers such as inspect
+        found = _find_weights(onnx_model, layers)
+        meta["float_weights"] = json.dumps({n: [f[0], bool(f[2])] for n, f in found.items()})
     meta["onnx_weights"] = weights
     meta["bit_order"] = "little"
     onnx.helper.set_model_props(onnx_model, meta)

@@ -197,7 +197,19 @@ def _onnx_report(path: Any) -> FileReport:
         else:
             state[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy())
     if meta.get("onnx_weights") == "float":
-        # Float weights are factor * codes: recover codes as their signs, factors as the row maxima.
+        # Float weights are factor * levels: recover codes as their signs, factors as the row maxima.
+        # Transformer Linear weights sit under generated names, transposed; the file says where.
+        import json
+
+        try:
+            where = json.loads(meta.get("float_weights") or "{}")
+            where = {k: (str(v[0]), bool(v[1])) for k, v in where.items()}
+        except (json.JSONDecodeError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{path}: metadata 'float_weights' is not valid") from None
+        for layer, (init_name, transposed) in where.items():
+            if layer in binarized and init_name in state and f"{layer}.weight" not in state:
+                w = state.pop(init_name)
+                state[f"{layer}.weight"] = w.T if transposed and w.dim() == 2 else w
         for layer in binarized:
             w = state.get(f"{layer}.weight")
             if w is None:

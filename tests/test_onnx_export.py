@@ -85,3 +85,15 @@ def test_failed_export_keeps_stdout_clean_and_names_the_cause(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1 and "ONNX export failed: " in res.stderr
     assert "Error" in res.stderr, "the exporter's exception is named"
     assert not (tmp_path / "v.onnx").exists()
+
+
+def test_inspect_float_onnx_of_a_transformer(tmp_path):
+    """MatMul weights of a ViT sit under generated names, transposed; inspect still finds every layer."""
+    from equalbits_cli.report import inspect_file
+
+    torch.manual_seed(0)
+    model = binarize_model("test_vit", BinarizeConfig(), num_classes=10).eval()
+    result = export_onnx(model, tmp_path / "f.onnx", weights="float")
+    report = inspect_file(result.path).to_dict()
+    n_binary = sum(1 for m in model.modules() if hasattr(m, "pin_codes"))
+    assert report["totals"]["binarized_layers"] == n_binary and report["totals"]["entropy_bits"] == 1.0
