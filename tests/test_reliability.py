@@ -110,14 +110,15 @@ def test_interrupt_saves_state_and_says_how_to_resume(tmp_path, digits_small, di
     state = state_path_for(out)
     log = tmp_path / "log.jsonl"
     proc = start_cli(
-        "finetune", digits_student, "--data", digits_small, "--epochs", "3", "--img-size", "32", "--batch-size", "32",
+        # 200 epochs of 50 steps: the run is interrupted long before it could end, however slow the polling
+        "finetune", digits_student, "--data", digits_small, "--epochs", "200", "--img-size", "32", "--batch-size", "8",
         "--workers", "0", "--save-every", "100000", "--augment", "none", "--log", log, "-o", out,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and '"step"' not in (log.read_text() if log.exists() else ""):
         time.sleep(0.05)
-    assert not state.exists(), "no periodic save can have happened"
+    state.unlink(missing_ok=True)  # an epoch-end save may have run meanwhile: only the handler may save now
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
