@@ -7,7 +7,7 @@ fine-tunes it by distillation twice:
 - ``before``: the defaults of equalbits 0.1: every Conv2d/Linear but the stem and classifier binarized
   (depthwise and squeeze-excite too), levels ``scale * codes``, timm's ImageNet training augmentation,
   learning rate 5e-4.
-- ``after``: the current defaults: depthwise and gate layers kept, centred levels, no augmentation,
+- ``after``: the current defaults: depthwise layers kept, centred levels, no augmentation,
   learning rate 5e-3 (BatchNorm is re-estimated on un-augmented images in both).
 
 Columns: teacher top-1, student top-1 just binarized, after BatchNorm re-estimation, after the

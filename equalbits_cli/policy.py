@@ -8,8 +8,10 @@ Every Conv2d and Linear is a candidate. The default policy keeps full precision:
 - ``depthwise``: depthwise convolutions (``groups == in_channels > 1``). A 3x3 depthwise filter has
   only 9 weights: at equal bits that is 4 or 5 of each sign, almost no freedom, and the layers hold 2-5%
   of a MobileNet's or EfficientNet's parameters.
-- ``gate``: the convolutions and linears inside squeeze-excite and other gating modules. Their output
-  goes through a sigmoid that scales whole channels; a binary gate switches channels at random.
+- ``gate`` (only with ``gates=False``): the convolutions and linears inside squeeze-excite and other
+  gating modules. They are binarized by default: measured on mobilenetv3_small_100 (digits, 5
+  epochs), keeping them full precision gave 84.4% against 83.8% binarized, for a packed file of
+  2.26 MiB instead of 0.57 MiB; the accuracy is within noise, the size is 4x.
 - ``excluded``: anything matched by an ``exclude`` pattern.
 - ``custom forward``: a Conv2d/Linear subclass with its own forward (timm's ``Conv2dSame``,
   ``ScaledStdConv2d``), which cannot be swapped for a binary layer without changing what it computes.
@@ -46,7 +48,7 @@ class LayerPolicy:
 
     Attributes:
         depthwise: Binarize depthwise convolutions too (default: keep them full precision).
-        gates: Binarize squeeze-excite and other gating layers too (default: keep them).
+        gates: Binarize squeeze-excite and other gating layers (default: yes; ``False`` keeps them).
         include: Globs of module names to binarize whatever the rules say (stem and classifier too).
         exclude: Globs of module names to keep full precision; wins over ``include``.
 
@@ -60,7 +62,7 @@ class LayerPolicy:
     """
 
     depthwise: bool = False
-    gates: bool = False
+    gates: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
@@ -170,7 +172,9 @@ def plan_layers(
         >>> m = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10)
         >>> plans = {p.name: p.reason for p in plan_layers(m)}
         >>> plans["conv_stem"], plans["blocks.0.0.conv_dw"], plans["blocks.0.0.se.conv_reduce"]
-        ('stem', 'depthwise', 'gate')
+        ('stem', 'depthwise', None)
+        >>> {p.name: p.reason for p in plan_layers(m, LayerPolicy(gates=False))}["blocks.0.0.se.conv_reduce"]
+        'gate'
         >>> plans["blocks.0.0.conv_pw"] is None
         True
     """

@@ -19,16 +19,18 @@ def _reasons(model):
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_small_050", "efficientnet_b0"])
-def test_default_policy_keeps_stem_classifier_depthwise_and_gates(name):
+def test_default_policy_keeps_stem_classifier_and_depthwise(name):
     model = timm.create_model(name, pretrained=False, num_classes=5)
     reasons = _reasons(model)
+    keep_gates = {p.name: p.reason for p in plan_layers(model, LayerPolicy(gates=False))}
     modules = dict(model.named_modules())
     assert reasons["conv_stem"] == "stem" and reasons["classifier"] == "classifier"
     for n, reason in reasons.items():
         m = modules[n]
         depthwise = isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1
         assert (reason == "depthwise") == (depthwise and reason not in ("stem",)), n
-        assert (reason == "gate") == (".se." in n), n
+        assert reason != "gate", "gates are binarized by default"
+        assert (keep_gates[n] == "gate") == (".se." in n), n
     # the rules bind only what they name: every other conv is binarized
     assert any(r is None for r in reasons.values())
 

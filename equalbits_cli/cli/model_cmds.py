@@ -41,16 +41,17 @@ def binarize(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     binarize_depthwise: DepthwiseOpt = False,
-    binarize_gates: GatesOpt = False,
+    binarize_gates: GatesOpt = True,
     output: OutOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Binarize the Conv2d/Linear layers of a timm model and save a latent checkpoint.
 
-    Kept full precision by default, each with its reason in the table: the stem, the classifier,
-    depthwise convolutions and squeeze-excite gates (they cost accuracy for little size; see the
-    README's recipe table). --include / --exclude (shell globs on module names) override that.
+    Kept full precision by default, each with its reason in the table: the stem, the classifier and
+    depthwise convolutions (they cost accuracy for little size; see the README's recipe table);
+    --keep-gates keeps squeeze-excite gates too. --include / --exclude (shell globs on module names)
+    override that.
 
     [b]Examples[/b]
 

@@ -66,7 +66,7 @@ DepthwiseOpt = Annotated[
 GatesOpt = Annotated[
     bool,
     typer.Option(
-        "--binarize-gates/--keep-gates", help="Binarize squeeze-excite and other gating layers (kept fp32 by default)."
+        "--binarize-gates/--keep-gates", help="Binarize squeeze-excite and other gating layers, or keep them fp32."
     ),
 ]
 PretrainedOpt = Annotated[
