@@ -114,6 +114,8 @@ def test_interrupt_saves_state_and_says_how_to_resume(tmp_path, digits_small, di
         "finetune", digits_student, "--data", digits_small, "--epochs", "200", "--img-size", "32", "--batch-size", "8",
         "--workers", "0", "--save-every", "100000", "--augment", "none", "--log", log, "-o", out,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and '"step"' not in (log.read_text() if log.exists() else ""):
