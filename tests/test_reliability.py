@@ -122,7 +122,10 @@ def test_interrupt_saves_state_and_says_how_to_resume(tmp_path, digits_small, di
         time.sleep(0.05)
     state.unlink(missing_ok=True)  # an epoch-end save may have run meanwhile: only the handler may save now
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a 200-epoch run behind
     assert proc.returncode == code, err
     assert "--resume" in err and "Traceback" not in err
     assert state.exists() and not out.exists()
