@@ -158,9 +158,12 @@ class BinaryLayer:
     def _maybe_binarize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.activations != "sign":
             return x
-        t = self.act_threshold
+        return binarize_input(x - self.threshold_for(x))
+
+    def threshold_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation thresholds shaped to broadcast over the layer's input ``x``."""
         shape = (1, -1) + (1,) * (x.dim() - 2) if isinstance(self, nn.Conv2d) else (-1,)
-        return binarize_input(x - t.view(shape).to(x.dtype))
+        return self.act_threshold.view(shape).to(x.dtype)
 
     def binary_extra_repr(self) -> str:
         c = self.config

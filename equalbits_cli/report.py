@@ -298,10 +298,7 @@ def activation_shares(model: nn.Module, images: torch.Tensor) -> dict[str, float
         if isinstance(module, BinaryLayer) and module.act_threshold is not None:
 
             def hook(mod, args, name=name):
-                x = args[0]
-                t = mod.act_threshold
-                shape = (1, -1) + (1,) * (x.dim() - 2) if isinstance(mod, nn.Conv2d) else (-1,)
-                shares[name] = float((x - t.view(shape) >= 0).float().mean())
+                shares[name] = float((args[0] - mod.threshold_for(args[0]) >= 0).float().mean())
 
             handles.append(module.register_forward_pre_hook(hook))
     was_training = model.training

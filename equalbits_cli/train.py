@@ -249,15 +249,14 @@ def _evaluate_start(run: _Run) -> None:
         progress.phase("evaluating binarized student", len(run.val_loader))
         run.evals["student_top1_before"] = evaluate(run.student, run.val_loader, run.device, cfg.amp, progress)["top1"]
     run.evals["student_top1_calibrated"] = None
-    if cfg.calibrate_batches and any(getattr(m, "act_threshold", None) is not None for m in run.student.modules()):
+    n_calib = min(cfg.calibrate_batches, len(run.calib_loader))
+    if n_calib and any(getattr(m, "act_threshold", None) is not None for m in run.student.modules()):
         from .layers import calibrate_thresholds
 
-        n_calib = min(cfg.calibrate_batches, len(run.calib_loader))
         progress.phase(f"calibrating activation thresholds on {n_calib} batches", n_calib)
         images = (b for b, _ in itertools.islice(_batches(run.calib_loader), n_calib))
         calibrate_thresholds(run.student, images, run.device)
-    if cfg.calibrate_batches:
-        n_calib = min(cfg.calibrate_batches, len(run.calib_loader))
+    if n_calib:
         progress.phase(f"re-estimating BatchNorm statistics on {n_calib} un-augmented batches", n_calib)
         recalibrate_bn(run.student, run.calib_loader, n_calib, run.device, progress)
         if run.rank == 0:
