@@ -87,10 +87,12 @@ def find_splits(root: str | os.PathLike, need_train: bool = True, classes: list[
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        ValueError: a split is missing, has no class folders, has an empty class folder, or val/ has a
+        ValueError: ``root`` is a file, a split is missing, has no class folders, has an empty class folder, or val/ has a
             class the class list lacks.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--data {root} is a file; pass a folder holding val/<class>/<images> (and train/)")
     if not root.is_dir():
         raise FileNotFoundError(f"data directory not found: {root}")
     val = next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)

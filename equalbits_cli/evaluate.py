@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 from .distributed import resolve_device
 from .progress import Progress
 
-__all__ = ["activation_batch", "evaluate", "evaluate_source", "recalibrate_bn"]
+__all__ = ["OnnxModule", "activation_batch", "evaluate", "evaluate_source", "onnx_module", "recalibrate_bn"]
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -119,8 +120,11 @@ def evaluate_source(
         raise ValueError(f"--img-size must be between 8 and 4096 pixels, got {img_size}")
     path = Path(model_or_file)
     if path.suffix == ".onnx" and path.is_file():
-        raise ValueError(f"{path}: eval runs PyTorch models; evaluate the checkpoint the ONNX file was exported from")
-    if path.is_file():
+        if amp:
+            raise ValueError("--amp applies to PyTorch models; an ONNX file runs as it was exported")
+        model = onnx_module(path, img_size)
+        img_size = None  # the file's own data config already holds its input size
+    elif path.is_file():
         meta = read_metadata(path) if path.suffix == ".safetensors" else {}
         if not str(meta.get("format", "")).startswith("equalbits."):
             raise ValueError(
@@ -138,6 +142,8 @@ def evaluate_source(
     check_classes(splits, getattr(model, "num_classes", None), recorded is not None)
     _, val_ds = build_datasets(splits, model, img_size, augment="none", seed=0)
     loader = make_loader(val_ds, EpochSampler(len(val_ds), shuffle=False), batch_size, workers, drop_last=False)
+    if isinstance(model, OnnxModule):
+        dev = torch.device("cpu")  # onnxruntime's CPU provider: the tensors stay on the host
     model.to(dev)
     if progress is not None:
         progress.phase("evaluating", len(loader))
@@ -145,6 +151,74 @@ def evaluate_source(
     if progress is not None:
         progress.done()
     return result
+
+
+class OnnxModule(nn.Module):
+    """An ONNX file equalbits wrote, run by onnxruntime behind a module's call, so that ``eval`` scores
+    every export (float, packed, int8) with the same data pipeline and metric as the PyTorch models.
+
+    ``pretrained_cfg`` is the data config recorded in the file; ``equalbits_meta`` holds its classes."""
+
+    def __init__(self, path: Path, session, meta: dict, data_config: dict, num_classes: int | None) -> None:
+        super().__init__()
+        self.path = path
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.pretrained_cfg = data_config
+        self.num_classes = num_classes
+        classes = meta.get("classes")
+        self.equalbits_meta = {"classes": json.loads(classes) if classes else None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def onnx_module(path: Path, img_size: int | None = None) -> OnnxModule:
+    """Open an equalbits ONNX file in onnxruntime (CPU) as an :class:`OnnxModule`.
+
+    Raises:
+        ValueError: not an ONNX file equalbits wrote, external data, or an ``img_size`` the graph cannot take.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    meta = {p.key: p.value for p in m.metadata_props}
+    if meta.get("format") != "equalbits.onnx":
+        raise ValueError(f"{path}: not an ONNX file written by equalbits export (no equalbits metadata)")
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in m.graph.initializer):
+        raise ValueError(f"{path}: the model refers to external data; equalbits writes none")
+    dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    if "data_config" in meta:
+        try:
+            cfg = json.loads(meta["data_config"])
+            cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{path}: metadata 'data_config' is not valid JSON") from None
+    else:  # files from before 0.3: the model's own config, at the graph's input size
+        from .files import build_model, file_info
+
+        info = file_info(path, {**meta, "format": "equalbits.packed"})
+        cfg = dict(getattr(build_model(info), "pretrained_cfg", None) or {})
+        if len(dims) == 4 and dims[2] > 0:
+            cfg["input_size"] = (dims[1], dims[2], dims[3])
+    size = tuple(cfg.get("input_size", ()))[-1:] or (None,)
+    if img_size is not None and img_size != size[0]:
+        raise ValueError(f"{path} takes {size[0]}x{size[0]} images; leave out --img-size or export at {img_size}")
+    kwargs = json.loads(meta.get("model_kwargs") or "{}")
+    out_dims = [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim]
+    num_classes = kwargs.get("num_classes") or (out_dims[-1] if out_dims and out_dims[-1] > 0 else None)
+    del m
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ValueError(f"{path}: onnxruntime cannot load the model: {first}") from None
+    return OnnxModule(path, session, meta, cfg, num_classes)
 
 
 def activation_batch(model: nn.Module, data_dir: str | os.PathLike, img_size: int | None, n: int = 64) -> torch.Tensor:

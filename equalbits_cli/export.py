@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["export_file", "verify_packed"]
+__all__ = ["FORMATS", "export_file", "verify_packed"]
+
+FORMATS = ("packed", "onnx", "onnx-int8")
 
 
 def verify_packed(model: torch.nn.Module, packed_path: str | os.PathLike, img_size: int | None = None) -> float:
@@ -45,8 +47,14 @@ def export_file(
     onnx_weights: str = "packed",
     img_size: int | None = None,
     overwrite: bool = False,
+    data: str | os.PathLike | None = None,
+    calibrate_batches: int = 8,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` to ``output`` and verify it; returns a JSON-ready summary.
+
+    ``format`` is ``packed`` (1-bit safetensors), ``onnx`` (float graph, weights packed or float) or
+    ``onnx-int8`` (static int8 for stock onnxruntime, calibrated on the images of ``data``).
 
     Raises:
         ValueError: bad arguments, a damaged checkpoint, or a failed verification (then nothing is kept).
@@ -56,8 +64,12 @@ def export_file(
     from .packing import save_packed
     from .report import collect_stats
 
-    if format not in ("packed", "onnx"):
-        raise ValueError(f"--format must be packed or onnx, got {format!r}")
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "onnx-int8" and data is None:
+        raise ValueError("--format onnx-int8 calibrates activations on images: pass --data DIR (an image folder)")
+    if format != "onnx-int8" and data is not None:
+        raise ValueError("--data is used by --format onnx-int8 only")
     out = check_output_path(output, overwrite)
     model = load_model(checkpoint)
     stats = collect_stats(model)
@@ -68,10 +80,27 @@ def export_file(
             save_packed(model, tmp)
             diff = verify_packed(model, tmp, img_size)
         extra: dict[str, Any] = {}
-    else:
+    elif format == "onnx":
         result = export_onnx(model, out, weights=onnx_weights, img_size=img_size, exclusive=not overwrite)
         diff = result.max_abs_diff
         extra = {"onnx_weights": onnx_weights, "rel_diff": result.rel_diff}
+    else:
+        from dataclasses import asdict
+
+        from .onnx_int8 import export_onnx_int8
+
+        assert data is not None
+        r = export_onnx_int8(
+            model,
+            out,
+            data,
+            calibrate_batches=calibrate_batches,
+            img_size=img_size,
+            exclusive=not overwrite,
+            progress=progress,
+        )
+        diff = r.max_abs_diff
+        extra = {k: v for k, v in asdict(r).items() if k not in ("path", "bytes", "max_abs_diff")}
     size = Path(out).stat().st_size
     return {
         "output": str(out),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from torch import nn
 
 from .layers import BinaryLayer, conv_kwargs
 
-__all__ = ["ExportResult", "OPSET", "SignActivation", "export_onnx", "inference_model"]
+__all__ = ["ExportResult", "OPSET", "SignActivation", "data_config", "export_onnx", "inference_model", "trace_graph"]
 
 OPSET = 18
 
@@ -110,15 +111,12 @@ def _factor_if_same_codes(w: np.ndarray, codes: np.ndarray, mu: np.ndarray | Non
     return f
 
 
-def _unpack_nodes(
-    prefix: str, shape: tuple[int, ...], ternary: bool, out_name: str, centered: bool = False
-) -> tuple[list, list]:
-    """Nodes and constant initializers computing ``factor * codes`` (or, ``centered``,
-    ``factor * (codes - mu * |codes|)`` with the per-filter initializer ``mu``) from the packed planes."""
-    from onnx import helper, numpy_helper
+def unpack_constants(prefix: str, shape: tuple[int, ...]) -> list:
+    """The constant initializers :func:`plane_nodes` reads (one set per layer, under ``prefix``)."""
+    from onnx import numpy_helper
 
     count = int(np.prod(shape))
-    inits = [
+    return [
         numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8), prefix + "bit_shifts"),
         numpy_helper.from_array(np.ones((1, 1), dtype=np.uint8), prefix + "bit_one"),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), prefix + "flat"),
@@ -126,21 +124,38 @@ def _unpack_nodes(
         numpy_helper.from_array(np.array([count], dtype=np.int64), prefix + "count"),
         numpy_helper.from_array(np.array(shape, dtype=np.int64), prefix + "shape"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), prefix + "axis1"),
+    ]
+
+
+def plane_nodes(prefix: str, name: str) -> list:
+    """Nodes unpacking the bit plane initializer ``prefix + name`` (uint8, LSB first) into a flat float
+    tensor ``prefix + name + "_f"`` of 0/1 values, one per code."""
+    from onnx import helper
+
+    p = prefix + name
+    return [
+        helper.make_node("Unsqueeze", [p, prefix + "axis1"], [p + "_col"]),
+        helper.make_node("BitShift", [p + "_col", prefix + "bit_shifts"], [p + "_shift"], direction="RIGHT"),
+        helper.make_node("BitwiseAnd", [p + "_shift", prefix + "bit_one"], [p + "_bits"]),
+        helper.make_node("Reshape", [p + "_bits", prefix + "flat"], [p + "_flat"]),
+        helper.make_node("Slice", [p + "_flat", prefix + "start", prefix + "count"], [p + "_cut"]),
+        helper.make_node("Cast", [p + "_cut"], [p + "_f"], to=1),
+    ]
+
+
+def _unpack_nodes(
+    prefix: str, shape: tuple[int, ...], ternary: bool, out_name: str, centered: bool = False
+) -> tuple[list, list]:
+    """Nodes and constant initializers computing ``factor * codes`` (or, ``centered``,
+    ``factor * (codes - mu * |codes|)`` with the per-filter initializer ``mu``) from the packed planes."""
+    from onnx import helper, numpy_helper
+
+    inits = unpack_constants(prefix, shape) + [
         numpy_helper.from_array(np.array(1.0, dtype=np.float32), prefix + "one_f"),
         numpy_helper.from_array(np.array(2.0, dtype=np.float32), prefix + "two_f"),
     ]
 
-    def plane(name: str) -> list:
-        p = prefix + name
-        return [
-            helper.make_node("Unsqueeze", [p, prefix + "axis1"], [p + "_col"]),
-            helper.make_node("BitShift", [p + "_col", prefix + "bit_shifts"], [p + "_shift"], direction="RIGHT"),
-            helper.make_node("BitwiseAnd", [p + "_shift", prefix + "bit_one"], [p + "_bits"]),
-            helper.make_node("Reshape", [p + "_bits", prefix + "flat"], [p + "_flat"]),
-            helper.make_node("Slice", [p + "_flat", prefix + "start", prefix + "count"], [p + "_cut"]),
-            helper.make_node("Cast", [p + "_cut"], [p + "_f"], to=1),
-        ]
-
+    plane = functools.partial(plane_nodes, prefix)
     nodes = plane("sign")
     # code = 1 - 2 * sign  (binary);  code = (1 - 2 * sign) * nonzero  (ternary)
     nodes += [
@@ -163,6 +178,17 @@ def _unpack_nodes(
         levels = prefix + "levels"
     nodes.append(helper.make_node("Mul", [levels, prefix + "factor"], [out_name]))
     return nodes, inits
+
+
+def shape_candidates(by_shape: dict[tuple[int, ...], list[str]], shape: tuple[int, ...], layer: str) -> list:
+    """``(initializer name, transposed)`` pairs that could hold ``layer``'s weight: those of its shape (or,
+    2-D, the transposed shape), names that contain the layer's own first. Graph optimizers rename weights
+    (``ConvBnFusion_W_<layer>.weight``) but keep the name in them; trying those first matters where a
+    weight matches several codes (an all-zero weight, as after a zero-initialized BatchNorm, matches any)."""
+    out = [(n, False) for n in by_shape.get(shape, [])]
+    if len(shape) == 2:
+        out += [(n, True) for n in by_shape.get(shape[::-1], [])]
+    return sorted(out, key=lambda c: (layer + ".weight") not in c[0])
 
 
 def _find_weights(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]]) -> dict[str, tuple]:
@@ -195,10 +221,7 @@ def _find_weights(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]]) -> d
         mu = code_offsets(codes_t).numpy() if centered else None
         if mu is not None and not mu.any():  # ratio 0.5, even filter sizes: nothing to centre
             mu = None
-        candidates = [(name + ".weight", False)] if name + ".weight" in inits else []
-        candidates += [(n, False) for n in by_shape.get(shape, [])]
-        if codes.ndim == 2:
-            candidates += [(n, True) for n in by_shape.get(shape[::-1], [])]
+        candidates = shape_candidates(by_shape, shape, name)
         found = None
         for cand, transposed in candidates:
             if cand in used or tuple(inits[cand].dims) != (shape[::-1] if transposed else shape):
@@ -275,41 +298,19 @@ def _input_size(model: nn.Module, img_size: int | None) -> tuple[int, int, int]:
     return int(c), int(h), int(w)
 
 
-def export_onnx(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    weights: str = "packed",
-    img_size: int | None = None,
-    tolerance: float = 1e-4,
-    seed: int = 0,
-    exclusive: bool = False,
-) -> ExportResult:
-    """Export a binarized model to ONNX and check it in onnxruntime against PyTorch.
-
-    Args:
-        model: A binarized model (``load_model`` or ``binarize_model``).
-        path: Output ``.onnx`` path (written atomically).
-        weights: ``packed`` (uint8 bit planes + unpack subgraph) or ``float`` (plain float weights).
-        img_size: Input height and width (default: the model's ``pretrained_cfg``).
-        tolerance: Largest accepted ``max |onnx - torch| / (max(torch) - min(torch))``.
-        seed: Seed of the random verification batch.
-        exclusive: Refuse if ``path`` exists when the file is renamed into place.
+def trace_graph(model: nn.Module, img_size: int | None = None, seed: int = 0):
+    """The float inference graph of a binarized model, as torch's exporter writes it.
 
     Returns:
-        An :class:`ExportResult` with the file size and the measured difference.
+        ``(onnx_model, plain, layers, x)``: the ONNX ModelProto (each binarized weight a float
+        initializer equal to ``factor * levels``), the plain PyTorch model it was traced from, each
+        binarized layer's ``(codes, centred)``, and the random input batch used for tracing.
 
     Raises:
-        ValueError: bad ``weights``, or onnxruntime's output differs beyond ``tolerance``.
+        ValueError: the exporter cannot trace the model (with a hint).
     """
     import onnx
-    import onnxruntime as ort
 
-    from .files import atomic_write, base_metadata
-
-    if weights not in ("packed", "float"):
-        raise ValueError(f"--onnx-weights must be packed or float, got {weights!r}")
-    meta = base_metadata(model, "equalbits.onnx")
     plain = inference_model(model)
     layers = {
         n: (m.quantize()[0], bool(m.config.center)) for n, m in model.named_modules() if isinstance(m, BinaryLayer)
@@ -346,7 +347,58 @@ def export_onnx(
                 else "torch's exporter cannot trace this model; export --format packed instead"
             )
             raise ValueError(f"ONNX export failed: {type(exc).__name__}: {first}; {hint}") from exc
-    onnx_model = onnx.load_from_string(buf.getvalue())
+    return onnx.load_from_string(buf.getvalue()), plain, layers, x
+
+
+def data_config(model: nn.Module, img_size: int | None) -> dict:
+    """The preprocessing the model expects (timm's data config), recorded in every ONNX file so that
+    ``eval FILE.onnx`` feeds it the images it was trained on."""
+    from timm.data import resolve_data_config
+
+    overrides = {"input_size": (3, img_size, img_size)} if img_size else {}
+    cfg = resolve_data_config(overrides, model=model)
+    if img_size:
+        cfg["crop_pct"] = 1.0  # as build_datasets does for explicit sizes
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    weights: str = "packed",
+    img_size: int | None = None,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+    exclusive: bool = False,
+) -> ExportResult:
+    """Export a binarized model to ONNX and check it in onnxruntime against PyTorch.
+
+    Args:
+        model: A binarized model (``load_model`` or ``binarize_model``).
+        path: Output ``.onnx`` path (written atomically).
+        weights: ``packed`` (uint8 bit planes + unpack subgraph) or ``float`` (plain float weights).
+        img_size: Input height and width (default: the model's ``pretrained_cfg``).
+        tolerance: Largest accepted ``max |onnx - torch| / (max(torch) - min(torch))``.
+        seed: Seed of the random verification batch.
+        exclusive: Refuse if ``path`` exists when the file is renamed into place.
+
+    Returns:
+        An :class:`ExportResult` with the file size and the measured difference.
+
+    Raises:
+        ValueError: bad ``weights``, or onnxruntime's output differs beyond ``tolerance``.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from .files import atomic_write, base_metadata
+
+    if weights not in ("packed", "float"):
+        raise ValueError(f"--onnx-weights must be packed or float, got {weights!r}")
+    meta = base_metadata(model, "equalbits.onnx")
+    onnx_model, plain, layers, x = trace_graph(model, img_size, seed)
+    meta["data_config"] = json.dumps(data_config(model, img_size))
     packed_layers = _pack_initializers(onnx_model, layers) if weights == "packed" else 0
     if weights == "float":  # where each binarized weight went, for readers such as inspect
         found = _find_weights(onnx_model, layers)
