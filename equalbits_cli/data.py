@@ -87,8 +87,8 @@ def find_splits(root: str | os.PathLike, need_train: bool = True, classes: list[
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        ValueError: ``root`` is a file, a split is missing, has no class folders, has an empty class folder, or val/ has a
-            class the class list lacks.
+        ValueError: ``root`` is a file, a split is missing, has no class folders, has an empty class folder,
+            or val/ has a class the class list lacks.
     """
     root = Path(root)
     if root.exists() and not root.is_dir():

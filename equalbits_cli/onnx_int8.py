@@ -309,9 +309,16 @@ def _integer_binary_layers(pre_model, layers: dict[str, tuple[torch.Tensor, bool
                     absw = absw.reshape(1, -1).T.copy()
                 consts.append(numpy_helper.from_array(absw, prefix + "absq"))
             else:
-                a_nodes, a_inits = _int8_unpack(prefix + "abs_", codes_t, ones, ones, prefix + "absq", as_in_out)
-                new_nodes += a_nodes
-                graph.initializer.extend(a_inits)
+                # |codes| from the weight's own unpacked codes (float, before their int8 Cast): no more bits.
+                qf = prefix + ("w_qf_nz" if (codes == 0).any() else "w_qf")
+                absq = prefix + "abs_q" if as_in_out else prefix + "absq"
+                new_nodes += [
+                    helper.make_node("Abs", [qf], [prefix + "abs_f"]),
+                    helper.make_node("Cast", [prefix + "abs_f"], [prefix + "abs_flat"], to=TensorProto.INT8),
+                    helper.make_node("Reshape", [prefix + "abs_flat", prefix + "w_shape"], [absq]),
+                ]
+                if as_in_out:
+                    new_nodes.append(helper.make_node("Transpose", [absq], [prefix + "absq"], perm=[1, 0]))
             consts.append(
                 numpy_helper.from_array((-factor * mu).astype(np.float32).reshape(bshape), prefix + "mu_factor")
             )

@@ -188,6 +188,7 @@ def _onnx_report(path: Any) -> FileReport:
             if len(parts) != 3 or parts[1] not in binarized:
                 raise ValueError(f"{path}: initializer {init.name[:100]!r} names no binarized layer of the model")
             _, layer, field = parts
+            field = field.removeprefix("w_")  # int8 files of 1W/1A models: the weight's planes
             arr = numpy_helper.to_array(init)
             if field in ("sign", "nonzero"):
                 state[f"{layer}.weight.{field}"] = torch.from_numpy(arr.copy())
@@ -196,6 +197,11 @@ def _onnx_report(path: Any) -> FileReport:
                 state[f"{layer}.weight.shape"] = torch.tensor(list(model.get_submodule(layer).weight.shape))
         else:
             state[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy())
+    for layer in binarized:  # int8 files keep the scale in the quantizer's DequantizeLinear, BatchNorm folded in
+        if f"{layer}.weight.sign" in state and f"{layer}.weight.scale" not in state:
+            shape = model.get_submodule(layer).weight.shape
+            state[f"{layer}.weight.scale"] = torch.ones(shape[0])
+            state[f"{layer}.weight.shape"] = torch.tensor(list(shape))
     if meta.get("onnx_weights") == "float":
         # Float weights are factor * levels: recover codes as their signs, factors as the row maxima.
         # Transformer Linear weights sit under generated names, transposed; the file says where.

@@ -1,0 +1,191 @@
+"""export --format onnx-int8: integer kernels in onnxruntime, 1-bit planes on disk, exact binary weights,
+exact 1W/1A layers, and ``eval FILE.onnx`` for every ONNX file equalbits writes."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
+from equalbits_cli.layers import BinaryLayer
+from equalbits_cli.onnx_int8 import _int8_levels, _pack_int8_weights, _quantize, export_onnx_int8, int8_ops
+from equalbits_cli.packing import unpack_codes
+
+from helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def int8_file(tmp_path_factory, digits_student, digits_small) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("int8") / "student.int8.onnx"
+    r = run_cli(
+        "export", digits_student, "-f", "onnx-int8", "--data", digits_small, "--img-size", "32", "-o", out, "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+def _binary(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, BinaryLayer)}
+
+
+def test_int8_runs_integer_kernels_from_packed_planes(int8_file, digits_student, tmp_path):
+    path, result = int8_file
+    model = load_model(digits_student)
+    binary = _binary(model)
+    # Every convolution and the classifier run as integer kernels in onnxruntime's optimized graph.
+    ops, floats = int8_ops(path.read_bytes())
+    assert ops == result["int8_ops"]
+    assert ops.get("QLinearConv", 0) >= sum(isinstance(m, torch.nn.Conv2d) for m in binary.values())
+    assert not floats, floats
+    assert result["exact_layers"] == result["packed_layers"] == len(binary)  # ratio 0.5: levels are +-127
+    # On disk, binary weights are bit planes only: decoding them gives the model's codes, bit for bit,
+    # and no int8 tensor as large as a binary weight remains.
+    m = onnx.load(str(path))
+    inits = {i.name: i for i in m.graph.initializer}
+    for name, layer in binary.items():
+        codes = layer.quantize()[0]
+        sign = torch.from_numpy(numpy_helper.to_array(inits[f"eb::{name}::sign"]).copy())
+        assert torch.equal(unpack_codes(sign, None, tuple(codes.shape)), codes)
+        assert not any(
+            i.data_type == onnx.TensorProto.INT8 and tuple(i.dims) == tuple(codes.shape) for i in inits.values()
+        )
+    packed = save_packed(model, tmp_path / "p.safetensors")
+    assert path.stat().st_size <= 1.10 * packed.stat().st_size
+    assert result["agreement_images"] == 120 and result["agreement"] >= 95.0
+
+
+def test_packed_int8_computes_what_onnxruntimes_own_int8_model_computes(digits_student, digits_small, tmp_path):
+    """The unpack subgraph folds into exactly the int8 weights the quantizer wrote: same logits, bit for bit."""
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from equalbits_cli.onnx_export import trace_graph
+
+    model = load_model(digits_student)
+    graph, _, layers, _ = trace_graph(model, 32)
+    onnx.save(graph, str(tmp_path / "f.onnx"))
+    quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "pre.onnx"))
+    gen = np.random.default_rng(0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": gen.standard_normal((4, 3, 32, 32)).astype(np.float32)} for _ in range(2)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    _quantize(tmp_path / "pre.onnx", tmp_path / "q.onnx", Reader())
+    reference = onnx.load(str(tmp_path / "q.onnx"))
+    packed = onnx.load(str(tmp_path / "q.onnx"))
+    assert _pack_int8_weights(packed, layers) == (len(layers), len(layers))
+    x = gen.standard_normal((3, 3, 32, 32)).astype(np.float32)
+    outs = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        for m in (reference, packed)
+    ]
+    assert np.array_equal(outs[0], outs[1])
+    assert packed.ByteSize() < reference.ByteSize() / 3
+
+
+def test_int8_levels_reads_two_values_per_row():
+    codes = np.array([[1, -1, 0, 1], [-1, -1, 1, 0]], dtype=np.int8)
+    q = np.array([[127, -40, 0, 127], [-127, -127, 90, 0]], dtype=np.int8)
+    pos, neg = _int8_levels(q, codes)
+    assert pos.tolist() == [127, 90] and neg.tolist() == [-40, -127]
+    assert _int8_levels(np.where(codes == 0, 3, q).astype(np.int8), codes) is None  # zero code, non-zero value
+    bad = q.copy()
+    bad[0, 3] = 126  # two values for +1 codes in one row
+    assert _int8_levels(bad, codes) is None
+
+
+@pytest.mark.parametrize(
+    "config",
+    [BinarizeConfig(activations="sign"), BinarizeConfig(activations="sign", ratio=0.3, prune=0.1)],
+    ids=["ratio0.5", "ratio0.3-prune0.1-centred"],
+)
+def test_1w1a_int8_is_exact(tmp_path, resnet18_state, digits_small, config):
+    """+-1 inputs and +-1 weights are exact in int8: integer layers match PyTorch up to float rounding."""
+    model = binarize_model("resnet18", config, checkpoint=resnet18_state).eval()
+    result = export_onnx_int8(model, tmp_path / "m.onnx", digits_small, img_size=32, check_images=32)
+    ops, _ = int8_ops((tmp_path / "m.onnx").read_bytes())
+    centred = config.ratio != 0.5
+    assert ops == {"ConvInteger": 19 * (2 if centred else 1)}  # centred: + the mu * |codes| sum
+    assert result.rel_diff <= 1e-5 and result.agreement == 100.0
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-5 * (want.max() - want.min())
+    packed = save_packed(model, tmp_path / "p.safetensors")
+    assert (tmp_path / "m.onnx").stat().st_size <= 1.10 * packed.stat().st_size
+
+
+def test_eval_scores_every_onnx_export_like_its_checkpoint(int8_file, digits_student, digits_small, tmp_path):
+    def top1(target, *extra):
+        r = run_cli("eval", target, "--data", digits_small, "--workers", "0", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["top1"]
+
+    want = top1(digits_student, "--img-size", "32")
+    for weights in ("packed", "float"):
+        out = tmp_path / f"{weights}.onnx"
+        r = run_cli("export", digits_student, "-f", "onnx", "--onnx-weights", weights, "--img-size", "32", "-o", out)
+        assert r.returncode == 0, r.stderr
+        assert top1(out) == want
+    assert abs(top1(int8_file[0]) - want) <= 2.5  # 120 val images: 3 images
+
+
+def test_int8_bad_input_one_line_no_file(tmp_path, digits_student, digits_small):
+    out = tmp_path / "x.onnx"
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    cases = [
+        ([], "--data"),
+        (["--data", tmp_path / "missing"], "not found"),
+        (["--data", tmp_path / "file.txt"], "is a file"),
+        (["--data", tmp_path / "empty"], "no class folders"),
+        (["--calibrate-batches", "0", "--data", digits_small], "calibrate-batches"),
+    ]
+    for extra, needle in cases:
+        r = run_cli("export", digits_student, "-f", "onnx-int8", "-o", out, *extra)
+        assert r.returncode == 2, (extra, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr
+        assert not out.exists()
+    r = run_cli("export", digits_student, "-f", "packed", "--data", digits_small, "-o", out)
+    assert r.returncode == 2 and "onnx-int8 only" in r.stderr and not out.exists()
+
+
+def test_eval_onnx_refuses_foreign_files_and_sizes(tmp_path, int8_file, digits_small):
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(onnx.load(str(int8_file[0])), str(foreign))
+    m = onnx.load(str(foreign))
+    del m.metadata_props[:]
+    onnx.save(m, str(foreign))
+    r = run_cli("eval", foreign, "--data", digits_small)
+    assert r.returncode == 2 and "not an ONNX file written by equalbits" in r.stderr
+    r = run_cli("eval", int8_file[0], "--data", digits_small, "--img-size", "64")
+    assert r.returncode == 2 and "takes 32x32 images" in r.stderr
+    with tempfile.NamedTemporaryFile(suffix=".onnx", dir=tmp_path) as junk:
+        junk.write(b"not onnx")
+        junk.flush()
+        r = run_cli("eval", junk.name, "--data", digits_small)
+        assert r.returncode == 2 and "not a readable ONNX file" in r.stderr
+
+
+def test_int8_transformer_matmuls(tmp_path, digits_small):
+    """Binary Linear layers of a ViT are exported as MatMul with transposed weights: int8 too."""
+    model = binarize_model("test_vit", BinarizeConfig(), num_classes=10).eval()
+    ckpt = save_checkpoint(model, tmp_path / "v.safetensors")
+    result = export_onnx_int8(load_model(ckpt), tmp_path / "v.onnx", digits_small, check_images=16)
+    assert result.packed_layers == len(_binary(model)) and result.int8_ops.get("QLinearMatMul", 0) >= len(
+        _binary(model)
+    )
