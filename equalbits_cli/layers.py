@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BinarizeConfig
-from .quantize import OTCache, dequantize, ot_codes, ot_offset
+from .quantize import OTCache, binary_weight, dequantize, ot_codes, ot_offset
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input", "calibrate_thresholds", "conv_kwargs"]
 
@@ -33,15 +33,17 @@ def conv_kwargs(conv: nn.Conv2d) -> dict:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward: the quantized weight. Backward: the incoming gradient, unchanged, to the latent."""
+    """Forward: the quantized weight (possibly in the compute dtype). Backward: the incoming gradient,
+    unchanged, to the latent (in the latent's dtype)."""
 
     @staticmethod
     def forward(ctx, latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.latent_dtype = latent.dtype
         return quantized
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, None
+        return grad.to(ctx.latent_dtype), None
 
 
 class _SignSTE(torch.autograd.Function):
@@ -150,7 +152,23 @@ class BinaryLayer:
         return q
 
     def _effective_weight(self) -> torch.Tensor:
-        q = self.quantized_weight()
+        if self.training and self.pinned_codes is None:
+            # Built once per step, in the dtype the convolution runs in (autocast's, else the weight's),
+            # without materializing codes: what a training step needs and nothing more.
+            cfg = self.config
+            device = self.weight.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
+            q = binary_weight(
+                self.weight,
+                cfg.ratio,
+                cfg.prune,
+                cfg.method,
+                center=bool(cfg.center),
+                cache=self._ot_cache,
+                dtype=dtype,
+            )
+        else:
+            q = self.quantized_weight()
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return _StraightThrough.apply(self.weight, q)
         return q
@@ -255,11 +273,16 @@ def calibrate_thresholds(model: nn.Module, batches, device: torch.device | None 
         flat = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 else x.reshape(-1, x.shape[-1]).T
         key = id(module)
         med = flat.median(dim=1).values
-        # After a ReLU, often over half of a channel is exactly 0 and the median is 0: sign(x - 0) would
-        # then be +1 everywhere. Move such thresholds half-way to the next larger value instead.
+        # The threshold goes half-way from the median to the next larger value, never onto a value:
+        # after a ReLU, often over half of a channel is exactly 0 and sign(x - 0) would be +1
+        # everywhere; and the inputs of a 1W/1A layer take few distinct values (sums of +-1 products),
+        # so a threshold on one of them would let float rounding (another runtime, BatchNorm folded)
+        # decide the bit of every input equal to it.
+        # It also keeps a margin of 1e-3 standard deviations above the median: where the next value is
+        # itself rounding noise (tiny positives beside a ReLU's exact zeros), the midpoint would be too.
         above = torch.where(flat > med[:, None], flat, torch.full_like(flat, float("inf"))).min(dim=1).values
-        tied = ((flat >= med[:, None]).float().mean(dim=1) > 0.5) & torch.isfinite(above)
-        med = torch.where(tied, (med + above) / 2, med)
+        margin = 1e-3 * flat.std(dim=1).nan_to_num(0.0)
+        med = torch.where(torch.isfinite(above), torch.maximum((med + above) / 2, med + margin), med)
         sums[key] = sums.get(key, 0) + med
         counts[key] = counts.get(key, 0) + 1
         module.act_threshold.copy_((sums[key] / counts[key]).to(module.act_threshold.dtype))

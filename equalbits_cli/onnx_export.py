@@ -28,7 +28,17 @@ from torch import nn
 
 from .layers import BinaryLayer, conv_kwargs
 
-__all__ = ["ExportResult", "OPSET", "SignActivation", "data_config", "export_onnx", "inference_model", "trace_graph"]
+__all__ = [
+    "ExportResult",
+    "OPSET",
+    "SignActivation",
+    "check_outputs",
+    "data_config",
+    "export_onnx",
+    "has_binary_activations",
+    "inference_model",
+    "trace_graph",
+]
 
 OPSET = 18
 
@@ -60,6 +70,7 @@ class ExportResult:
     max_abs_diff: float
     output_range: float
     rel_diff: float
+    matched: float = 1.0  # share of check samples within tolerance (below 1 only with binary activations)
 
 
 def inference_model(model: nn.Module) -> nn.Module:
@@ -362,6 +373,45 @@ def data_config(model: nn.Module, img_size: int | None) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
+def has_binary_activations(model: nn.Module) -> bool:
+    return any(isinstance(m, BinaryLayer) and m.config.activations == "sign" for m in model.modules())
+
+
+MIN_MATCHED = 0.75
+
+
+def check_outputs(
+    got: np.ndarray, want: np.ndarray, tolerance: float, binary_activations: bool, what: str
+) -> tuple[float, float, float]:
+    """Compare onnxruntime's logits with PyTorch's: ``(max |difference| over the matching samples,
+    output range, share of samples whose every logit is within tolerance * range)``.
+
+    With binary activations the outputs are not continuous in the inputs: an input within float
+    rounding of its threshold (another runtime sums in another order, folds BatchNorm) can take the
+    other bit and change that sample's logits. Such models pass when at least ``MIN_MATCHED`` of the
+    samples match; a wrong graph changes nearly all of them. Every other model must match everywhere.
+
+    Raises:
+        ValueError: the outputs differ beyond that (nothing is written then).
+    """
+    rng = float(want.max() - want.min()) or 1.0
+    per_sample = np.abs(got - want).reshape(len(want), -1).max(axis=1)
+    ok = per_sample <= tolerance * rng
+    matched = float(ok.mean())
+    if matched < (MIN_MATCHED if binary_activations else 1.0):
+        worst = float(per_sample.max())
+        extra = (
+            f"; {matched:.0%} of samples match (binary activations need {MIN_MATCHED:.0%})"
+            if binary_activations
+            else ""
+        )
+        raise ValueError(
+            f"{what} output differs from PyTorch by {worst:.3g} ({worst / rng:.3g} of the output range, tolerance "
+            f"{tolerance}){extra}; the file was not written"
+        )
+    return float(per_sample[ok].max()) if ok.any() else 0.0, rng, matched
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -409,17 +459,14 @@ def export_onnx(
     onnx.checker.check_model(onnx_model, full_check=True)
     data = onnx_model.SerializeToString()
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    binary_acts = has_binary_activations(model)
+    if binary_acts:  # judged by the share of samples that match: see check_outputs
+        x = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(seed))
     got = session.run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         want = plain(x).numpy()
-    diff = float(np.max(np.abs(got - want)))
-    rng = float(want.max() - want.min()) or 1.0
-    if not diff / rng <= tolerance:
-        raise ValueError(
-            f"ONNX output differs from PyTorch by {diff:.3g} ({diff / rng:.3g} of the output range, tolerance "
-            f"{tolerance}); the file was not written"
-        )
+    diff, rng, matched = check_outputs(got, want, tolerance, binary_acts, "ONNX")
     path = Path(path)
     with atomic_write(path, exclusive=exclusive) as tmp:
         tmp.write_bytes(data)
-    return ExportResult(str(path), len(data), weights, packed_layers, diff, rng, diff / rng)
+    return ExportResult(str(path), len(data), weights, packed_layers, diff, rng, diff / rng, matched)

@@ -25,6 +25,7 @@ import torch
 from .counts import entropy_of_counts, ot_counts
 
 __all__ = [
+    "binary_weight",
     "code_offsets",
     "dequantize",
     "ot_offset",
@@ -219,8 +220,40 @@ def _select_rows(w: torch.Tensor, ks: list[int]) -> tuple[list[torch.Tensor], li
     return masks, taus
 
 
+def _lowest_k_syncfree(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of each row's ``k`` lowest entries, ties to the lower index, with no host synchronization
+    (no ``nonzero``, no data-dependent shapes): the k-th value from ``kthvalue``, the ties at it settled
+    by a cumulative count. For accelerators without the Triton kernel."""
+    rows, n = w.shape
+    if k <= 0:
+        return torch.zeros_like(w, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(w, dtype=torch.bool)
+    kth = torch.kthvalue(w, k, dim=1, keepdim=True).values
+    less = w < kth
+    equal = w == kth
+    need = k - _count(less).unsqueeze(1)
+    return less | (equal & (equal.cumsum(dim=1, dtype=torch.int32) <= need))
+
+
+def _use_triton(w: torch.Tensor) -> bool:
+    from .kernels import triton_usable
+
+    if w.device.type != "cuda" or not triton_usable("cuda"):
+        return False
+    from .kernels.ot_triton import MAX_FILTER
+
+    return w.shape[1] <= MAX_FILTER
+
+
 def _lowest_k_masks(w: torch.Tensor, ks: list[int], cache: OTCache | None) -> list[torch.Tensor]:
-    """Boolean masks of each row's ``k`` lowest entries for each ``k`` (ties to the lower index)."""
+    """Boolean masks of each row's ``k`` lowest entries for each ``k`` (ties to the lower index).
+
+    On the CPU: numpy's introselect, and last call's thresholds (``cache``) where they still split
+    exactly. Elsewhere the sync-free path: the threshold check and the repair of the rows it misses
+    need host reads, which cost more on an accelerator than they save."""
+    if w.device.type != "cpu":
+        return [_lowest_k_syncfree(w, k) for k in ks]
     rows, n = w.shape
     masks: list[torch.Tensor | None] = [None] * len(ks)
     todo = []
@@ -331,6 +364,13 @@ def ot_codes(
     if not 0 <= prune < 1:
         raise ValueError(f"prune must be in [0, 1), got {prune}")
     w = weight.detach().reshape(weight.shape[0], -1)
+    if method == "ot" and _use_triton(w):
+        from .kernels.ot_triton import ot_rows
+
+        n_minus, n_zero, _ = ot_counts(w.shape[1], ratio, prune)
+        mu = ot_offset(w.shape[1], ratio, prune) if center else 0.0
+        codes, scale, _ = ot_rows(w, n_minus, n_zero, mu)
+        return codes.reshape(weight.shape), scale.to(w.dtype)  # type: ignore[union-attr]
     if method == "ot":
         n_minus, n_zero, _ = ot_counts(w.shape[1], ratio, prune)
         if n_zero:
@@ -356,6 +396,68 @@ def ot_codes(
     if center and (method != "ot" or ot_offset(w.shape[1], ratio, prune) != 0):
         scale = least_squares_scale(w, centered_codes(codes, w.dtype))
     return codes.reshape(weight.shape), scale
+
+
+def binary_weight(
+    weight: torch.Tensor,
+    ratio: float = 0.5,
+    prune: float = 0.0,
+    method: str = "ot",
+    *,
+    center: bool = False,
+    cache: OTCache | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The weight a binarized layer trains with, ``scale * levels`` of :func:`ot_codes`, built in as few
+    passes as the math needs and straight in ``dtype`` (the dtype the convolution runs in).
+
+    The codes are exactly those of :func:`ot_codes`; the scale is the same least-squares factor, summed
+    in another order (equal up to float rounding). ``ot`` never materializes the codes: with ``m`` the
+    mask of the ``n_minus`` lowest weights, the two levels are ``a = 1 - mu`` and ``b = -1 - mu`` and
+
+        scale = (a * sum(w[plus]) + b * sum(w[minus])) / (a^2 n_plus + b^2 n_minus)
+
+    On CUDA the Triton kernel writes the weight in the same launch that selects the codes; there is no
+    host synchronization on any path outside the CPU's.
+
+    Example:
+        >>> w = torch.tensor([[0.3, -0.1, 0.2, -0.4]])
+        >>> binary_weight(w).tolist()
+        [[0.25, -0.25, 0.25, -0.25]]
+    """
+    if not 0 < ratio < 1:
+        raise ValueError(f"ratio must be strictly between 0 and 1, got {ratio}")
+    if not 0 <= prune < 1:
+        raise ValueError(f"prune must be in [0, 1), got {prune}")
+    dtype = dtype or weight.dtype
+    w = weight.detach().reshape(weight.shape[0], -1)
+    if method != "ot":
+        codes, scale = ot_codes(weight, ratio, prune, method, cache=cache, center=center)
+        return dequantize(codes, scale.to(dtype), center)
+    n = w.shape[1]
+    n_minus, n_zero, n_plus = ot_counts(n, ratio, prune)
+    mu = ot_offset(n, ratio, prune) if center else 0.0
+    if _use_triton(w):
+        from .kernels.ot_triton import ot_rows
+
+        return ot_rows(w, n_minus, n_zero, mu, codes=False, out_dtype=dtype)[2].reshape(weight.shape)  # type: ignore[union-attr]
+    a, b = 1.0 - mu, -1.0 - mu
+    zeros = w.new_zeros(())
+    if n_zero:
+        minus, nonpos = _lowest_k_masks(w, [n_minus, n_minus + n_zero], cache)
+        s_minus = torch.where(minus, w, zeros).sum(dim=1)
+        s_plus = w.sum(dim=1) - torch.where(nonpos, w, zeros).sum(dim=1)
+    else:
+        (minus,) = _lowest_k_masks(w, [n_minus], cache)
+        s_minus = torch.where(minus, w, zeros).sum(dim=1)
+        s_plus = w.sum(dim=1) - s_minus
+    den = a * a * n_plus + b * b * n_minus
+    scale = (a * s_plus + b * s_minus) / den if den > 0 else torch.zeros_like(s_plus)
+    hi, lo = (scale * a).to(dtype)[:, None], (scale * b).to(dtype)[:, None]
+    q = torch.where(minus, lo, hi)
+    if n_zero:
+        q = q.masked_fill(nonpos & ~minus, 0)
+    return q.reshape(weight.shape)
 
 
 def code_counts(codes: torch.Tensor) -> tuple[int, int, int]:
