@@ -11,6 +11,10 @@ import torch
 # Tests never reach the network: hub downloads fail at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Without a GPU the Triton kernels run in Triton's interpreter (tests/test_kernels.py). The variable is
+# read when triton.language is first imported, so it is set here, before any test can import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

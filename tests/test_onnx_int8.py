@@ -12,14 +12,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import run_cli
 from onnx import numpy_helper
 
 from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
 from equalbits_cli.layers import BinaryLayer
 from equalbits_cli.onnx_int8 import _int8_levels, _pack_int8_weights, _quantize, export_onnx_int8, int8_ops
 from equalbits_cli.packing import unpack_codes
-
-from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
