@@ -145,7 +145,9 @@ def test_binary_weight_is_the_dequantized_codes(method, ratio, prune):
         got = binary_weight(w, ratio, prune, method, center=center, dtype=dtype)
         codes, scale = ot_codes(w, ratio, prune, method, center=center)
         want = dequantize(codes, scale, center)
-        assert got.dtype == dtype and torch.equal(torch.sign(got.float()), torch.sign(want))
+        assert got.dtype == dtype
+        big = want.abs() > 1e-6  # the constant row's scale is 0 up to rounding: its signs are noise
+        assert torch.equal(torch.sign(got.float())[big], torch.sign(want)[big])
         torch.testing.assert_close(got.float(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
 
 
