@@ -4,6 +4,8 @@ Same model, batch, input size and optimizer (AdamW) in one run; steps are interl
 so that machine noise hits every variant alike. Reports the median step time and the ratios.
 
     python benchmarks/train_step.py [--model resnet18] [--batch 64] [--img-size 32] [--steps 12]
+    python benchmarks/train_step.py --device cuda --amp --steps 12 \
+        --model resnet18:256:224,resnet50:128:224,vit_small_patch16_224:128:224
 """
 
 from __future__ import annotations
@@ -24,43 +26,68 @@ from _timing import machine  # noqa: E402
 from equalbits_cli import BinarizeConfig, binarize_  # noqa: E402
 
 
-def make(model_name: str, method: str | None) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make(model_name: str, method: str | None, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False, num_classes=10)
+    model = timm.create_model(model_name, pretrained=False, num_classes=10 if device == "cpu" else 1000)
     if method is not None:
         binarize_(model, BinarizeConfig(method=method))
-    model.train()
+    model.to(device).train()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def run(args, model_name: str, batch: int, img_size: int) -> dict[str, float]:
+    dev = torch.device(args.device)
+    variants = {k: make(model_name, m, args.device) for k, m in (("fp32", None), ("sign", "sign"), ("ot", "ot"))}
+    g = torch.Generator().manual_seed(0)
+    classes = 10 if args.device == "cpu" else 1000
+    x = torch.randn(batch, 3, img_size, img_size, generator=g).to(dev)
+    y = torch.randint(0, classes, (batch,), generator=g).to(dev)
+    loss_fn = nn.CrossEntropyLoss()
+    amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    scalers = {k: torch.amp.GradScaler(dev.type, enabled=args.amp and dev.type == "cuda") for k in variants}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for step in range(args.steps + 2):
+        for name, (model, opt) in variants.items():
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=args.amp):
+                loss = loss_fn(model(x), y)
+            scalers[name].scale(loss).backward()
+            scalers[name].step(opt)
+            scalers[name].update()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= 2:  # the first two steps warm up allocators, kernels and the OT threshold caches
+                times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--model", default="resnet18", help="comma-separated; model:batch:size overrides per model")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--img-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", action="store_true", help="autocast (fp16 + GradScaler on CUDA, bf16 on CPU)")
     args = ap.parse_args()
-    variants = {"fp32": make(args.model, None), "sign": make(args.model, "sign"), "ot": make(args.model, "ot")}
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-    loss_fn = nn.CrossEntropyLoss()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for step in range(args.steps + 2):
-        for name, (model, opt) in variants.items():
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
-            if step >= 2:  # the first two steps warm up allocators and the OT threshold caches
-                times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"machine: {machine()}")
-    print(f"{args.model}, batch {args.batch}, {args.img_size}x{args.img_size}, AdamW lr 1e-3, {args.steps} steps")
-    print("| variant | median step ms | vs fp32 | vs sign |")
-    print("|---|---|---|---|")
-    for k, v in med.items():
-        print(f"| {k} | {v:.1f} | {v / med['fp32']:.2f}x | {v / med['sign']:.2f}x |")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else machine()
+    print(f"machine: {device}; torch {torch.__version__}, timm {timm.__version__}")
+    print("| model | batch | input | fp32 ms | sign ms | ot ms | ot / sign | ot / fp32 | sign / fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for spec in args.model.split(","):
+        name, *rest = spec.split(":")
+        batch = int(rest[0]) if rest else args.batch
+        size = int(rest[1]) if len(rest) > 1 else args.img_size
+        med = run(args, name, batch, size)
+        amp = ", AMP" if args.amp else ""
+        print(
+            f"| {name} | {batch} | {size}{amp} | {med['fp32']:.2f} | {med['sign']:.2f} | {med['ot']:.2f} "
+            f"| {med['ot'] / med['sign']:.2f}x | {med['ot'] / med['fp32']:.2f}x | {med['sign'] / med['fp32']:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
