@@ -110,10 +110,11 @@ class FinetuneConfig:
     calibrate_batches: int = 20
     save_every: int = 200
     seed: int = 0
-    workers: int = 2
+    workers: int | None = None  # None: default_workers() when the run starts
     amp: bool = False
     device: str = "auto"
     augment: str = "none"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: object, low: int = 1) -> None:
@@ -125,7 +126,8 @@ class FinetuneConfig:
         positive_int("warmup_steps", self.warmup_steps, 0)
         positive_int("calibrate_batches", self.calibrate_batches, 0)
         positive_int("save_every", self.save_every)
-        positive_int("workers", self.workers, 0)
+        if self.workers is not None:
+            positive_int("workers", self.workers, 0)
         positive_int("seed", self.seed, 0)
         if self.img_size is not None:
             positive_int("img_size", self.img_size, 8)

@@ -32,6 +32,12 @@ def conv_kwargs(conv: nn.Conv2d) -> dict:
     }
 
 
+# torch.compile runs the quantizer as it is (a graph break per binary layer): its CPU path selects with
+# numpy and keeps per-layer thresholds in Python, which dynamo cannot trace; on CUDA it is one Triton
+# launch either way. The convolutions and everything else in the network still compile.
+_binary_weight = torch.compiler.disable(binary_weight)
+
+
 class _StraightThrough(torch.autograd.Function):
     """Forward: the quantized weight (possibly in the compute dtype). Backward: the incoming gradient,
     unchanged, to the latent (in the latent's dtype)."""
@@ -158,7 +164,7 @@ class BinaryLayer:
             cfg = self.config
             device = self.weight.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
-            q = binary_weight(
+            q = _binary_weight(
                 self.weight,
                 cfg.ratio,
                 cfg.prune,

@@ -171,11 +171,14 @@ class _Run:
 
 
 def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, progress: Progress, output: Path):
-    from .data import EpochSampler, build_datasets, calibration_dataset, find_splits, make_loader
+    from .data import EpochSampler, build_datasets, calibration_dataset, default_workers, find_splits, make_loader
     from .io import LATENT_FORMAT, load_model, read_metadata
 
     device = resolve_device(config.device)
     rank, world = dist_setup(device)
+    workers = config.workers
+    if workers is None:
+        workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     fmt = read_metadata(student_path).get("format")
     if fmt != LATENT_FORMAT:
         raise ValueError(f"{student_path}: fine-tuning needs a latent checkpoint (from binarize), not {fmt}")
@@ -199,13 +202,13 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
             "lower --batch-size"
         )
     train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=config.seed, rank=rank, world=world)
-    train_loader = make_loader(train_ds, train_sampler, config.batch_size, config.workers, drop_last=True)
+    train_loader = make_loader(train_ds, train_sampler, config.batch_size, workers, drop_last=True)
     val_loader = make_loader(
-        val_ds, EpochSampler(len(val_ds), shuffle=False), config.batch_size, config.workers, drop_last=False
+        val_ds, EpochSampler(len(val_ds), shuffle=False), config.batch_size, workers, drop_last=False
     )
     calib_ds = calibration_dataset(splits, student, config.img_size)
     calib_sampler = EpochSampler(len(calib_ds), shuffle=True, seed=config.seed + 1)
-    calib_loader = make_loader(calib_ds, calib_sampler, config.batch_size, config.workers, drop_last=True)
+    calib_loader = make_loader(calib_ds, calib_sampler, config.batch_size, workers, drop_last=True)
     student.to(device)
     if teacher_model is not None:
         teacher_model.to(device).eval()
@@ -355,6 +358,29 @@ def _train_epoch(run: _Run) -> float:
     return float(total) / max(n, 1)
 
 
+def _compile(run: _Run) -> None:
+    """``torch.compile`` the training forward of the student (and the teacher's). Binary layers compile
+    with graph breaks around the CPU quantizer (numpy selection, threshold cache); on CUDA the Triton
+    kernel is traced like any user kernel. Evaluation, saving and exports use the uncompiled modules."""
+    run.model = torch.compile(run.model)
+    if run.teacher is not None:
+        run.teacher = torch.compile(run.teacher)
+
+
+def _compile_error(exc: BaseException) -> ValueError | None:
+    """A one-line error for a failure of torch.compile (not of the training itself), else None."""
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return None
+    if not isinstance(exc, TorchDynamoException):
+        return None
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return ValueError(
+        f"--compile: torch.compile failed on this model ({type(exc).__name__}: {first}); run without --compile"
+    )
+
+
 def _on_sigterm(signum, frame) -> None:
     raise _Terminated()
 
@@ -366,7 +392,7 @@ def finetune(
     *,
     output: str | os.PathLike,
     teacher: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     log: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> FinetuneResult | None:
@@ -379,7 +405,9 @@ def finetune(
         output: The fine-tuned checkpoint to write (its training state goes next to it).
         teacher: A timm name (pretrained) or a full-precision state dict file; default: the model the
             student was binarized from, as its metadata records. Not used when ``config.alpha == 1``.
-        resume: Continue from the training state of ``output`` (saved with the same settings).
+        resume: True: continue from the training state of ``output`` (saved with the same settings);
+            ``"auto"``: continue if there is one, else start afresh (what ``torchrun --max-restarts``
+            needs: the restarted command is the same); False: start afresh.
         log: Append one JSON line per 10 steps and per epoch to this file (rank 0).
         progress: Receives progress; default none.
 
@@ -396,7 +424,9 @@ def finetune(
     started = time.perf_counter()
     output = Path(output)
     state_path = state_path_for(output)
-    state = load_state(state_path) if resume else None
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+    state = load_state(state_path) if resume is True or (resume == "auto" and state_path.exists()) else None
     if state is not None:
         check_resume_config(state_path, state, config.to_json())
     run = _setup(student_path, data_dir, config, teacher, progress, output)
@@ -413,6 +443,8 @@ def finetune(
         run.model = nn.parallel.DistributedDataParallel(
             run.student, device_ids=[run.device.index] if run.device.type == "cuda" else None
         )
+    if config.compile:
+        _compile(run)
     previous = None
     import threading
 
@@ -422,7 +454,13 @@ def finetune(
     run.log = log_file
     try:
         while run.epoch < config.epochs:
-            loss = _train_epoch(run)
+            try:
+                loss = _train_epoch(run)
+            except Exception as exc:
+                err = _compile_error(exc) if config.compile else None
+                if err is None:
+                    raise
+                raise err from exc
             row: dict[str, Any] = {"epoch": run.epoch + 1, "step": run.step, "loss": loss, "lr": run.lr()}
             if run.rank == 0:
                 run.progress.phase(f"validating after epoch {run.epoch + 1}", len(run.val_loader))

@@ -270,3 +270,113 @@ def test_amp_autocasts_on_cpu(tmp_path, digits_small, digits_student):
         handle.remove()
     assert dtypes == {torch.bfloat16}
     assert result is not None and load_model(tmp_path / "amp.safetensors") is not None
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_torchrun_restart_resumes_automatically(tmp_path, digits_small, digits_student):
+    """A worker lost mid-run: torchrun --max-restarts starts the same command again, and --resume auto
+    continues from the saved state instead of starting over."""
+    out = tmp_path / "ddp.safetensors"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--master-port",
+        "29533",
+        "-m",
+        "equalbits_cli",
+        "finetune",
+        str(digits_student),
+        "--data",
+        str(digits_small),
+        "--epochs",
+        "3",
+        *FAST,
+        "--calibrate-batches",
+        "1",
+        "--save-every",
+        "2",
+        "--resume",
+        "auto",
+        "-o",
+        str(out),
+        "--json",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        assert wait_for_file(state_path_for(out), proc, timeout=300), "a training state is saved every 2 steps"
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)  # one worker lost
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout)
+    assert result["resumed_from_step"] >= 2 and result["steps"] == 3 * (400 // (32 * 2))
+    assert result["world_size"] == 2 and result["codes_identical_across_ranks"] is True
+    assert not state_path_for(out).exists() and codes_checksum(load_model(out)) == result["codes_checksum"]
+
+
+def test_resume_auto_starts_afresh_without_state_and_respects_a_finished_output(tmp_path, digits_small, digits_student):
+    out = tmp_path / "auto.safetensors"
+    args = ["finetune", digits_student, "--data", digits_small, "--epochs", "1", *FAST, "--calibrate-batches", "1"]
+    res = run_cli(*args, "--resume", "auto", "-o", out, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["resumed_from_step"] is None
+    res = run_cli(*args, "--resume", "auto", "-o", out)  # finished: no state left, the output exists
+    assert res.returncode == 2 and "exists" in res.stderr
+    res = run_cli(*args, "--resume", "later", "-o", tmp_path / "y.safetensors")
+    assert res.returncode == 2 and "'auto'" in res.stderr
+
+
+def test_compile_trains_binary_layers(tmp_path, digits_small, digits_student):
+    out = tmp_path / "compiled.safetensors"
+    args = ["finetune", digits_student, "--data", digits_small, "--epochs", "1", *FAST, "--calibrate-batches", "1"]
+    res = run_cli(*args, "--compile", "-o", out, "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    compiled = json.loads(res.stdout)
+    res = run_cli(*args, "-o", tmp_path / "eager.safetensors", "--json")
+    eager = json.loads(res.stdout)
+    # the same steps; compiled kernels round differently, so the losses agree closely, not exactly
+    assert compiled["steps"] == eager["steps"]
+    assert abs(compiled["history"][0]["loss"] - eager["history"][0]["loss"]) <= 0.05 * eager["history"][0]["loss"]
+    assert load_model(out) is not None
+
+
+def test_compile_failures_are_one_line_errors():
+    from torch._dynamo.exc import TorchRuntimeError
+
+    from equalbits_cli.train import _compile_error
+
+    err = _compile_error(TorchRuntimeError("RuntimeError when making fake tensor call\nmore lines"))
+    assert err is not None and "--compile" in str(err) and "\n" not in str(err)
+    assert _compile_error(ValueError("a training error")) is None
+
+
+def test_default_workers_follow_the_cpus(monkeypatch):
+    from equalbits_cli import data
+
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert data.default_workers() == 8 and data.default_workers(4) == 3 and data.default_workers(16) == 0
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert data.default_workers() == 1

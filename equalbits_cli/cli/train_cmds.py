@@ -74,7 +74,21 @@ def finetune(
     save_every: Annotated[
         int, typer.Option(help="Save the training state every N steps (and at each epoch end).")
     ] = 200,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the saved training state of -o.")] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            is_flag=False,
+            flag_value="yes",
+            metavar="[auto]",
+            help="Continue from the saved training state of -o. --resume auto: continue if there is one, else "
+            "start afresh (for torchrun --max-restarts).",
+            show_default=False,
+        ),
+    ] = None,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the student and teacher (first steps are slower).")
+    ] = False,
     augment: Annotated[
         AugmentChoice,
         typer.Option(
@@ -88,7 +102,12 @@ def finetune(
         Path | None, typer.Option(help="Draw loss, learning rate and validation top-1 per epoch to this PNG.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and initialisation.")] = 0,
-    workers: WorkersOpt = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Data loader worker processes (default: the CPUs per process less one, at most 8).", show_default=False
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     amp: AmpOpt = False,
     output: OutOpt = None,
@@ -107,6 +126,9 @@ def finetune(
       equalbits finetune --data ./imagenet            (uses the one checkpoint here)
 
       torchrun --nproc-per-node 2 -m equalbits_cli finetune r18.safetensors --data ./imagenet
+
+      torchrun --nproc-per-node 8 --max-restarts 3 -m equalbits_cli finetune r18.safetensors \\
+        --data ./imagenet --resume auto
     """
     import os
 
@@ -133,20 +155,27 @@ def finetune(
         amp=amp,
         device=device,
         augment=augment.value,
+        compile=compile,
     )
+    if resume not in (None, "yes", "auto"):
+        raise ValueError(f"--resume takes no value or 'auto', got {resume!r}")
+    resume_arg: bool | str = {None: False, "yes": True, "auto": "auto"}[resume]
     student = checkpoint if checkpoint is not None else _find_student(Path("."))
     if not student.is_file():
         raise FileNotFoundError(f"checkpoint not found: {student}")
     out = output or student.with_name(student.name.removesuffix(".safetensors") + ".ft.safetensors")
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
-        check_output_path(out, overwrite or resume)
+        from ..state import state_path_for
+
+        resuming = resume_arg is True or (resume_arg == "auto" and state_path_for(out).exists())
+        check_output_path(out, overwrite or resuming)
         if plot is not None:
             check_output_path(plot, overwrite)
     try:
         with RichProgress(enabled=rank == 0) as progress:
             result = run_finetune(
-                student, data, config, output=out, teacher=teacher, resume=resume, log=log, progress=progress
+                student, data, config, output=out, teacher=teacher, resume=resume_arg, log=log, progress=progress
             )
     except Interrupted as exc:
         from .options import fail
