@@ -63,7 +63,17 @@ def dist_setup(device: torch.device) -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart in ("", "0"):
+            dist.init_process_group(backend)
+        else:
+            # After `torchrun --max-restarts` restarts the workers, the agent's store still holds the keys
+            # of the attempt before (each rank's address): a new rank could read a dead peer's address and
+            # fail to connect. A prefix per attempt keeps every attempt's keys apart.
+            store, rank, world = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"equalbits/attempt{restart}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return dist.get_rank(), dist.get_world_size()
 
 

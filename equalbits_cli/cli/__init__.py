@@ -18,9 +18,32 @@ from . import demo_cmds  # noqa: E402, F401
 # isort: on
 
 
+RESUME_VALUES = ("yes", "auto")
+
+
+def _optional_values(args: list[str]) -> list[str]:
+    """``--resume`` alone means ``--resume yes``: click options take a value or none, not either, so the
+    bare form gets its value here (a following token that is not a value stays an argument).
+
+    Example:
+        >>> _optional_values(["finetune", "--resume", "--json"])
+        ['finetune', '--resume', 'yes', '--json']
+        >>> _optional_values(["finetune", "--resume", "auto"])
+        ['finetune', '--resume', 'auto']
+    """
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        if a == "--resume" and (i + 1 == len(args) or args[i + 1] not in RESUME_VALUES):
+            out.append("yes")
+    return out
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    import sys
+
+    app(args=_optional_values(sys.argv[1:]), prog_name="equalbits")
 
 
 __all__ = ["app", "main"]

@@ -78,8 +78,6 @@ def finetune(
         str | None,
         typer.Option(
             "--resume",
-            is_flag=False,
-            flag_value="yes",
             metavar="[auto]",
             help="Continue from the saved training state of -o. --resume auto: continue if there is one, else "
             "start afresh (for torchrun --max-restarts).",
@@ -127,7 +125,8 @@ def finetune(
 
       torchrun --nproc-per-node 2 -m equalbits_cli finetune r18.safetensors --data ./imagenet
 
-      torchrun --nproc-per-node 8 --max-restarts 3 -m equalbits_cli finetune r18.safetensors \\
+      torchrun --nproc-per-node 8 --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint localhost:29400 \\
+        -m equalbits_cli finetune r18.safetensors \\
         --data ./imagenet --resume auto
     """
     import os
@@ -158,7 +157,7 @@ def finetune(
         compile=compile,
     )
     if resume not in (None, "yes", "auto"):
-        raise ValueError(f"--resume takes no value or 'auto', got {resume!r}")
+        raise ValueError(f"--resume takes no value (continue the saved state) or 'auto', got {resume!r}")
     resume_arg: bool | str = {None: False, "yes": True, "auto": "auto"}[resume]
     student = checkpoint if checkpoint is not None else _find_student(Path("."))
     if not student.is_file():
