@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/quantizer.py
 	$(PY) benchmarks/export_size.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/inference.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .hypothesis

@@ -3,9 +3,13 @@
 For every conv/linear weight of each model (latent weights from a fixed seed) it times, over all
 tensors together: torch.sign; the sort-based reference; ot_codes cold (first call, no cache); and
 ot_codes warm (cache from the previous call, after an Adam-like step ``w += lr * sign(noise)``) for
-several step sizes. Every warm result is checked against the reference before it is timed.
+several step sizes (on the CPU; elsewhere no cache is kept, so warm = cold); and ``binary_weight``, the
+weight a training step builds (codes, scale and ``scale * (codes - mu)`` in the compute dtype: fp32 on
+the CPU, fp16 on CUDA, where it is one Triton launch per layer). Every result is checked against the
+reference before it is timed.
 
     python benchmarks/quantizer.py [--models resnet18,resnet50,vit_tiny_patch16_224] [--reps 10]
+    python benchmarks/quantizer.py --device cuda --models resnet50,vit_small_patch16_224
 """
 
 from __future__ import annotations
@@ -20,13 +24,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import best_ms, machine  # noqa: E402
 
-from equalbits_cli.quantize import OTCache, ot_codes, ot_codes_reference  # noqa: E402
+from equalbits_cli.quantize import OTCache, binary_weight, ot_codes, ot_codes_reference  # noqa: E402
+
+DEVICE = torch.device("cpu")
 
 
 def weights_of(name: str) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=1000)
-    return [p.detach().clone() for n, p in model.named_parameters() if p.dim() in (2, 4) and n.endswith("weight")]
+    return [
+        p.detach().clone().to(DEVICE) for n, p in model.named_parameters() if p.dim() in (2, 4) and n.endswith("weight")
+    ]
+
+
+def synced(fn):
+    """``fn`` followed by a device synchronization, so that the wall time covers the kernels."""
+    if DEVICE.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def main() -> None:
@@ -34,10 +55,15 @@ def main() -> None:
     ap.add_argument("--models", default="resnet18,resnet50,vit_tiny_patch16_224")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--lrs", default="1e-5,1e-4,1e-3")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     lrs = [float(x) for x in args.lrs.split(",")]
-    print(f"machine: {machine()}")
+    print(f"machine: {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else machine()}; torch {torch.__version__}")
+    wdtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
     header = ["model", "weights", "sign ms", "reference ms", "cold ms", "cold/sign", "ref/cold"]
+    header += ["train weight ms", "train weight/sign"]
     header += [f"warm@{lr:g} ms" for lr in lrs] + [f"warm@{lr:g}/sign" for lr in lrs] + [f"hit@{lr:g}" for lr in lrs]
     rows = []
     # Warm-up over the largest model first: glibc's allocator adapts its mmap threshold to the sizes
@@ -51,9 +77,12 @@ def main() -> None:
     for name in args.models.split(","):
         ws = weights_of(name)
         numel = sum(w.numel() for w in ws)
-        sign = best_ms(lambda: [torch.sign(w) for w in ws], args.reps)
-        ref = best_ms(lambda: [ot_codes_reference(w) for w in ws], max(2, args.reps // 4))
-        cold = best_ms(lambda: [ot_codes(w) for w in ws], args.reps)
+        for w in ws:  # exactness first
+            assert torch.equal(ot_codes(w)[0], ot_codes_reference(w)[0])
+        sign = best_ms(synced(lambda: [torch.sign(w) for w in ws]), args.reps)
+        ref = best_ms(synced(lambda: [ot_codes_reference(w) for w in ws]), max(2, args.reps // 4))
+        cold = best_ms(synced(lambda: [ot_codes(w) for w in ws]), args.reps)
+        train = best_ms(synced(lambda: [binary_weight(w, center=True, dtype=wdtype) for w in ws]), args.reps)
         warm_ms, hits = [], []
         for lr in lrs:
             g = torch.Generator().manual_seed(1)
@@ -80,7 +109,7 @@ def main() -> None:
                 c.hits = c.misses = 0
             warm()
             hit = sum(c.hits for c in caches) / max(1, sum(c.hits + c.misses for c in caches))
-            warm_ms.append(best_ms(warm, args.reps))
+            warm_ms.append(best_ms(synced(warm), args.reps))
             hits.append(hit)
         row = [
             name,
@@ -90,6 +119,8 @@ def main() -> None:
             f"{cold:.1f}",
             f"{cold / sign:.2f}x",
             f"{ref / cold:.1f}x",
+            f"{train:.1f}",
+            f"{train / sign:.2f}x",
         ]
         row += [f"{w:.1f}" for w in warm_ms] + [f"{w / sign:.2f}x" for w in warm_ms] + [f"{h:.0%}" for h in hits]
         rows.append(row)
