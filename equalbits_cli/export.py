@@ -68,8 +68,8 @@ def export_file(
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if format == "onnx-int8" and data is None:
         raise ValueError("--format onnx-int8 calibrates activations on images: pass --data DIR (an image folder)")
-    if format != "onnx-int8" and data is not None:
-        raise ValueError("--data is used by --format onnx-int8 only")
+    if format == "packed" and data is not None:
+        raise ValueError("--data is used by the ONNX formats only (a packed file reproduces PyTorch exactly)")
     out = check_output_path(output, overwrite)
     model = load_model(checkpoint)
     stats = collect_stats(model)
@@ -81,9 +81,20 @@ def export_file(
             diff = verify_packed(model, tmp, img_size)
         extra: dict[str, Any] = {}
     elif format == "onnx":
+        if data is not None:  # bad data is refused before the export, not after
+            from .onnx_int8 import _images
+
+            _images(model, data, img_size, "val")
         result = export_onnx(model, out, weights=onnx_weights, img_size=img_size, exclusive=not overwrite)
         diff = result.max_abs_diff
         extra = {"onnx_weights": onnx_weights, "rel_diff": result.rel_diff}
+        if data is not None:
+            import onnxruntime as ort
+
+            from .onnx_int8 import top1_agreement
+
+            session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            extra["agreement"], extra["agreement_images"] = top1_agreement(session, model, data, img_size)
     else:
         from dataclasses import asdict
 

@@ -41,7 +41,7 @@ from torch import nn
 from .layers import BinaryLayer
 from .progress import Progress
 
-__all__ = ["INT8_OPS", "Int8ExportResult", "export_onnx_int8", "int8_ops"]
+__all__ = ["INT8_OPS", "Int8ExportResult", "export_onnx_int8", "int8_ops", "top1_agreement"]
 
 # Operators that compute on integers in onnxruntime's optimized CPU graph (QDQ fusions and the
 # operator-oriented forms).
@@ -103,6 +103,23 @@ def _batches(dataset, batches: int, batch_size: int, seed: int = 0):
         if i >= batches:
             break
         yield images.numpy().astype(np.float32), labels.numpy()
+
+
+def top1_agreement(
+    session, model: nn.Module, data_dir: str | os.PathLike, img_size: int | None, images: int = 256
+) -> tuple[float | None, int]:
+    """``(percent of val images where onnxruntime's top-1 equals PyTorch's, images compared)``."""
+    from .onnx_export import inference_model
+
+    plain = inference_model(model)
+    agree = seen = 0
+    for batch, _ in _batches(_images(model, data_dir, img_size, "val"), -(-images // 64), 64, seed=1):
+        batch = batch[: images - seen]
+        with torch.no_grad():
+            want = plain(torch.from_numpy(batch)).argmax(1).numpy()
+        agree += int((session.run(None, {"input": batch})[0].argmax(1) == want).sum())
+        seen += len(batch)
+    return (100.0 * agree / seen if seen else None), seen
 
 
 def _binary_nodes(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]]) -> dict[str, tuple[str, str]]:

@@ -137,8 +137,12 @@ def test_eval_scores_every_onnx_export_like_its_checkpoint(int8_file, digits_stu
     want = top1(digits_student, "--img-size", "32")
     for weights in ("packed", "float"):
         out = tmp_path / f"{weights}.onnx"
-        r = run_cli("export", digits_student, "-f", "onnx", "--onnx-weights", weights, "--img-size", "32", "-o", out)
+        r = run_cli(
+            "export", digits_student, "-f", "onnx", "--onnx-weights", weights, "--img-size", "32", "-o", out,
+            "--data", digits_small, "--json",
+        )  # fmt: skip
         assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["agreement"] == 100.0  # float ONNX: the same top-1 on every val image
         assert top1(out) == want
     assert abs(top1(int8_file[0]) - want) <= 2.5  # 120 val images: 3 images
 
@@ -160,7 +164,9 @@ def test_int8_bad_input_one_line_no_file(tmp_path, digits_student, digits_small)
         assert needle in r.stderr and "Traceback" not in r.stderr
         assert not out.exists()
     r = run_cli("export", digits_student, "-f", "packed", "--data", digits_small, "-o", out)
-    assert r.returncode == 2 and "onnx-int8 only" in r.stderr and not out.exists()
+    assert r.returncode == 2 and "ONNX formats only" in r.stderr and not out.exists()
+    r = run_cli("export", digits_student, "-f", "onnx", "--data", tmp_path / "missing", "-o", out)
+    assert r.returncode == 2 and "not found" in r.stderr and not out.exists()
 
 
 def test_eval_onnx_refuses_foreign_files_and_sizes(tmp_path, int8_file, digits_small):

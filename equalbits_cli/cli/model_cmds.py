@@ -174,8 +174,8 @@ def export(
         Path | None,
         typer.Option(
             "--data",
-            help="onnx-int8: image folder (train/ and/or val/): train/ (else val/) calibrates the activation "
-            "ranges, val/ checks top-1 agreement with PyTorch.",
+            help="ONNX: image folder (train/ and/or val/). onnx-int8 calibrates the activation ranges on train/ "
+            "(else val/); both ONNX formats report top-1 agreement with PyTorch on val/.",
             show_default=False,
         ),
     ] = None,
@@ -231,9 +231,9 @@ def export(
     if format == "onnx-int8":
         ops = ", ".join(f"{k} x{v}" for k, v in result["int8_ops"].items())
         err.print(f"integer kernels in onnxruntime's optimized graph: {ops}")
-        if result["agreement"] is not None:
-            err.print(
-                f"top-1 agreement with PyTorch: {result['agreement']:.2f}% of {result['agreement_images']} val images"
-            )
-        for note in result["notes"]:
-            err.print(f"note: {note}")
+    if result.get("agreement") is not None:
+        err.print(
+            f"top-1 agreement with PyTorch: {result['agreement']:.2f}% of {result['agreement_images']} val images"
+        )
+    for note in result.get("notes", []):
+        err.print(f"note: {note}")
