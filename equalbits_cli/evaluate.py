@@ -180,18 +180,11 @@ def onnx_module(path: Path, img_size: int | None = None) -> OnnxModule:
     Raises:
         ValueError: not an ONNX file equalbits wrote, external data, or an ``img_size`` the graph cannot take.
     """
-    import onnx
     import onnxruntime as ort
 
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-    meta = {p.key: p.value for p in m.metadata_props}
-    if meta.get("format") != "equalbits.onnx":
-        raise ValueError(f"{path}: not an ONNX file written by equalbits export (no equalbits metadata)")
-    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in m.graph.initializer):
-        raise ValueError(f"{path}: the model refers to external data; equalbits writes none")
+    from .onnx_export import read_equalbits_onnx
+
+    m, meta = read_equalbits_onnx(path)
     dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
     if "data_config" in meta:
         try:

@@ -37,6 +37,7 @@ __all__ = [
     "export_onnx",
     "has_binary_activations",
     "inference_model",
+    "read_equalbits_onnx",
     "trace_graph",
 ]
 
@@ -371,6 +372,27 @@ def data_config(model: nn.Module, img_size: int | None) -> dict:
     if img_size:
         cfg["crop_pct"] = 1.0  # as build_datasets does for explicit sizes
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def read_equalbits_onnx(path: str | os.PathLike):
+    """``(ModelProto, metadata dict)`` of an ONNX file ``export`` wrote, weights inline.
+
+    Raises:
+        ValueError: unreadable, not written by equalbits, or referring to external data.
+    """
+    import onnx
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    meta = {p.key: p.value for p in m.metadata_props}
+    if meta.get("format") != "equalbits.onnx":
+        raise ValueError(f"{path}: not an ONNX file written by equalbits export (no equalbits metadata)")
+    for init in m.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise ValueError(f"{path}: initializer {init.name[:100]!r} refers to external data; equalbits writes none")
+    return m, meta
 
 
 def has_binary_activations(model: nn.Module) -> bool:

@@ -162,22 +162,13 @@ def _packed_stats(model: nn.Module, state: dict[str, torch.Tensor], binarized: s
 def _onnx_report(path: Any) -> FileReport:
     import os
 
-    import onnx
     from onnx import numpy_helper
 
     from .io import FileInfo, build_model, file_info
+    from .onnx_export import read_equalbits_onnx
     from .packing import pack_bits
 
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-    meta = {p.key: p.value for p in m.metadata_props}
-    if meta.get("format") != "equalbits.onnx":
-        raise ValueError(f"{path}: not an ONNX file written by equalbits export (no equalbits metadata)")
-    for init in m.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            raise ValueError(f"{path}: initializer {init.name[:100]!r} refers to external data; equalbits writes none")
+    m, meta = read_equalbits_onnx(path)
     info: FileInfo = file_info(path, {**meta, "format": "equalbits.packed"})
     model = build_model(info)
     state: dict[str, torch.Tensor] = {}

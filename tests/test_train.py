@@ -95,31 +95,18 @@ def test_finetune_finds_the_single_checkpoint_in_cwd(tmp_path, digits_small, dig
     assert res.returncode == 2 and "several binarized checkpoints" in res.stderr
 
 
+def _torchrun(launcher: list[str], student, data, finetune: list[str]) -> list[str]:
+    """``torchrun --nproc-per-node 2 LAUNCHER -m equalbits_cli finetune STUDENT --data DATA FAST
+    --calibrate-batches 2 FINETUNE --json`` (later options win)."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    head = [torchrun, "--nproc-per-node", "2", *launcher, "-m", "equalbits_cli", "finetune", str(student)]
+    return head + ["--data", str(data), *FAST, "--calibrate-batches", "2", *finetune, "--json"]
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, digits_small, digits_student):
     out = tmp_path / "ddp.safetensors"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun),
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29531",
-        "-m",
-        "equalbits_cli",
-        "finetune",
-        str(digits_student),
-        "--data",
-        str(digits_small),
-        "--epochs",
-        "1",
-        *FAST,
-        "--calibrate-batches",
-        "2",
-        "-o",
-        str(out),
-        "--json",
-    ]
+    cmd = _torchrun(["--master-port", "29531"], digits_student, digits_small, ["--epochs", "1", "-o", str(out)])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -291,40 +278,11 @@ def test_torchrun_restart_resumes_automatically(tmp_path, digits_small, digits_s
     """A worker lost mid-run: torchrun --max-restarts starts the same command again, and --resume auto
     continues from the saved state instead of starting over."""
     out = tmp_path / "ddp.safetensors"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun),
-        "--nproc-per-node",
-        "2",
-        "--max-restarts",
-        "1",
-        # dynamic rendezvous, as elastic jobs use: each restart gets fresh store keys (the static one
-        # can hand a restarted rank the dead worker's address)
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        "localhost:29533",
-        "--rdzv-id",
-        f"eb-{os.getpid()}",
-        "-m",
-        "equalbits_cli",
-        "finetune",
-        str(digits_student),
-        "--data",
-        str(digits_small),
-        "--epochs",
-        "3",
-        *FAST,
-        "--calibrate-batches",
-        "1",
-        "--save-every",
-        "2",
-        "--resume",
-        "auto",
-        "-o",
-        str(out),
-        "--json",
-    ]
+    # dynamic rendezvous, as elastic jobs use (each restart is a new rendezvous round)
+    launcher = ["--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:29533"]
+    launcher += ["--rdzv-id", f"eb-{os.getpid()}"]
+    args = ["--epochs", "3", "--calibrate-batches", "1", "--save-every", "2", "--resume", "auto", "-o", str(out)]
+    cmd = _torchrun(launcher, digits_student, digits_small, args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
