@@ -59,6 +59,12 @@ def test_int8_runs_integer_kernels_from_packed_planes(int8_file, digits_student,
     packed = save_packed(model, tmp_path / "p.safetensors")
     assert path.stat().st_size <= 1.10 * packed.stat().st_size
     assert result["agreement_images"] == 120 and result["agreement"] >= 95.0
+    # inspect reads the codes back from the int8 file's planes
+    r = run_cli("inspect", path, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["totals"]["binarized_layers"] == len(binary)
+    assert all(row["exact_filters"] and row["ratio"] == 0.5 for row in report["layers"] if row["binarized"])
 
 
 def test_packed_int8_computes_what_onnxruntimes_own_int8_model_computes(digits_student, digits_small, tmp_path):
