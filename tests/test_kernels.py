@@ -111,8 +111,9 @@ def test_kernel_refuses_filters_wider_than_its_registers(ot_rows):
 def test_layer_trains_through_the_kernel_path_like_the_torch_path(ot_rows, monkeypatch):
     """The dispatch the layers use on CUDA, forced onto the interpreted kernel: same forward, same grads."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
-    x = torch.randn(2, 8, 6, 6)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels need CUDA tensors
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1).to(device)
+    x = torch.randn(2, 8, 6, 6, device=device)
     results = []
     for use_kernel in (False, True):
         monkeypatch.setattr(quantize, "_use_triton", lambda w, k=use_kernel: k)
