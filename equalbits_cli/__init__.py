@@ -28,6 +28,9 @@ _EXPORTS = {
     "BinaryConv2d": "layers",
     "BinaryLinear": "layers",
     "save_packed": "packing",
+    "export_onnx": "onnx_export",
+    "export_onnx_int8": "onnx_int8",
+    "binary_weight": "quantize",
     "entropy_bits": "quantize",
     "ot_codes": "quantize",
     "ot_counts": "quantize",
@@ -47,10 +50,13 @@ __all__ = [
     "ModelStats",
     "binarize_",
     "binarize_model",
+    "binary_weight",
     "collect_stats",
     "create_model",
     "default_filter",
     "entropy_bits",
+    "export_onnx",
+    "export_onnx_int8",
     "load_model",
     "ot_codes",
     "ot_counts",
@@ -77,7 +83,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .convert import binarize_, binarize_model, create_model, default_filter
     from .io import load_model, save_checkpoint
     from .layers import BinaryConv2d, BinaryLinear
+    from .onnx_export import export_onnx
+    from .onnx_int8 import export_onnx_int8
     from .packing import save_packed
     from .policy import LayerPolicy
-    from .quantize import entropy_bits, ot_codes, ot_counts
+    from .quantize import binary_weight, entropy_bits, ot_codes, ot_counts
     from .report import LayerStats, ModelStats, collect_stats
