@@ -232,6 +232,9 @@ def export(
     if format == "onnx-int8":
         ops = ", ".join(f"{k} x{v}" for k, v in result["int8_ops"].items())
         err.print(f"integer kernels in onnxruntime's optimized graph: {ops}")
+        if result["float_ops"]:
+            left = ", ".join(f"{k} x{v}" for k, v in result["float_ops"].items())
+            err.print(f"float matrix ops left (not quantized by onnxruntime): {left}")
     if result.get("agreement") is not None:
         err.print(
             f"top-1 agreement with PyTorch: {result['agreement']:.2f}% of {result['agreement_images']} val images"
