@@ -234,7 +234,7 @@ def export(
         err.print(f"integer kernels in onnxruntime's optimized graph: {ops}")
         if result["float_ops"]:
             left = ", ".join(f"{k} x{v}" for k, v in result["float_ops"].items())
-            err.print(f"float matrix ops left (not quantized by onnxruntime): {left}")
+            err.print(f"float matrix ops left: {left}")
     if result.get("agreement") is not None:
         err.print(
             f"top-1 agreement with PyTorch: {result['agreement']:.2f}% of {result['agreement_images']} val images"
