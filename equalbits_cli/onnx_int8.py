@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import BinaryLayer
 from .progress import Progress
 
 __all__ = ["INT8_OPS", "Int8ExportResult", "export_onnx_int8", "int8_ops", "top1_agreement"]
@@ -120,28 +119,6 @@ def top1_agreement(
         agree += int((session.run(None, {"input": batch})[0].argmax(1) == want).sum())
         seen += len(batch)
     return (100.0 * agree / seen if seen else None), seen
-
-
-def _binary_nodes(onnx_model, layers: dict[str, tuple[torch.Tensor, bool]]) -> dict[str, tuple[str, str]]:
-    """For each binarized layer, ``(node name, input tensor name)`` of the Conv/Gemm/MatMul that uses its
-    weight (found by its code pattern, so BatchNorm folded into it is fine)."""
-    from .onnx_export import _find_weights
-
-    found = _find_weights(onnx_model, layers)
-    users: dict[str, object] = {}
-    for node in onnx_model.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
-            users.setdefault(node.input[1], node)
-    out = {}
-    for name, (init_name, _, _, _) in found.items():
-        node = users.get(init_name)
-        if node is None:  # the weight goes through a Transpose first
-            consumer = {i: n for n in onnx_model.graph.node for i in n.input}.get(init_name)
-            node = users.get(consumer.output[0]) if consumer is not None else None
-        if node is None:
-            raise ValueError(f"int8 export: no Conv/Gemm/MatMul uses the weight of binarized layer {name!r}")
-        out[name] = (node.name, node.input[0])
-    return out
 
 
 def _int8_levels(q: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -446,7 +423,7 @@ def export_onnx_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from .files import atomic_write, base_metadata
-    from .onnx_export import _captured_stdout, check_outputs, data_config, trace_graph
+    from .onnx_export import _captured_stdout, check_outputs, data_config, has_binary_activations, trace_graph
 
     if not 1 <= calibrate_batches <= 10_000:
         raise ValueError(f"--calibrate-batches must be between 1 and 10000, got {calibrate_batches}")
@@ -456,7 +433,7 @@ def export_onnx_int8(
     val_set = _images(model, data_dir, img_size, "val")
     meta = base_metadata(model, "equalbits.onnx")
     onnx_model, plain, layers, x = trace_graph(model, img_size)
-    sign_acts = any(m.config.activations == "sign" for m in model.modules() if isinstance(m, BinaryLayer))
+    sign_acts = has_binary_activations(model)
     calib = [] if sign_acts else [b for b, _ in _batches(calib_set, calibrate_batches, batch_size)]
 
     class Reader(CalibrationDataReader):
