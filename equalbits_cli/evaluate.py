@@ -202,7 +202,12 @@ def onnx_module(path: Path, img_size: int | None = None) -> OnnxModule:
     size = tuple(cfg.get("input_size", ()))[-1:] or (None,)
     if img_size is not None and img_size != size[0]:
         raise ValueError(f"{path} takes {size[0]}x{size[0]} images; leave out --img-size or export at {img_size}")
-    kwargs = json.loads(meta.get("model_kwargs") or "{}")
+    try:
+        kwargs = json.loads(meta.get("model_kwargs") or "{}")
+    except json.JSONDecodeError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{path}: metadata 'model_kwargs' is not a JSON object")
     out_dims = [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim]
     num_classes = kwargs.get("num_classes") or (out_dims[-1] if out_dims and out_dims[-1] > 0 else None)
     del m

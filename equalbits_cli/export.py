@@ -81,20 +81,21 @@ def export_file(
             diff = verify_packed(model, tmp, img_size)
         extra: dict[str, Any] = {}
     elif format == "onnx":
+        val_set = None
         if data is not None:  # bad data is refused before the export, not after
-            from .onnx_int8 import _images
+            from .onnx_int8 import image_sets
 
-            _images(model, data, img_size, "val")
+            val_set = image_sets(model, data, img_size)[1]
         result = export_onnx(model, out, weights=onnx_weights, img_size=img_size, exclusive=not overwrite)
         diff = result.max_abs_diff
         extra = {"onnx_weights": onnx_weights, "rel_diff": result.rel_diff}
-        if data is not None:
+        if val_set is not None:
             import onnxruntime as ort
 
             from .onnx_int8 import top1_agreement
 
             session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-            extra["agreement"], extra["agreement_images"] = top1_agreement(session, model, data, img_size)
+            extra["agreement"], extra["agreement_images"] = top1_agreement(session, model, val_set)
     else:
         from dataclasses import asdict
 

@@ -7,6 +7,8 @@ through the quantizer to the latent weight (STE, Bengio et al. 2013; Courbariaux
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,10 +34,14 @@ def conv_kwargs(conv: nn.Conv2d) -> dict:
     }
 
 
-# torch.compile runs the quantizer as it is (a graph break per binary layer): its CPU path selects with
-# numpy and keeps per-layer thresholds in Python, which dynamo cannot trace; on CUDA it is one Triton
-# launch either way. The convolutions and everything else in the network still compile.
-_binary_weight = torch.compiler.disable(binary_weight)
+@functools.cache
+def _eager_binary_weight():
+    """``binary_weight`` excluded from torch.compile's tracing (a graph break per binary layer): its CPU
+    path selects with numpy and keeps per-layer thresholds in Python, which dynamo cannot trace; on
+    CUDA it is one Triton launch either way. The convolutions and the rest of the network still compile.
+    Made on first use: ``torch.compiler.disable`` imports torch._dynamo, a second of start-up that only
+    compiled runs should pay."""
+    return torch.compiler.disable(binary_weight)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -164,7 +170,8 @@ class BinaryLayer:
             cfg = self.config
             device = self.weight.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
-            q = _binary_weight(
+            quantizer = _eager_binary_weight() if torch.compiler.is_compiling() else binary_weight
+            q = quantizer(
                 self.weight,
                 cfg.ratio,
                 cfg.prune,

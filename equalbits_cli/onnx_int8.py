@@ -40,7 +40,15 @@ from torch import nn
 
 from .progress import Progress
 
-__all__ = ["INT8_OPS", "Int8ExportResult", "export_onnx_int8", "int8_ops", "top1_agreement"]
+__all__ = [
+    "INT8_OPS",
+    "Int8ExportResult",
+    "export_onnx_int8",
+    "image_sets",
+    "int8_ops",
+    "paired_logits",
+    "top1_agreement",
+]
 
 # Operators that compute on integers in onnxruntime's optimized CPU graph (QDQ fusions and the
 # operator-oriented forms).
@@ -79,17 +87,21 @@ class Int8ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _images(model: nn.Module, data_dir: str | os.PathLike, img_size: int | None, split: str):
-    """The images of ``data_dir`` (``train`` for calibration when it exists, else ``val``), with the
-    evaluation transform the model is scored with."""
+def image_sets(model: nn.Module, data_dir: str | os.PathLike, img_size: int | None):
+    """``(calibration, val)`` datasets of ``data_dir`` with the evaluation transform the model is scored
+    with: calibration is ``train/`` when it exists, else ``val/``.
+
+    Raises:
+        ValueError / FileNotFoundError: a missing, empty or malformed image folder.
+    """
     from .data import _Images, build_datasets, find_splits
 
     recorded = (getattr(model, "equalbits_meta", None) or {}).get("classes")
     splits = find_splits(data_dir, need_train=False, classes=recorded)
     _, val = build_datasets(splits, model, img_size, "none", 0)
-    if split == "train" and splits.train.is_dir():
-        return _Images(splits.train, splits.classes, val.transform, None)  # type: ignore[attr-defined]
-    return val
+    if splits.train.is_dir():
+        return _Images(splits.train, splits.classes, val.transform, None), val  # type: ignore[attr-defined]
+    return val, val
 
 
 def _batches(dataset, batches: int, batch_size: int, seed: int = 0):
@@ -104,21 +116,33 @@ def _batches(dataset, batches: int, batch_size: int, seed: int = 0):
         yield images.numpy().astype(np.float32), labels.numpy()
 
 
-def top1_agreement(
-    session, model: nn.Module, data_dir: str | os.PathLike, img_size: int | None, images: int = 256
-) -> tuple[float | None, int]:
-    """``(percent of val images where onnxruntime's top-1 equals PyTorch's, images compared)``."""
+def paired_logits(session, plain: nn.Module, dataset, images: int, progress: Progress | None = None):
+    """onnxruntime's and PyTorch's logits on up to ``images`` images of ``dataset`` (a seeded choice, in
+    batches of 64): ``(got, want)``, or None when there are no images to compare."""
+    batches = -(-images // 64)
+    if progress is not None:
+        progress.phase("checking against PyTorch", min(batches, -(-len(dataset) // 64)))
+    got, want, seen = [], [], 0
+    for batch, _ in _batches(dataset, batches, 64, seed=1):
+        batch = batch[: images - seen]
+        got.append(session.run(None, {"input": batch})[0])
+        with torch.no_grad():
+            want.append(plain(torch.from_numpy(batch)).numpy())
+        seen += len(batch)
+        if progress is not None:
+            progress.advance(1)
+    return (np.concatenate(got), np.concatenate(want)) if got else None
+
+
+def top1_agreement(session, model: nn.Module, dataset, images: int = 256) -> tuple[float | None, int]:
+    """``(percent of images where onnxruntime's top-1 equals PyTorch's, images compared)``."""
     from .onnx_export import inference_model
 
-    plain = inference_model(model)
-    agree = seen = 0
-    for batch, _ in _batches(_images(model, data_dir, img_size, "val"), -(-images // 64), 64, seed=1):
-        batch = batch[: images - seen]
-        with torch.no_grad():
-            want = plain(torch.from_numpy(batch)).argmax(1).numpy()
-        agree += int((session.run(None, {"input": batch})[0].argmax(1) == want).sum())
-        seen += len(batch)
-    return (100.0 * agree / seen if seen else None), seen
+    pair = paired_logits(session, inference_model(model), dataset, images)
+    if pair is None:
+        return None, 0
+    got, want = pair
+    return 100.0 * float((got.argmax(1) == want.argmax(1)).mean()), len(got)
 
 
 def _int8_levels(q: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -429,8 +453,7 @@ def export_onnx_int8(
         raise ValueError(f"--calibrate-batches must be between 1 and 10000, got {calibrate_batches}")
     if not 1 <= batch_size <= 4096:
         raise ValueError(f"--batch-size must be between 1 and 4096, got {batch_size}")
-    calib_set = _images(model, data_dir, img_size, "train")
-    val_set = _images(model, data_dir, img_size, "val")
+    calib_set, val_set = image_sets(model, data_dir, img_size)
     meta = base_metadata(model, "equalbits.onnx")
     onnx_model, plain, layers, x = trace_graph(model, img_size)
     sign_acts = has_binary_activations(model)
@@ -472,24 +495,14 @@ def export_onnx_int8(
     if not ints:
         raise ValueError("onnxruntime fused no integer kernel in the int8 model; the file was not written")
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    agree = seen = 0
-    batches = -(-check_images // 64)
-    if progress is not None and check_images > 0:
-        progress.phase("checking against PyTorch", min(batches, -(-len(val_set) // 64)))
-    got_all, want_all = [], []
-    checks = [(b[: check_images - 64 * i], True) for i, (b, _) in enumerate(_batches(val_set, batches, 64, seed=1))]
-    for images, real in checks or [(x.numpy(), False)]:
-        got = session.run(None, {"input": images})[0]
+    pair = paired_logits(session, plain, val_set, check_images, progress) if check_images > 0 else None
+    agreement, seen = None, 0
+    if pair is None:  # no image check asked for: the random tracing batch
         with torch.no_grad():
-            want = plain(torch.from_numpy(images)).numpy()
-        got_all.append(got)
-        want_all.append(want)
-        if real:
-            agree += int((got.argmax(1) == want.argmax(1)).sum())
-            seen += len(images)
-            if progress is not None:
-                progress.advance(1)
-    got, want = np.concatenate(got_all), np.concatenate(want_all)
+            pair = session.run(None, {"input": x.numpy()})[0], plain(x).numpy()
+    else:
+        agreement, seen = 100.0 * float((pair[0].argmax(1) == pair[1].argmax(1)).mean()), len(pair[0])
+    got, want = pair
     if sign_acts:  # integer layers are exact: the float tolerance applies (see check_outputs)
         diff, rng, _ = check_outputs(got, want, 1e-4, True, "int8")
     else:  # 8-bit activations: reported, not judged
@@ -515,7 +528,7 @@ def export_onnx_int8(
         diff,
         diff / rng,
         sum(len(b) for b in calib),
-        100.0 * agree / seen if seen else None,
+        agreement,
         seen,
         "binary layers int8 (exact), rest float" if sign_acts else "uint8 static",
         notes,

@@ -271,6 +271,22 @@ def _lowest_k_syncfree(w: torch.Tensor, k: int) -> torch.Tensor:
     return less | (equal & (equal.cumsum(dim=1, dtype=torch.int32) <= need))
 
 
+def _check_ratio_prune(ratio: float, prune: float) -> None:
+    if not 0 < ratio < 1:
+        raise ValueError(f"ratio must be strictly between 0 and 1, got {ratio}")
+    if not 0 <= prune < 1:
+        raise ValueError(f"prune must be in [0, 1), got {prune}")
+
+
+def _selected_codes(w: torch.Tensor, n_minus: int, n_zero: int, cache: OTCache | None) -> torch.Tensor:
+    """Int8 ``ot`` codes of the 2-D ``w``: its ``n_minus`` lowest per row -1, the next ``n_zero`` 0."""
+    if n_zero:
+        minus, nonpos = _lowest_k_masks(w, [n_minus, n_minus + n_zero], cache)
+        return 1 - minus.view(torch.int8) - nonpos.view(torch.int8)
+    (minus,) = _lowest_k_masks(w, [n_minus], cache)
+    return torch.sub(1, minus.view(torch.int8), alpha=2)
+
+
 def _use_triton(w: torch.Tensor) -> bool:
     from .kernels import triton_usable
 
@@ -394,10 +410,7 @@ def ot_codes(
         >>> codes.tolist(), round(scale.item(), 4)
         ([[1, -1, 1, -1]], 0.25)
     """
-    if not 0 < ratio < 1:
-        raise ValueError(f"ratio must be strictly between 0 and 1, got {ratio}")
-    if not 0 <= prune < 1:
-        raise ValueError(f"prune must be in [0, 1), got {prune}")
+    _check_ratio_prune(ratio, prune)
     w = weight.detach().reshape(weight.shape[0], -1)
     if method == "ot" and _use_triton(w):
         from .kernels.ot_triton import ot_rows
@@ -408,12 +421,7 @@ def ot_codes(
         return codes.reshape(weight.shape), scale.to(w.dtype)  # type: ignore[union-attr]
     if method == "ot":
         n_minus, n_zero, _ = ot_counts(w.shape[1], ratio, prune)
-        if n_zero:
-            minus, nonpos = _lowest_k_masks(w, [n_minus, n_minus + n_zero], cache)
-            codes = 1 - minus.view(torch.int8) - nonpos.view(torch.int8)
-        else:
-            (minus,) = _lowest_k_masks(w, [n_minus], cache)
-            codes = torch.sub(1, minus.view(torch.int8), alpha=2)
+        codes = _selected_codes(w, n_minus, n_zero, cache)
         scale = least_squares_scale(w, codes, nonzero=w.shape[1] - n_zero)
     elif method == "sign":
         codes = torch.sub(1, (w < 0).view(torch.int8), alpha=2)
@@ -447,10 +455,12 @@ def binary_weight(
     passes as the math needs and straight in ``dtype`` (the dtype the convolution runs in).
 
     The codes are exactly those of :func:`ot_codes`; the scale is the same least-squares factor, summed
-    in another order (equal up to float rounding). ``ot`` never materializes the codes: with ``m`` the
-    mask of the ``n_minus`` lowest weights, the two levels are ``a = 1 - mu`` and ``b = -1 - mu`` and
+    in another order (equal up to float rounding). For ``ot`` the levels are ``a = 1 - mu`` and
+    ``b = -1 - mu``, their counts fixed by the ratio, so with float codes ``c``
 
-        scale = (a * sum(w[plus]) + b * sum(w[minus])) / (a^2 n_plus + b^2 n_minus)
+        scale = (<w, c> - mu <w, |c|>) / (a^2 n_plus + b^2 n_minus)
+
+    and the weight is ``c`` scaled in place: no extra tensor beyond the float codes.
 
     On CUDA the Triton kernel writes the weight in the same launch that selects the codes; there is no
     host synchronization on any path outside the CPU's.
@@ -460,10 +470,7 @@ def binary_weight(
         >>> binary_weight(w).tolist()
         [[0.25, -0.25, 0.25, -0.25]]
     """
-    if not 0 < ratio < 1:
-        raise ValueError(f"ratio must be strictly between 0 and 1, got {ratio}")
-    if not 0 <= prune < 1:
-        raise ValueError(f"prune must be in [0, 1), got {prune}")
+    _check_ratio_prune(ratio, prune)
     dtype = dtype or weight.dtype
     w = weight.detach().reshape(weight.shape[0], -1)
     if method != "ot":
@@ -479,14 +486,9 @@ def binary_weight(
         from .kernels.ot_triton import ot_rows
 
         return ot_rows(w, n_minus, n_zero, mu, codes=False, out_dtype=dtype)[2].reshape(weight.shape)  # type: ignore[union-attr]
-    # Same-dtype ops only (see least_squares_scale): int8 codes from the masks, cast once, then a
-    # per-row dot product for the scale and one multiply(-add) for the weight.
-    if n_zero:
-        minus, nonpos = _lowest_k_masks(w, [n_minus, n_minus + n_zero], cache)
-        c = (1 - minus.view(torch.int8) - nonpos.view(torch.int8)).to(w.dtype)
-    else:
-        (minus,) = _lowest_k_masks(w, [n_minus], cache)
-        c = torch.sub(1, minus.view(torch.int8), alpha=2).to(w.dtype)
+    # Same-dtype ops only (see least_squares_scale): the codes cast once, then a per-row dot product
+    # for the scale and an in-place multiply(-add) for the weight.
+    c = _selected_codes(w, n_minus, n_zero, cache).to(w.dtype)
     a, b = 1.0 - mu, -1.0 - mu
     den = a * a * n_plus + b * b * n_minus
     num = torch.linalg.vecdot(w, c)

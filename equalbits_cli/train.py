@@ -360,8 +360,8 @@ def _train_epoch(run: _Run) -> float:
 
 def _compile(run: _Run) -> None:
     """``torch.compile`` the training forward of the student (and the teacher's). Binary layers compile
-    with graph breaks around the CPU quantizer (numpy selection, threshold cache); on CUDA the Triton
-    kernel is traced like any user kernel. Evaluation, saving and exports use the uncompiled modules."""
+    with a graph break around their quantizer, which runs eagerly (see ``layers._eager_binary_weight``).
+    Evaluation, saving and exports use the uncompiled modules."""
     run.model = torch.compile(run.model)
     if run.teacher is not None:
         run.teacher = torch.compile(run.teacher)
