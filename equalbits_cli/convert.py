@@ -15,6 +15,7 @@ from .config import BinarizeConfig
 from .layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from .policy import LayerPlan, LayerPolicy, plan_layers, special_names
 from .policy import _names as _as_names
+from .step_weights import StepWeights
 
 __all__ = [
     "FilterFn",
@@ -164,6 +165,8 @@ def binarize_(
             _set_submodule(model, fqn, BinaryConv2d.from_float(module, config))
         else:
             _set_submodule(model, fqn, BinaryLinear.from_float(module, config))
+    # One StepWeights for all binary layers: on CUDA a training step builds their weights together.
+    StepWeights([m for m in model.modules() if isinstance(m, BinaryLayer)])
     kept = {p.name: p.reason for p in plans if not p.binarize}
     recorded_policy = None if filter_fn is not None else (policy or LayerPolicy())
     meta = getattr(model, "equalbits_meta", None)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import BinarizeConfig
 from .quantize import OTCache, binary_weight, dequantize, ot_codes, ot_offset
+from .step_weights import StepWeights
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input", "calibrate_thresholds", "conv_kwargs"]
 
@@ -34,14 +35,27 @@ def conv_kwargs(conv: nn.Conv2d) -> dict:
     }
 
 
+def _training_weight(layer: BinaryLayer, dtype: torch.dtype) -> torch.Tensor:
+    """The weight ``layer`` trains with, in ``dtype``: from the model's :class:`StepWeights` (all binary
+    layers in a few grouped launches, on CUDA) where it has one, else built for this layer alone."""
+    group = layer._step_weights
+    q = group.weight(layer, dtype) if group is not None else None
+    if q is not None:
+        return q
+    cfg = layer.config
+    return binary_weight(
+        layer.weight, cfg.ratio, cfg.prune, cfg.method, center=bool(cfg.center), cache=layer._ot_cache, dtype=dtype
+    )
+
+
 @functools.cache
-def _eager_binary_weight():
-    """``binary_weight`` excluded from torch.compile's tracing (a graph break per binary layer): its CPU
-    path selects with numpy and keeps per-layer thresholds in Python, which dynamo cannot trace; on
-    CUDA it is one Triton launch either way. The convolutions and the rest of the network still compile.
-    Made on first use: ``torch.compiler.disable`` imports torch._dynamo, a second of start-up that only
-    compiled runs should pay."""
-    return torch.compiler.disable(binary_weight)
+def _eager_training_weight():
+    """``_training_weight`` excluded from torch.compile's tracing (a graph break per binary layer): its
+    CPU path selects with numpy and keeps per-layer thresholds in Python, which dynamo cannot trace; on
+    CUDA it is a lookup or a grouped Triton launch either way. The convolutions and the rest of the
+    network still compile. Made on first use: ``torch.compiler.disable`` imports torch._dynamo, a second
+    of start-up that only compiled runs should pay."""
+    return torch.compiler.disable(_training_weight)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -101,22 +115,29 @@ class BinaryLayer:
         # .to() leaves the counter as it was.
         self._eval_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._ot_cache = OTCache()  # last step's per-filter thresholds: same codes, less work
+        self._step_weights: StepWeights | None = None  # set by binarize_: the model's grouped weights
+
+    def _forget(self) -> None:
+        self._eval_cache = None
+        group = getattr(self, "_step_weights", None)
+        if group is not None:
+            group.clear()
 
     def train(self, mode: bool = True):  # type: ignore[override]
         if mode:
             self.pinned_codes = None
             self.pinned_scale = None
-        self._eval_cache = None
+        self._forget()
         return super().train(mode)  # type: ignore[misc]
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        self._eval_cache = None
+        self._forget()
         return super()._apply(fn, recurse)  # type: ignore[misc]
 
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
         self.pinned_codes = None
         self.pinned_scale = None
-        self._eval_cache = None
+        self._forget()
         return super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
 
     def _cached(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -167,19 +188,10 @@ class BinaryLayer:
         if self.training and self.pinned_codes is None:
             # Built once per step, in the dtype the convolution runs in (autocast's, else the weight's),
             # without materializing codes: what a training step needs and nothing more.
-            cfg = self.config
             device = self.weight.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
-            quantizer = _eager_binary_weight() if torch.compiler.is_compiling() else binary_weight
-            q = quantizer(
-                self.weight,
-                cfg.ratio,
-                cfg.prune,
-                cfg.method,
-                center=bool(cfg.center),
-                cache=self._ot_cache,
-                dtype=dtype,
-            )
+            build = _eager_training_weight() if torch.compiler.is_compiling() else _training_weight
+            q = build(self, dtype)
         else:
             q = self.quantized_weight()
         if torch.is_grad_enabled() and self.weight.requires_grad:

@@ -28,6 +28,7 @@ from .counts import entropy_of_counts, ot_counts
 __all__ = [
     "binary_weight",
     "code_offsets",
+    "ot_spec",
     "dequantize",
     "ot_offset",
     "ot_counts",
@@ -287,14 +288,30 @@ def _selected_codes(w: torch.Tensor, n_minus: int, n_zero: int, cache: OTCache |
     return torch.sub(1, minus.view(torch.int8), alpha=2)
 
 
-def _use_triton(w: torch.Tensor) -> bool:
+def _use_triton(device: torch.device, n: int) -> bool:
+    """Whether filters of ``n`` weights on ``device`` go through the Triton kernels (CUDA, Triton
+    present, the filter fits in one program's registers)."""
+    return device.type == "cuda" and n <= _triton_max_filter()
+
+
+def _triton_max_filter() -> int:
+    """Widest filter the Triton kernels take; 0 where they cannot run on CUDA. Decided per call (cheap):
+    ``EQUALBITS_NO_TRITON`` may change between calls, in tests for one."""
     from .kernels import triton_usable
 
-    if w.device.type != "cuda" or not triton_usable("cuda"):
-        return False
+    if not triton_usable("cuda"):
+        return 0
     from .kernels.ot_triton import MAX_FILTER
 
-    return w.shape[1] <= MAX_FILTER
+    return MAX_FILTER
+
+
+@functools.lru_cache(maxsize=1024)
+def ot_spec(n: int, ratio: float, prune: float, center: bool) -> tuple[int, int, int, float]:
+    """``(n_minus, n_zero, n_plus, mu)`` of an ``ot`` filter of ``n`` weights (``mu`` 0 unless centred):
+    computed once per layer shape, not once per training step."""
+    n_minus, n_zero, n_plus = ot_counts(n, ratio, prune)
+    return n_minus, n_zero, n_plus, (ot_offset(n, ratio, prune) if center else 0.0)
 
 
 def _lowest_k_masks(w: torch.Tensor, ks: list[int], cache: OTCache | None) -> list[torch.Tensor]:
@@ -412,11 +429,10 @@ def ot_codes(
     """
     _check_ratio_prune(ratio, prune)
     w = weight.detach().reshape(weight.shape[0], -1)
-    if method == "ot" and _use_triton(w):
+    if method == "ot" and _use_triton(w.device, w.shape[1]):
         from .kernels.ot_triton import ot_rows
 
-        n_minus, n_zero, _ = ot_counts(w.shape[1], ratio, prune)
-        mu = ot_offset(w.shape[1], ratio, prune) if center else 0.0
+        n_minus, n_zero, _, mu = ot_spec(w.shape[1], ratio, prune, center)
         codes, scale, _ = ot_rows(w, n_minus, n_zero, mu)
         return codes.reshape(weight.shape), scale.to(w.dtype)  # type: ignore[union-attr]
     if method == "ot":
@@ -462,8 +478,8 @@ def binary_weight(
 
     and the weight is ``c`` scaled in place: no extra tensor beyond the float codes.
 
-    On CUDA the Triton kernel writes the weight in the same launch that selects the codes; there is no
-    host synchronization on any path outside the CPU's.
+    On CUDA one Triton launch computes the codes, the scale and the weight, for every method; there is
+    no host synchronization on any path outside the CPU's.
 
     Example:
         >>> w = torch.tensor([[0.3, -0.1, 0.2, -0.4]])
@@ -473,19 +489,21 @@ def binary_weight(
     _check_ratio_prune(ratio, prune)
     dtype = dtype or weight.dtype
     w = weight.detach().reshape(weight.shape[0], -1)
+    if method not in ("ot", "sign", "irnet"):
+        raise ValueError(f"method must be one of ot, sign, irnet, got {method!r}")
+    n = w.shape[1]
+    n_minus, n_zero, n_plus, mu = ot_spec(n, ratio, prune, center) if method == "ot" else (0, 0, 0, 0.0)
+    if _use_triton(w.device, w.shape[1]):  # one launch: codes, scale and the weight, straight in the compute dtype
+        from .kernels.ot_triton import binary_rows
+
+        out = binary_rows(w, method, n_minus, n_zero, mu, center=center, codes=False, scale=False, out_dtype=dtype)
+        return out[2].reshape(weight.shape)  # type: ignore[union-attr]
     if method != "ot":
         codes, scale = ot_codes(weight, ratio, prune, method, cache=cache, center=center)
         if center:
             return dequantize(codes, scale.to(dtype), center)
         # one cast and an in-place multiply: 1.5x faster than dequantize's out-of-place product here
         return codes.reshape(w.shape).to(dtype).mul_(scale.to(dtype)[:, None]).reshape(weight.shape)
-    n = w.shape[1]
-    n_minus, n_zero, n_plus = ot_counts(n, ratio, prune)
-    mu = ot_offset(n, ratio, prune) if center else 0.0
-    if _use_triton(w):
-        from .kernels.ot_triton import ot_rows
-
-        return ot_rows(w, n_minus, n_zero, mu, codes=False, out_dtype=dtype)[2].reshape(weight.shape)  # type: ignore[union-attr]
     # Same-dtype ops only (see least_squares_scale): the codes cast once, then a per-row dot product
     # for the scale and an in-place multiply(-add) for the weight.
     c = _selected_codes(w, n_minus, n_zero, cache).to(w.dtype)

@@ -1,5 +1,6 @@
-"""The Triton quantizer kernel, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1), against the
-sort reference; the sync-free torch path; the training weight built without codes."""
+"""The Triton quantizer kernels, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1), against the
+sort reference and the torch quantizers; the grouped launches and the model's StepWeights; the sync-free
+torch path; the training weight built without codes."""
 
 from __future__ import annotations
 
@@ -29,14 +30,38 @@ def ot_rows():
     from equalbits_cli.kernels import ot_triton
 
     if not torch.cuda.is_available():
-        assert type(ot_triton._ot_rows_kernel).__name__ == "InterpretedFunction"
+        assert type(ot_triton._binary_rows_kernel).__name__ == "InterpretedFunction"
         return ot_triton.ot_rows
+    return _on_cuda(ot_triton.ot_rows)
 
-    def on_cuda(w, *args, **kwargs):
-        out = ot_triton.ot_rows(w.cuda(), *args, **kwargs)
-        return tuple(None if t is None else t.cpu() for t in out)
 
-    return on_cuda
+def _on_cuda(fn):
+    """``fn`` run on CUDA copies of its tensor arguments, its tensor results brought back."""
+
+    def back(t):
+        if isinstance(t, torch.Tensor):
+            return t.cpu()
+        return type(t)(back(x) for x in t) if isinstance(t, (list, tuple)) else t
+
+    def run(*args, **kwargs):
+        moved = [
+            [a.cuda() for a in x] if isinstance(x, list) else x.cuda() if isinstance(x, torch.Tensor) else x
+            for x in args
+        ]
+        return back(fn(*moved, **kwargs))
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """``(binary_rows, binary_rows_grouped)``, interpreted on the CPU, compiled on CUDA."""
+    pytest.importorskip("triton")
+    from equalbits_cli.kernels import ot_triton
+
+    if not torch.cuda.is_available():
+        return ot_triton.binary_rows, ot_triton.binary_rows_grouped
+    return _on_cuda(ot_triton.binary_rows), lambda *a, **k: (_on_cuda(ot_triton.binary_rows_grouped)(*a, **k)[0], None)
 
 
 def _hard_weights(rows: int, n: int, seed: int) -> torch.Tensor:
@@ -101,6 +126,144 @@ def test_kernel_writes_the_weight_in_the_compute_dtype(ot_rows, dtype):
     assert torch.equal(ot_rows(half, 144, 0)[0], ot_codes_reference(half.float(), 0.5)[0])
 
 
+@pytest.mark.parametrize("method", ["sign", "irnet"])
+@pytest.mark.parametrize("n", [1, 2, 37, 576])
+def test_kernel_sign_and_irnet_are_the_torch_quantizers(kernels, method, n):
+    binary_rows, _ = kernels
+    w = torch.randn(5, n, generator=torch.Generator().manual_seed(n))
+    w[0, : n // 2] = -0.0  # sign(-0.0) = +1, as torch's w < 0 has it
+    for center in (False, True):
+        codes, scale, weight = binary_rows(w, method, center=center, out_dtype=torch.float32)
+        ref_codes, ref_scale = ot_codes(w, method=method, center=center)
+        assert torch.equal(codes, ref_codes)
+        torch.testing.assert_close(scale, ref_scale, rtol=2e-5, atol=1e-7)
+        torch.testing.assert_close(weight, dequantize(ref_codes, ref_scale, center), rtol=2e-5, atol=1e-7)
+
+
+def _mixed_weights(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, 4, 3, 3), (16, 8, 1, 1), (3, 300), (5, 9), (4, 1030), (6, 4, 3, 3)]
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
+@pytest.mark.parametrize("method", ["ot", "sign", "irnet"])
+@pytest.mark.parametrize("ratio,prune", [(0.5, 0.0), (0.3, 0.2)])
+def test_grouped_launches_give_each_layers_own_weight(kernels, method, ratio, prune):
+    """Layers of mixed widths and counts in one call: each gets exactly what it would get alone."""
+    binary_rows, grouped = kernels
+    ws = _mixed_weights(3)
+    flat = [w.view(w.shape[0], -1) for w in ws]
+    specs = []
+    for w in flat:
+        k_minus, k_zero, _ = ot_counts(w.shape[1], ratio, prune)
+        specs.append((k_minus, k_zero, ot_offset(w.shape[1], ratio, prune)) if method == "ot" else (0, 0, 0.0))
+    for dtype in (torch.float32, torch.float16):
+        outs, _ = grouped(flat, specs, method, center=True, out_dtype=dtype)
+        assert len(outs) == len(ws)
+        for w, (k_minus, k_zero, mu), q in zip(flat, specs, outs):
+            alone = binary_rows(w, method, k_minus, k_zero, mu, center=True, out_dtype=dtype)[2]
+            assert q.dtype == dtype and q.shape == w.shape
+            assert torch.equal(q, alone)
+            want = binary_weight(w, ratio, prune, method, center=True)
+            torch.testing.assert_close(q.float(), want, rtol=2e-5 if dtype == torch.float32 else 1e-3, atol=1e-6)
+
+
+def test_grouped_plan_is_reused_until_a_weight_moves():
+    pytest.importorskip("triton")
+    from equalbits_cli.kernels.ot_triton import binary_rows_grouped
+
+    flat = [w.view(w.shape[0], -1) for w in _mixed_weights(4)]
+    specs = [(*ot_counts(w.shape[1])[:2], 0.0) for w in flat]
+    _, plan = binary_rows_grouped(flat, specs)
+    assert len(plan.launches) == 4  # widths 36, 8, 300, 9, 1030: blocks 64, 16, 512, 2048
+    assert binary_rows_grouped(flat, specs, plan=plan)[1] is plan
+    moved = [w.clone() for w in flat]  # new storage: the tables must be rebuilt
+    outs, plan2 = binary_rows_grouped(moved, specs, plan=plan)
+    assert plan2 is not plan
+    assert all(torch.equal(a, b) for a, b in zip(outs, binary_rows_grouped(flat, specs, plan=plan)[0]))
+    with pytest.raises(ValueError, match="contiguous"):
+        binary_rows_grouped([torch.randn(4, 6).T], [(1, 0, 0.0)])
+    with pytest.raises(ValueError, match="one dtype"):
+        binary_rows_grouped([torch.randn(4, 6), torch.randn(4, 6).double()], [(1, 0, 0.0)] * 2)
+
+
+def _tiny_net() -> torch.nn.Module:
+    from equalbits_cli import binarize_
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 16, 10),
+    )
+    binarize_(net, BinarizeConfig(ratio=0.3, prune=0.1), filter_fn=lambda m, fqn: fqn != "0")
+    return net
+
+
+def test_step_weights_train_like_layer_by_layer(monkeypatch):
+    """A model's StepWeights, forced onto the interpreted kernels: the same forward and gradients as
+    each layer on its own; weights reused while the latents stay, rebuilt after an optimizer step."""
+    pytest.importorskip("triton")
+    from equalbits_cli import step_weights
+
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    results = []
+    for use_kernel in (False, True):
+        monkeypatch.setattr(quantize, "_use_triton", lambda device, n, k=use_kernel: k)
+        net = _tiny_net().train()
+        group = net[2]._step_weights
+        assert isinstance(group, step_weights.StepWeights) and len(group.layers) == 3
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        outs = []
+        for _ in range(2):
+            opt.zero_grad()
+            out = net(x)
+            out.square().sum().backward()
+            outs.append((out.detach(), net[2].weight.grad.clone()))
+            opt.step()
+        results.append(outs)
+        if use_kernel:
+            assert group.launches == 2 * 3  # widths 72, 16, 256: one launch per width class and step
+            with torch.no_grad():
+                net(x)  # after the step: rebuilt
+                net(x)  # latents unchanged since: the stored weights serve
+            assert group.launches == 9
+            stored = group.weight(net[4], torch.float32)
+            assert torch.equal(stored, binary_weight(net[4].weight, 0.3, 0.1, center=True))
+        else:
+            assert group.launches == 0
+    for (a_out, a_grad), (b_out, b_grad) in zip(*results):
+        torch.testing.assert_close(b_out, a_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b_grad, a_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_step_weights_follow_moves_modes_and_loads(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(quantize, "_use_triton", lambda device, n: True)
+    net = _tiny_net().train()
+    group = net[2]._step_weights
+    x = torch.randn(2, 3, 4, 4)
+    net(x)
+    assert all(e is not None for e in group.entries)
+    net.double()  # a move: stored weights are dropped, and rebuilt in the new dtype
+    assert all(e is None for e in group.entries)
+    assert net(x.double()).dtype == torch.float64
+    with torch.no_grad():
+        net[2].weight.mul_(-1)  # an in-place write (as optimizers do) bumps the version: rebuilt
+    want = binary_weight(net[2].weight, 0.3, 0.1, center=True)
+    net(x.double())
+    assert torch.equal(group.entries[0][4], want)
+    net.load_state_dict(_tiny_net().double().state_dict())
+    assert all(e is None for e in group.entries)
+    net.eval()
+    net(x.double())  # eval mode: the layers' own quantized weights, nothing stored
+    assert all(e is None for e in group.entries)
+
+
 def test_kernel_refuses_filters_wider_than_its_registers(ot_rows):
     from equalbits_cli.kernels.ot_triton import MAX_FILTER
 
@@ -116,7 +279,7 @@ def test_layer_trains_through_the_kernel_path_like_the_torch_path(ot_rows, monke
     x = torch.randn(2, 8, 6, 6, device=device)
     results = []
     for use_kernel in (False, True):
-        monkeypatch.setattr(quantize, "_use_triton", lambda w, k=use_kernel: k)
+        monkeypatch.setattr(quantize, "_use_triton", lambda device, n, k=use_kernel: k)
         layer = BinaryConv2d.from_float(conv, BinarizeConfig(ratio=0.3)).train()
         conv.weight.grad = None
         out = layer(x)
@@ -162,8 +325,12 @@ def test_no_host_sync_in_a_training_step_on_cuda():
     binarize_(model, BinarizeConfig(ratio=0.3, prune=0.1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(4, 3, 32, 32, device="cuda")
-    model(x).sum().backward()  # warm-up: kernels compiled, caches filled
+    with torch.autocast("cuda", dtype=torch.float16):
+        model(x).float().sum().backward()  # warm-up: kernels compiled, launch tables built
+    opt.step()
     torch.cuda.synchronize()
+    group = model.layer1[0].conv1._step_weights
+    assert group.launches > 0  # the grouped launches served the step
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.autocast("cuda", dtype=torch.float16):
@@ -172,3 +339,5 @@ def test_no_host_sync_in_a_training_step_on_cuda():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    (plan,) = group.plans.values()
+    assert group.launches == 2 * len(plan.launches)  # warm-up and the step: one grouped build each

@@ -1,0 +1,108 @@
+"""The training weights of all binary layers of a model, built together on the GPU.
+
+A training step needs ``scale * levels`` of every binary layer in the dtype its convolution runs in.
+Built layer by layer that is one Triton launch and some Python per layer; :class:`StepWeights` builds
+them for the whole model at the first binary layer's forward, one launch per class of filter width
+(resnet50: 6 launches instead of 52), and each layer takes its own as it runs.
+
+A stored weight is reused while its latent is unchanged: same tensor, same storage and the same
+version counter, which every in-place update through torch bumps (optimizers, ``load_state_dict``,
+``copy_``). Writes through ``.data`` bypass the counter; a layer whose latent is changed that way
+between two forwards in training mode would compute with the old weight until the next optimizer
+step, so don't (nothing in equalbits does). Where the Triton kernels cannot run (the CPU, filters wider
+than the kernel takes, a latent that is not contiguous) the layer builds its own weight as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import quantize
+from .quantize import ot_spec
+
+__all__ = ["StepWeights"]
+
+
+class StepWeights:
+    """Training weights of a fixed list of binary layers, built in grouped launches and reused until
+    their latents change. Made by :func:`equalbits_cli.binarize_`; layers without one build their own."""
+
+    def __init__(self, layers: Sequence) -> None:
+        self.layers = list(layers)
+        self.entries: list[tuple | None] = [None] * len(self.layers)  # (latent, ptr, version, dtype, weight)
+        self.plans: dict[tuple, object] = {}
+        self.launches = 0  # grouped launches made (for tests and benchmarks)
+        for i, layer in enumerate(self.layers):
+            layer._step_weights = self
+            layer._step_index = i
+
+    def clear(self) -> None:
+        """Forget every stored weight (a layer was moved, switched mode or loaded)."""
+        self.entries = [None] * len(self.layers)
+
+    def _fresh(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
+        entry = self.entries[i]
+        if entry is None:
+            return None
+        w = self.layers[i].weight
+        if entry[0] is not w or entry[1] != w.data_ptr() or entry[2] != w._version or entry[3] != dtype:
+            return None
+        return entry[4]
+
+    @staticmethod
+    def _eligible(layer) -> bool:
+        w = layer.weight
+        return (
+            layer.training
+            and layer.pinned_codes is None
+            and w.dim() >= 2
+            and w.shape[0] > 0
+            and w.is_contiguous()
+            and quantize._use_triton(w.device, w.numel() // w.shape[0])
+        )
+
+    def weight(self, layer, dtype: torch.dtype) -> torch.Tensor | None:
+        """``layer``'s training weight in ``dtype`` (no gradient attached), or None where the layer must
+        build its own. Builds the weights of every member whose latent changed, in one go."""
+        i = getattr(layer, "_step_index", None)
+        if i is None or i >= len(self.layers) or self.layers[i] is not layer:
+            return None
+        q = self._fresh(i, dtype)
+        if q is not None:
+            return q
+        if not self._eligible(layer):
+            return None
+        self._build(dtype)
+        return self._fresh(i, dtype)
+
+    @torch.no_grad()
+    def _build(self, dtype: torch.dtype) -> None:
+        from .kernels.ot_triton import binary_rows_grouped
+
+        groups: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            if self._fresh(i, dtype) is None and self._eligible(layer):
+                cfg, w = layer.config, layer.weight
+                key = (cfg.method, bool(cfg.center), w.dtype, w.device)
+                groups.setdefault(key, []).append(i)
+        for key, members in groups.items():
+            method, center = key[0], key[1]
+            latents = [self.layers[i].weight for i in members]
+            weights = [w.detach().view(w.shape[0], -1) for w in latents]
+            specs = []
+            for i, w in zip(members, weights):
+                cfg = self.layers[i].config
+                if method == "ot":
+                    n_minus, n_zero, _, mu = ot_spec(w.shape[1], cfg.ratio, cfg.prune, center)
+                    specs.append((n_minus, n_zero, mu))
+                else:
+                    specs.append((0, 0, 0.0))
+            outs, plan = binary_rows_grouped(
+                weights, specs, method, center=center, out_dtype=dtype, plan=self.plans.get(key)
+            )
+            self.plans[key] = plan
+            self.launches += len(plan.launches)
+            for i, w, q in zip(members, latents, outs):
+                self.entries[i] = (w, w.data_ptr(), w._version, dtype, q.view(w.shape))
