@@ -115,6 +115,7 @@ class FinetuneConfig:
     device: str = "auto"
     augment: str = "none"
     compile: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: object, low: int = 1) -> None:

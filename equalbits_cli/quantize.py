@@ -288,10 +288,11 @@ def _selected_codes(w: torch.Tensor, n_minus: int, n_zero: int, cache: OTCache |
     return torch.sub(1, minus.view(torch.int8), alpha=2)
 
 
-def _use_triton(device: torch.device, n: int) -> bool:
+def _use_triton(device: torch.device, n: int, dtype: torch.dtype = torch.float32) -> bool:
     """Whether filters of ``n`` weights on ``device`` go through the Triton kernels (CUDA, Triton
-    present, the filter fits in one program's registers)."""
-    return device.type == "cuda" and n <= _triton_max_filter()
+    present, the filter fits in one program's registers, and a dtype the kernels select in exactly:
+    they compare float32 keys, which would merge distinct float64 values)."""
+    return device.type == "cuda" and dtype != torch.float64 and n <= _triton_max_filter()
 
 
 def _triton_max_filter() -> int:
@@ -429,7 +430,7 @@ def ot_codes(
     """
     _check_ratio_prune(ratio, prune)
     w = weight.detach().reshape(weight.shape[0], -1)
-    if method == "ot" and _use_triton(w.device, w.shape[1]):
+    if method == "ot" and _use_triton(w.device, w.shape[1], w.dtype):
         from .kernels.ot_triton import ot_rows
 
         n_minus, n_zero, _, mu = ot_spec(w.shape[1], ratio, prune, center)
@@ -493,7 +494,9 @@ def binary_weight(
         raise ValueError(f"method must be one of ot, sign, irnet, got {method!r}")
     n = w.shape[1]
     n_minus, n_zero, n_plus, mu = ot_spec(n, ratio, prune, center) if method == "ot" else (0, 0, 0, 0.0)
-    if _use_triton(w.device, w.shape[1]):  # one launch: codes, scale and the weight, straight in the compute dtype
+    if _use_triton(
+        w.device, w.shape[1], w.dtype
+    ):  # one launch: codes, scale and the weight, straight in the compute dtype
         from .kernels.ot_triton import binary_rows
 
         out = binary_rows(w, method, n_minus, n_zero, mu, center=center, codes=False, scale=False, out_dtype=dtype)

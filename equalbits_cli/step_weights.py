@@ -3,7 +3,7 @@
 A training step needs ``scale * levels`` of every binary layer in the dtype its convolution runs in.
 Built layer by layer that is one Triton launch and some Python per layer; :class:`StepWeights` builds
 them for the whole model at the first binary layer's forward, one launch per class of filter width
-(resnet50: 6 launches instead of 52), and each layer takes its own as it runs.
+(resnet50: 8 launches instead of 52; vit_small: 2 instead of 48), and each layer takes its own as it runs.
 
 A stored weight is reused while its latent is unchanged: same tensor, same storage and the same
 version counter, which every in-place update through torch bumps (optimizers, ``load_state_dict``,
@@ -33,6 +33,7 @@ class StepWeights:
         self.layers = list(layers)
         self.entries: list[tuple | None] = [None] * len(self.layers)  # (latent, ptr, version, dtype, weight)
         self.plans: dict[tuple, object] = {}
+        self.specs: dict[tuple[int, ...], list[tuple[int, int, float]]] = {}
         self.launches = 0  # grouped launches made (for tests and benchmarks)
         for i, layer in enumerate(self.layers):
             layer._step_weights = self
@@ -59,8 +60,8 @@ class StepWeights:
             and layer.pinned_codes is None
             and w.dim() >= 2
             and w.shape[0] > 0
-            and w.is_contiguous()
-            and quantize._use_triton(w.device, w.numel() // w.shape[0])
+            and (w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)))
+            and quantize._use_triton(w.device, w.numel() // w.shape[0], w.dtype)
         )
 
     def weight(self, layer, dtype: torch.dtype) -> torch.Tensor | None:
@@ -89,20 +90,20 @@ class StepWeights:
                 groups.setdefault(key, []).append(i)
         for key, members in groups.items():
             method, center = key[0], key[1]
-            latents = [self.layers[i].weight for i in members]
-            weights = [w.detach().view(w.shape[0], -1) for w in latents]
-            specs = []
-            for i, w in zip(members, weights):
-                cfg = self.layers[i].config
-                if method == "ot":
-                    n_minus, n_zero, _, mu = ot_spec(w.shape[1], cfg.ratio, cfg.prune, center)
-                    specs.append((n_minus, n_zero, mu))
-                else:
-                    specs.append((0, 0, 0.0))
+            latents = [self.layers[i].weight.detach() for i in members]
+            specs = self.specs.get(tuple(members))
+            if specs is None:  # the counts depend on the shapes and configs alone: once per member set
+                specs = []
+                for i, w in zip(members, latents):
+                    cfg = self.layers[i].config
+                    n_minus, n_zero, _, mu = ot_spec(w.numel() // w.shape[0], cfg.ratio, cfg.prune, center)
+                    specs.append((n_minus, n_zero, mu) if method == "ot" else (0, 0, 0.0))
+                self.specs[tuple(members)] = specs
             outs, plan = binary_rows_grouped(
-                weights, specs, method, center=center, out_dtype=dtype, plan=self.plans.get(key)
+                latents, specs, method, center=center, out_dtype=dtype, plan=self.plans.get(key)
             )
             self.plans[key] = plan
             self.launches += len(plan.launches)
-            for i, w, q in zip(members, latents, outs):
-                self.entries[i] = (w, w.data_ptr(), w._version, dtype, q.view(w.shape))
+            for i, q in zip(members, outs):
+                w = self.layers[i].weight
+                self.entries[i] = (w, w.data_ptr(), w._version, dtype, q)

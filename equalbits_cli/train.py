@@ -161,6 +161,10 @@ class _Run:
     evals: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.config.channels_last else torch.preserve_format
+
     def write_log(self, row: dict[str, Any]) -> None:
         if self.log is not None:
             self.log.write(json.dumps(row) + "\n")
@@ -214,6 +218,10 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
         teacher_model.to(device).eval()
         for p in teacher_model.parameters():
             p.requires_grad_(False)
+    if config.channels_last:  # the binary layers' grouped GPU launches read and write this layout too
+        student.to(memory_format=torch.channels_last)
+        if teacher_model is not None:
+            teacher_model.to(memory_format=torch.channels_last)
     steps_per_epoch = len(train_sampler) // config.batch_size
     total_steps = config.epochs * steps_per_epoch
     warmup = min(config.warmup_steps, total_steps // 10)
@@ -316,7 +324,7 @@ def _train_epoch(run: _Run) -> float:
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     n = 0
     for images, targets in _batches(run.train_loader):
-        images = images.to(run.device, non_blocking=True)
+        images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
         targets = targets.to(run.device, non_blocking=True)
         t_logits = None
         if run.teacher is not None:

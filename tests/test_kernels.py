@@ -35,22 +35,23 @@ def ot_rows():
     return _on_cuda(ot_triton.ot_rows)
 
 
+def _to(x, device: str):
+    """``x`` with every tensor in it (nested in lists and tuples too) on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return type(x)(_to(v, device) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 def _on_cuda(fn):
     """``fn`` run on CUDA copies of its tensor arguments, its tensor results brought back."""
 
-    def back(t):
-        if isinstance(t, torch.Tensor):
-            return t.cpu()
-        return type(t)(back(x) for x in t) if isinstance(t, (list, tuple)) else t
-
     def run(*args, **kwargs):
-        moved = [
-            [a.cuda() for a in x] if isinstance(x, list) else x.cuda() if isinstance(x, torch.Tensor) else x
-            for x in args
-        ]
-        return back(fn(*moved, **kwargs))
+        return _to(fn(*_to(args, "cuda"), **kwargs), "cpu")
 
     return run
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on CUDA, interpreted on the CPU
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_grouped_plan_is_reused_until_a_weight_moves():
     pytest.importorskip("triton")
     from equalbits_cli.kernels.ot_triton import binary_rows_grouped
 
-    flat = [w.view(w.shape[0], -1) for w in _mixed_weights(4)]
+    flat = [w.view(w.shape[0], -1).to(DEVICE) for w in _mixed_weights(4)]
     specs = [(*ot_counts(w.shape[1])[:2], 0.0) for w in flat]
     _, plan = binary_rows_grouped(flat, specs)
     assert len(plan.launches) == 4  # widths 36, 8, 300, 9, 1030: blocks 64, 16, 512, 2048
@@ -185,6 +186,32 @@ def test_grouped_plan_is_reused_until_a_weight_moves():
         binary_rows_grouped([torch.randn(4, 6).T], [(1, 0, 0.0)])
     with pytest.raises(ValueError, match="one dtype"):
         binary_rows_grouped([torch.randn(4, 6), torch.randn(4, 6).double()], [(1, 0, 0.0)] * 2)
+    with pytest.raises(ValueError, match="wider"):
+        binary_rows_grouped([torch.randn(1, 16385)], [(1, 0, 0.0)])
+
+
+@pytest.mark.parametrize("method", ["ot", "sign"])
+def test_grouped_channels_last_weights_keep_their_layout_and_ties(method):
+    """A channels-last latent is read and written in its own layout, its ties still broken by the
+    logical index: the same numbers as the contiguous latent gives."""
+    pytest.importorskip("triton")
+    from equalbits_cli.kernels.ot_triton import binary_rows_grouped
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 5, 3, 3, generator=g)
+    w[:, :, :, 0] = w[:, :1, :1, 0]  # ties across channels and positions
+    w = w.to(DEVICE)
+    other = torch.randn(4, 7, generator=g).to(DEVICE)
+    cl = w.contiguous(memory_format=torch.channels_last)
+    specs = [(*ot_counts(45, 0.3, 0.1)[:2], ot_offset(45, 0.3, 0.1)), (*ot_counts(7)[:2], 0.0)]
+    (got, got_other), plan = binary_rows_grouped([cl, other], specs, method, center=True)
+    (want, want_other), _ = binary_rows_grouped([w, other], specs, method, center=True)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    assert torch.equal(got, want) and torch.equal(got_other, want_other)
+    assert len(plan.launches) == 2  # a channels-last member gets a launch of its own
+    if method == "ot":
+        codes, _ = ot_codes_reference(w.cpu(), 0.3, 0.1)
+        assert torch.equal(torch.sign(got.cpu()), codes.float())
 
 
 def _tiny_net() -> torch.nn.Module:
@@ -210,11 +237,11 @@ def test_step_weights_train_like_layer_by_layer(monkeypatch):
     pytest.importorskip("triton")
     from equalbits_cli import step_weights
 
-    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     results = []
     for use_kernel in (False, True):
-        monkeypatch.setattr(quantize, "_use_triton", lambda device, n, k=use_kernel: k)
-        net = _tiny_net().train()
+        monkeypatch.setattr(quantize, "_use_triton", lambda *args, k=use_kernel: k)
+        net = _tiny_net().to(DEVICE).train()
         group = net[2]._step_weights
         assert isinstance(group, step_weights.StepWeights) and len(group.layers) == 3
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -243,10 +270,10 @@ def test_step_weights_train_like_layer_by_layer(monkeypatch):
 
 def test_step_weights_follow_moves_modes_and_loads(monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setattr(quantize, "_use_triton", lambda device, n: True)
-    net = _tiny_net().train()
+    monkeypatch.setattr(quantize, "_use_triton", lambda *args: True)
+    net = _tiny_net().to(DEVICE).train()
     group = net[2]._step_weights
-    x = torch.randn(2, 3, 4, 4)
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
     net(x)
     assert all(e is not None for e in group.entries)
     net.double()  # a move: stored weights are dropped, and rebuilt in the new dtype
@@ -258,6 +285,12 @@ def test_step_weights_follow_moves_modes_and_loads(monkeypatch):
     net(x.double())
     assert torch.equal(group.entries[0][4], want)
     net.load_state_dict(_tiny_net().double().state_dict())
+    assert all(e is None for e in group.entries)
+    net.to(memory_format=torch.channels_last)  # channels-last latents stay in the grouped launches
+    net(x.double())
+    assert net[2].weight.is_contiguous(memory_format=torch.channels_last)
+    assert group.entries[0][4].is_contiguous(memory_format=torch.channels_last)
+    net.train()
     assert all(e is None for e in group.entries)
     net.eval()
     net(x.double())  # eval mode: the layers' own quantized weights, nothing stored
@@ -279,7 +312,7 @@ def test_layer_trains_through_the_kernel_path_like_the_torch_path(ot_rows, monke
     x = torch.randn(2, 8, 6, 6, device=device)
     results = []
     for use_kernel in (False, True):
-        monkeypatch.setattr(quantize, "_use_triton", lambda device, n, k=use_kernel: k)
+        monkeypatch.setattr(quantize, "_use_triton", lambda *args, k=use_kernel: k)
         layer = BinaryConv2d.from_float(conv, BinarizeConfig(ratio=0.3)).train()
         conv.weight.grad = None
         out = layer(x)

@@ -127,6 +127,7 @@ def _binary_rows_kernel(
     KM,
     KN,
     MU,
+    GEOM,
     n_arg,
     stride_w,
     km_arg,
@@ -136,6 +137,7 @@ def _binary_rows_kernel(
     TERNARY: tl.constexpr,
     CENTER: tl.constexpr,
     GROUPED: tl.constexpr,
+    STRIDED: tl.constexpr,
     WRITE_CODES: tl.constexpr,
     WRITE_SCALE: tl.constexpr,
     WRITE_OUT: tl.constexpr,
@@ -161,7 +163,16 @@ def _binary_rows_kernel(
         mu = mu_arg
     offs = tl.arange(0, BLOCK)
     valid = offs < n
-    x = tl.load(src + offs, mask=valid, other=0.0).to(tl.float32) + 0.0  # + 0.0 turns -0.0 into +0.0
+    mem = offs
+    if STRIDED:  # a channels-last filter: logical index (i, h, w) lives at i*si + h*sh + w*sw
+        khw = tl.load(GEOM + 5 * layer)
+        kw = tl.load(GEOM + 5 * layer + 1)
+        mem = (
+            (offs // khw) * tl.load(GEOM + 5 * layer + 2)
+            + ((offs % khw) // kw) * tl.load(GEOM + 5 * layer + 3)
+            + (offs % kw) * tl.load(GEOM + 5 * layer + 4)
+        )
+    x = tl.load(src + mem, mask=valid, other=0.0).to(tl.float32) + 0.0  # + 0.0 turns -0.0 into +0.0
     if METHOD == 0:  # ot: the km lowest -1, the next kn 0, the rest +1; centred levels with the given mu
         key = _key_of(x)
         minus = _lowest_k(key, valid, km, n)
@@ -204,7 +215,7 @@ def _binary_rows_kernel(
     if WRITE_CODES:
         tl.store(CODES + row * n + offs, c.to(tl.int8), mask=valid)
     if WRITE_OUT:
-        tl.store(dst + offs, (scale * levels).to(OUT.dtype.element_ty), mask=valid)
+        tl.store(dst + mem, (scale * levels).to(OUT.dtype.element_ty), mask=valid)
 
 
 def _launch_shape(n: int) -> tuple[int, int]:
@@ -255,7 +266,7 @@ def binary_rows(
         some if out is None else out,
         some if out_codes is None else out_codes,
         some if out_scale is None else out_scale,
-        *(some,) * 8,
+        *(some,) * 9,
         n,
         w.stride(0),
         k_minus,
@@ -265,6 +276,7 @@ def binary_rows(
         TERNARY=k_zero > 0,
         CENTER=center,
         GROUPED=False,
+        STRIDED=False,
         WRITE_CODES=codes,
         WRITE_SCALE=scale,
         WRITE_OUT=out is not None,
@@ -292,56 +304,85 @@ def ot_rows(
 @dataclass(frozen=True)
 class _Launch:
     members: tuple[int, ...]  # indices into the plan's weights
-    tables: tuple[torch.Tensor, ...]  # ROW_LAYER, ROW0, NS, WPTR, OFFS, KM, KN, MU (on the device)
+    tables: tuple[torch.Tensor, ...]  # ROW_LAYER, ROW0, NS, WPTR, OFFS, KM, KN, MU, GEOM (on the device)
     rows: int
-    numel: int
-    offsets: tuple[int, ...]  # element offset of each member in the launch's output
+    numel: int  # of the launch's output buffer (each member's part starts 64-element aligned)
+    offsets: tuple[int, ...]  # element offset of each member in the output buffer
     ternary: bool
+    strided: bool
     block: int
     warps: int
 
 
+_ALIGN = 64  # elements: every member's weight starts on a 128-byte boundary (fp16), as fresh tensors do
+
+
+def _channels_last(w: torch.Tensor) -> bool:
+    return w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_groupable(weights: Sequence[torch.Tensor]) -> None:
+    for w in weights:
+        if w.dim() < 2 or w.shape[0] == 0 or not (w.is_contiguous() or _channels_last(w)):
+            raise ValueError("grouped weights must be contiguous (or channels-last) tensors of 2 or more dims")
+        if w.numel() // w.shape[0] > MAX_FILTER:
+            raise ValueError(f"filters wider than {MAX_FILTER} weights are not handled by the Triton kernel")
+    if len({(w.dtype, w.device) for w in weights}) > 1:
+        raise ValueError("grouped weights must share one dtype and device")
+
+
 class GroupPlan:
-    """Launch tables for a fixed list of 2-D weights (same dtype and device, rows contiguous), grouped
-    by filter width class: one launch per class. Valid while every weight keeps its storage."""
+    """Launch tables for a fixed list of weights (one dtype and device; each contiguous or channels-last),
+    grouped by filter width class: one launch per class. Valid while every weight keeps its storage."""
 
     def __init__(self, weights: Sequence[torch.Tensor], specs: Sequence[tuple[int, int, float]]) -> None:
+        _check_groupable(weights)
         self.key = plan_key(weights, specs)
         device = weights[0].device
-        classes: dict[tuple[int, bool], list[int]] = {}
+        classes: dict[tuple[int, bool, bool], list[int]] = {}
         for i, (w, (_, kz, _)) in enumerate(zip(weights, specs)):
-            classes.setdefault((_launch_shape(w.shape[1])[0], kz > 0), []).append(i)
+            n = w.numel() // w.shape[0]
+            classes.setdefault((_launch_shape(n)[0], kz > 0, _channels_last(w)), []).append(i)
         self.launches = []
-        for (block, ternary), members in classes.items():
-            row_layer, row0, offsets = [], [], []
+        for (block, ternary, strided), members in classes.items():
+            row_layer, row0, offsets, geom = [], [], [], []
             rows = numel = 0
             for j, i in enumerate(members):
-                r, n = weights[i].shape
+                w = weights[i]
+                r, n = w.shape[0], w.numel() // w.shape[0]
                 row_layer += [j] * r
                 row0.append(rows)
                 offsets.append(numel)
                 rows += r
-                numel += r * n
+                numel += -(-r * n // _ALIGN) * _ALIGN
+                if strided:  # (kh*kw, kw, and the strides of in-channel, row and column within a filter)
+                    _, _, kh, kw = w.shape
+                    geom += [kh * kw, kw, w.stride(1), w.stride(2), w.stride(3)]
+                else:
+                    geom += [1, 1, 1, 0, 0]
             ints = lambda v, dt=torch.int32: torch.tensor(v, dtype=dt)  # noqa: E731
             tables = (
                 ints(row_layer),
                 ints(row0),
-                ints([weights[i].shape[1] for i in members]),
+                ints([weights[i].numel() // weights[i].shape[0] for i in members]),
                 ints([weights[i].data_ptr() for i in members], torch.int64),
                 ints(offsets, torch.int64),
                 ints([specs[i][0] for i in members]),
                 ints([specs[i][1] for i in members]),
                 torch.tensor([specs[i][2] for i in members], dtype=torch.float32),
+                ints(geom),
             )
             if device.type == "cuda":  # once per plan, asynchronously from pinned memory
                 tables = tuple(t.pin_memory().to(device, non_blocking=True) for t in tables)
             _, warps = _launch_shape(block)
-            self.launches.append(_Launch(tuple(members), tables, rows, numel, tuple(offsets), ternary, block, warps))
+            self.launches.append(
+                _Launch(tuple(members), tables, rows, numel, tuple(offsets), ternary, strided, block, warps)
+            )
 
     def run(
         self, weights: Sequence[torch.Tensor], method: str, center: bool, out_dtype: torch.dtype
     ) -> list[torch.Tensor]:
-        """``scale * levels`` of every weight, in ``out_dtype``, in the weights' order."""
+        """``scale * levels`` of every weight, in ``out_dtype``, shaped and laid out like the weight."""
         result: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
         for launch in self.launches:
             first = weights[launch.members[0]]
@@ -361,6 +402,7 @@ class GroupPlan:
                 TERNARY=launch.ternary,
                 CENTER=center,
                 GROUPED=True,
+                STRIDED=launch.strided,
                 WRITE_CODES=False,
                 WRITE_SCALE=False,
                 WRITE_OUT=True,
@@ -369,13 +411,18 @@ class GroupPlan:
             )
             for i, off in zip(launch.members, launch.offsets):
                 w = weights[i]
-                result[i] = out[off : off + w.numel()].view(w.shape)
+                part = out[off : off + w.numel()]
+                if launch.strided:  # written in the latent's channels-last order: the same layout
+                    o, c, kh, kw = w.shape
+                    result[i] = part.view(o, kh, kw, c).permute(0, 3, 1, 2)
+                else:
+                    result[i] = part.view(w.shape)
         return result
 
 
 def plan_key(weights: Sequence[torch.Tensor], specs: Sequence[tuple[int, int, float]]) -> tuple:
-    """What a :class:`GroupPlan` depends on: storage addresses, shapes, dtypes and the counts."""
-    return tuple((w.data_ptr(), tuple(w.shape), w.dtype, w.device, s) for w, s in zip(weights, specs))
+    """What a :class:`GroupPlan` depends on: storage addresses, shapes, layouts, dtypes and the counts."""
+    return tuple((w.data_ptr(), w.shape, w.stride(), w.dtype, s) for w, s in zip(weights, specs))
 
 
 def binary_rows_grouped(
@@ -387,23 +434,22 @@ def binary_rows_grouped(
     out_dtype: torch.dtype = torch.float32,
     plan: GroupPlan | None = None,
 ) -> tuple[list[torch.Tensor], GroupPlan]:
-    """The training weights ``scale * levels`` of many 2-D weights, one launch per filter-width class.
+    """The training weights ``scale * levels`` of many weights, one launch per filter-width class.
 
     Args:
-        weights: ``(rows, n)`` weights, rows contiguous, one dtype and device, ``n <= MAX_FILTER``.
+        weights: Weights whose dim 0 indexes filters (any number of dims), each contiguous or
+            channels-last, one dtype and device, at most ``MAX_FILTER`` weights per filter.
         specs: Per weight ``(k_minus, k_zero, mu)`` for ``ot`` (ignored otherwise).
         method, center: As for :func:`binary_rows`.
         out_dtype: The dtype of the results.
         plan: The plan from an earlier call, reused when it still fits (saves building the tables).
 
     Returns:
-        ``(weights in out_dtype, the plan used)``.
+        ``(weights in out_dtype, each shaped and laid out like its latent; the plan used)``.
+
+    Raises:
+        ValueError: a weight of another layout, dtype or device, or a filter too wide.
     """
     if plan is None or plan.key != plan_key(weights, specs):
-        for w in weights:
-            if w.dim() != 2 or w.stride(1) != 1 or w.stride(0) != w.shape[1] or w.shape[1] > MAX_FILTER:
-                raise ValueError("grouped weights must be contiguous 2-D rows at most MAX_FILTER wide")
-        if len({(w.dtype, w.device) for w in weights}) > 1:
-            raise ValueError("grouped weights must share one dtype and device")
         plan = GroupPlan(weights, specs)
     return plan.run(weights, method, center, out_dtype), plan
