@@ -16,3 +16,6 @@ timeout 360 $PY benchmarks/train_step.py --device cuda --amp --steps 12 --channe
 timeout 120 $PY benchmarks/train_step.py --device cuda --steps 12 --model resnet50:64:224
 # 3. The quantizer alone over whole models: wall time per call, and GPU time from a CUDA graph.
 timeout 180 $PY benchmarks/quantizer.py --device cuda --reps 10 --models resnet50,vit_small_patch16_224
+# 4. Where a ViT step's time goes (fp32 against ot), and finetune --compile / --channels-last end to end.
+timeout 120 $PY benchmarks/train_step.py --device cuda --amp --steps 3 --profile --model vit_small_patch16_224:128:224
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_train.py -k "compile_trains or channels_last"

@@ -72,22 +72,52 @@ def run(args, model_name: str, batch: int, img_size: int) -> dict[str, float]:
     amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     scalers = {k: torch.amp.GradScaler(dev.type, enabled=args.amp and dev.type == "cuda") for k in variants}
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for step in range(args.steps + 2):
-        for name, (model, opt) in variants.items():
+
+    def step(name: str) -> None:
+        model, opt = variants[name]
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=args.amp):
+            loss = loss_fn(model(x_cl if name.endswith("CL") else x), y)
+        scalers[name].scale(loss).backward()
+        scalers[name].step(opt)
+        scalers[name].update()
+
+    for i in range(args.steps + 2):
+        for name in variants:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=args.amp):
-                loss = loss_fn(model(x_cl if name.endswith("CL") else x), y)
-            scalers[name].scale(loss).backward()
-            scalers[name].step(opt)
-            scalers[name].update()
+            step(name)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            if step >= 2:  # the first two steps warm up allocators, kernels and the OT threshold caches
+            if i >= 2:  # the first two steps warm up allocators, kernels and the OT threshold caches
                 times[name].append(time.perf_counter() - start)
+    if args.profile:
+        profile(model_name, step, ["fp32", "ot"], dev)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def profile(model_name: str, step, names: list[str], dev: torch.device) -> None:
+    """Where a step's time goes: torch.profiler over two steps of each variant, the top operators by
+    self device time and by self CPU time, and the totals (a step whose CPU total exceeds its device
+    total is bound by launching work, not by doing it)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    for name in names:
+        with torch_profile(activities=acts) as prof:
+            for _ in range(2):
+                step(name)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        cpu = sum(e.self_cpu_time_total for e in events) / 2e3
+        gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / 2e3
+        print(f"\nprofile {model_name} {name}: self CPU {cpu:.2f} ms/step, self device {gpu:.2f} ms/step")
+        if dev.type == "cuda":
+            print(events.table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=50))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50))
 
 
 def others(med: dict[str, float]) -> str:
@@ -105,6 +135,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", action="store_true", help="autocast (fp16 + GradScaler on CUDA, bf16 on CPU)")
     ap.add_argument("--channels-last", action="store_true", help="also fp32 and ot in channels-last memory")
+    ap.add_argument("--profile", action="store_true", help="also print where fp32's and ot's step time goes")
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if args.device == "cuda" else machine()
     print(f"machine: {device}; torch {torch.__version__}, timm {timm.__version__}")
