@@ -1,16 +1,18 @@
-"""The training weights of all binary layers of a model, built together on the GPU.
+"""The training weights of all binary layers of a model, built together.
 
 A training step needs ``scale * levels`` of every binary layer in the dtype its convolution runs in.
 Built layer by layer that is one Triton launch and some Python per layer; :class:`StepWeights` builds
 them for the whole model at the first binary layer's forward, one launch per class of filter width
-(resnet50: 8 launches instead of 52; vit_small: 2 instead of 48), and each layer takes its own as it runs.
+(resnet50: 8 launches instead of 52; vit_small: 2 instead of 48), and each layer takes its own as it
+runs. On the CPU (``ot``) it hands all layers' numpy selection to the threads in one round.
 
 A stored weight is reused while its latent is unchanged: same tensor, same storage and the same
 version counter, which every in-place update through torch bumps (optimizers, ``load_state_dict``,
 ``copy_``). Writes through ``.data`` bypass the counter; a layer whose latent is changed that way
 between two forwards in training mode would compute with the old weight until the next optimizer
-step, so don't (nothing in equalbits does). Where the Triton kernels cannot run (the CPU, filters wider
-than the kernel takes, a latent that is not contiguous) the layer builds its own weight as before.
+step, so don't (nothing in equalbits does). Where neither path applies (CUDA without Triton, filters
+wider than the kernel takes, a latent of another layout or dtype, sign and irnet on the CPU) the layer
+builds its own weight.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class StepWeights:
         self.entries: list[tuple | None] = [None] * len(self.layers)  # (latent, ptr, version, dtype, weight)
         self.plans: dict[tuple, object] = {}
         self.specs: dict[tuple[int, ...], list[tuple[int, int, float]]] = {}
+        self.scratch: dict[int, dict] = {}  # CPU: numpy buffers per layer, kept between steps
         self.launches = 0  # grouped launches made (for tests and benchmarks)
         for i, layer in enumerate(self.layers):
             layer._step_weights = self
@@ -53,16 +56,18 @@ class StepWeights:
         return entry[4]
 
     @staticmethod
-    def _eligible(layer) -> bool:
+    def _path(layer) -> str | None:
+        """How ``layer``'s weight is built with the others: "triton" (grouped launches), "numpy" (the
+        CPU's selection, all layers in one round of threads; ot only), or None (on its own)."""
         w = layer.weight
-        return (
-            layer.training
-            and layer.pinned_codes is None
-            and w.dim() >= 2
-            and w.shape[0] > 0
-            and (w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)))
-            and quantize._use_triton(w.device, w.numel() // w.shape[0], w.dtype)
-        )
+        if not layer.training or layer.pinned_codes is not None or w.dim() < 2 or w.shape[0] == 0:
+            return None
+        layout_ok = w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last))
+        if layout_ok and quantize._use_triton(w.device, w.numel() // w.shape[0], w.dtype):
+            return "triton"
+        if w.device.type == "cpu" and layer.config.method == "ot" and w.dtype in (torch.float32, torch.float64):
+            return "numpy"
+        return None
 
     def weight(self, layer, dtype: torch.dtype) -> torch.Tensor | None:
         """``layer``'s training weight in ``dtype`` (no gradient attached), or None where the layer must
@@ -73,20 +78,19 @@ class StepWeights:
         q = self._fresh(i, dtype)
         if q is not None:
             return q
-        if not self._eligible(layer):
+        if self._path(layer) is None:
             return None
         self._build(dtype)
         return self._fresh(i, dtype)
 
     @torch.no_grad()
     def _build(self, dtype: torch.dtype) -> None:
-        from .kernels.ot_triton import binary_rows_grouped
-
         groups: dict[tuple, list[int]] = {}
         for i, layer in enumerate(self.layers):
-            if self._fresh(i, dtype) is None and self._eligible(layer):
+            path = self._path(layer) if self._fresh(i, dtype) is None else None
+            if path is not None:
                 cfg, w = layer.config, layer.weight
-                key = (cfg.method, bool(cfg.center), w.dtype, w.device)
+                key = (cfg.method, bool(cfg.center), w.dtype, w.device, path)
                 groups.setdefault(key, []).append(i)
         for key, members in groups.items():
             method, center = key[0], key[1]
@@ -99,11 +103,21 @@ class StepWeights:
                     n_minus, n_zero, _, mu = ot_spec(w.numel() // w.shape[0], cfg.ratio, cfg.prune, center)
                     specs.append((n_minus, n_zero, mu) if method == "ot" else (0, 0, 0.0))
                 self.specs[tuple(members)] = specs
-            outs, plan = binary_rows_grouped(
-                latents, specs, method, center=center, out_dtype=dtype, plan=self.plans.get(key)
-            )
-            self.plans[key] = plan
-            self.launches += len(plan.launches)
+            if key[4] == "numpy":
+                flat = [w.reshape(w.shape[0], -1) for w in latents]
+                scratches = [self.scratch.setdefault(i, {}) for i in members]
+                outs = [
+                    q.view(w.shape).to(dtype) for q, w in zip(quantize.ot_weights_cpu(flat, specs, scratches), latents)
+                ]
+                self.launches += 1
+            else:
+                from .kernels.ot_triton import binary_rows_grouped
+
+                outs, plan = binary_rows_grouped(
+                    latents, specs, method, center=center, out_dtype=dtype, plan=self.plans.get(key)
+                )
+                self.plans[key] = plan
+                self.launches += len(plan.launches)
             for i, q in zip(members, outs):
                 w = self.layers[i].weight
                 self.entries[i] = (w, w.data_ptr(), w._version, dtype, q)

@@ -178,3 +178,29 @@ def test_known_offset_matches_the_codes(ratio, prune, n):
     torch.testing.assert_close(dequantize(codes, scale, True, mu), dequantize(codes, scale, True), rtol=0, atol=1e-7)
     levels = dequantize(codes, scale, True) / scale[:, None]
     assert levels.sum(dim=1).abs().max() < 1e-4, "centred levels average to zero over each filter"
+
+
+@pytest.mark.parametrize("ratio,prune", [(0.5, 0.0), (0.3, 0.0), (0.7, 0.2)])
+def test_cpu_training_weight_of_large_layers_is_the_reference(ratio, prune):
+    """The CPU training weight of a layer large enough to be split over threads, ties in many rows,
+    built twice through one cache (its buffers reused): the reference codes, each level one value."""
+    from equalbits_cli.quantize import OTCache, binary_weight, dequantize, ot_offset
+
+    torch.set_num_threads(2)  # the row split needs two threads
+    cache = OTCache()
+    g = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        w = torch.randn(256, 64, 3, 3, generator=g)  # 147,456 weights: split over the threads
+        w[::3, :, 0, 0] = w[::3, :1, 1, 1]  # a tie in every third filter
+        w[5] = 0.5  # a constant filter: every weight tied
+        q = binary_weight(w, ratio, prune, center=True, cache=cache)
+        codes, _ = ot_codes_reference(w, ratio, prune)
+        _, scale = ot_codes(w, ratio, prune, center=True)
+        want = dequantize(codes, scale, True, ot_offset(576, ratio, prune))
+        torch.testing.assert_close(q, want, rtol=1e-5, atol=1e-6)
+        signs = torch.sign(q).flatten(1)
+        live = scale.abs() > 1e-6  # the constant filter's scale is 0 up to rounding: its signs are noise
+        assert torch.equal(signs[live], torch.sign(want).flatten(1)[live])
+        for row in q.flatten(1)[live]:
+            assert len(torch.unique(row)) == (3 if prune else 2)
+    assert cache.scratch  # the numpy buffers were kept for the next step
