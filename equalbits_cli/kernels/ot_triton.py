@@ -184,32 +184,29 @@ def _binary_rows_kernel(
         c = tl.where(valid, codes, 0).to(tl.float32)
         levels = c - mu * tl.abs(c)
         scale = _least_squares(x, levels)
-    elif METHOD == 1:  # sign, sign(0) = +1; scale mean |w| (least squares when centred)
-        c = tl.where(valid, tl.where(x < 0, -1.0, 1.0), 0.0)
-        if CENTER:
-            levels = _centred(c, n)
-            scale = _least_squares(x, levels)
-        else:
-            levels = c
-            scale = tl.sum(tl.abs(x), axis=0) / n
-    else:  # irnet: sign of the standardized weight; scale 2^round(log2 mean |ws|) * std
-        mean = tl.sum(x, axis=0) / n
-        d = tl.where(valid, x - mean, 0.0)
-        var = tl.sum(d * d, axis=0) / tl.maximum(n - 1, 1)
-        std = tl.where(n > 1, tl.sqrt(var), 1.0)
-        std = tl.where(std > 0, std, 1.0)
-        ws = d / std
-        c = tl.where(valid, tl.where(ws < 0, -1.0, 1.0), 0.0)
-        if CENTER:
-            levels = _centred(c, n)
-            scale = _least_squares(x, levels)
-        else:
-            levels = c
+    else:
+        if METHOD == 1:  # sign, sign(0) = +1; scale mean |w|
+            c = tl.where(valid, tl.where(x < 0, -1.0, 1.0), 0.0)
+            plain_scale = tl.sum(tl.abs(x), axis=0) / n
+        else:  # irnet: sign of the standardized weight; scale 2^round(log2 mean |ws|) * std
+            mean = tl.sum(x, axis=0) / n
+            d = tl.where(valid, x - mean, 0.0)
+            var = tl.sum(d * d, axis=0) / tl.maximum(n - 1, 1)
+            std = tl.where(n > 1, tl.sqrt(var), 1.0)
+            std = tl.where(std > 0, std, 1.0)
+            ws = d / std
+            c = tl.where(valid, tl.where(ws < 0, -1.0, 1.0), 0.0)
             mean_abs = tl.maximum(tl.sum(tl.abs(ws), axis=0) / n, 1.1754943508222875e-38)
             e = tl.log2(mean_abs)
             r = tl.floor(e + 0.5)
             r = tl.where((r - e == 0.5) & (r - 2 * tl.floor(r / 2) != 0), r - 1, r)  # half to even
-            scale = tl.exp2(r) * std
+            plain_scale = tl.exp2(r) * std
+        if CENTER:  # centred levels, least-squares scale (the plain one is then unused and dropped)
+            levels = _centred(c, n)
+            scale = _least_squares(x, levels)
+        else:
+            levels = c
+            scale = plain_scale
     if WRITE_SCALE:
         tl.store(SCALE + row, scale)
     if WRITE_CODES:
