@@ -62,6 +62,8 @@ def run(args, model_name: str, batch: int, img_size: int) -> dict[str, float]:
         names.append("ot 1-by-1")
     if args.channels_last:
         names += ["fp32 CL", "ot CL"]
+    if args.only_main:
+        names = names[:3]
     variants = {k: make(model_name, *VARIANTS[k][:1], args.device, *VARIANTS[k][1:]) for k in names}
     g = torch.Generator().manual_seed(0)
     classes = 10 if args.device == "cpu" else 1000
@@ -136,6 +138,7 @@ def main() -> None:
     ap.add_argument("--amp", action="store_true", help="autocast (fp16 + GradScaler on CUDA, bf16 on CPU)")
     ap.add_argument("--channels-last", action="store_true", help="also fp32 and ot in channels-last memory")
     ap.add_argument("--profile", action="store_true", help="also print where fp32's and ot's step time goes")
+    ap.add_argument("--only-main", action="store_true", help="fp32, sign and ot alone (no extra variants)")
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if args.device == "cuda" else machine()
     print(f"machine: {device}; torch {torch.__version__}, timm {timm.__version__}")
