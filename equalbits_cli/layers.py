@@ -51,7 +51,7 @@ def _training_weight(layer: BinaryLayer, dtype: torch.dtype) -> torch.Tensor:
 @functools.cache
 def _eager_training_weight():
     """``_training_weight`` excluded from torch.compile's tracing (a graph break per binary layer): its
-    CPU path selects with numpy and keeps per-layer thresholds in Python, which dynamo cannot trace; on
+    CPU path selects with numpy in a thread pool and keeps buffers in Python, which dynamo cannot trace; on
     CUDA it is a lookup or a grouped Triton launch either way. The convolutions and the rest of the
     network still compile. Made on first use: ``torch.compiler.disable`` imports torch._dynamo, a second
     of start-up that only compiled runs should pay."""
@@ -114,7 +114,7 @@ class BinaryLayer:
         # It is checked against the weight itself, not a version counter: a write through .data or a
         # .to() leaves the counter as it was.
         self._eval_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._ot_cache = OTCache()  # last step's per-filter thresholds: same codes, less work
+        self._ot_cache = OTCache()  # numpy buffers kept between steps (CPU): same codes, less work
         self._step_weights: StepWeights | None = None  # set by binarize_: the model's grouped weights
 
     def _forget(self) -> None:

@@ -24,12 +24,12 @@ import math
 import torch
 
 from .counts import entropy_of_counts, ot_counts
+from .cpu_select import ot_codes_cpu, ot_weights_cpu
 
 __all__ = [
     "binary_weight",
     "code_offsets",
     "ot_spec",
-    "ot_weights_cpu",
     "dequantize",
     "ot_offset",
     "ot_counts",
@@ -154,25 +154,19 @@ def ot_codes_reference(
 
 
 class OTCache:
-    """Per-row thresholds carried from one call of :func:`ot_codes` to the next (one per weight tensor).
+    """What :func:`ot_codes` and :func:`binary_weight` keep between calls on one weight tensor (one per
+    layer, as in training): the CPU selection's numpy buffers, whose first touch would otherwise cost
+    more than the arithmetic on them. It makes a call cheaper, never different.
 
-    Between training steps weights move little, so last step's threshold usually still splits each
-    filter at exactly the right count: then one comparison and one count decide the codes, and only
-    the filters whose count is off are selected again. The result is identical either way.
+    (Until 0.3 it also kept last step's per-filter thresholds; at training learning rates nearly every
+    filter's k-th value moved past them, so they no longer are.)
     """
 
     def __init__(self) -> None:
-        self.thresholds: dict[int, torch.Tensor] = {}
-        self.hits = 0
-        self.misses = 0
-        # When most filters missed last time (large steps), checking the old thresholds is wasted
-        # work: skip the check for a few calls (doubling up to 8) before trying again.
-        self.skip = 0
-        self.backoff = 0
-        self.scratch: dict = {}  # numpy buffers binary_weight reuses between steps on the CPU
+        self.scratch: dict = {}
 
     def clear(self) -> None:
-        self.thresholds.clear()
+        self.scratch.clear()
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
@@ -180,195 +174,11 @@ def _count(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8).sum(dim=1, dtype=torch.int32)
 
 
-def _kth_numpy(w, ks: list[int]) -> dict[int, tuple]:
-    # numpy's introselect is several times faster than torch.kthvalue on CPU, but partitions once per
-    # kth: so one kth per call, the (k+1)-th as the minimum of the part above it, and each larger k
-    # selected within that part (whose rank offset is the previous k).
-    found = {}
-    cur, base = w, 0
-    for k in sorted(set(ks)):
-        j = k - base  # rank of the k-th smallest within cur (1-based)
-        part = cur.copy()  # ndarray.partition in place on a copy is faster than np.partition here
-        part.partition(j - 1, axis=1)
-        found[k] = (part[:, j - 1 : j].copy(), part[:, j:].min(axis=1, keepdims=True))
-        cur, base = part[:, j:], k
-    return found
-
-
-@functools.cache
-def _selection_pool(threads: int):
-    """Threads for the row-parallel selection (numpy releases the GIL while it partitions)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(threads, thread_name_prefix="equalbits-select")
-
-
-_PARALLEL_MIN = 1 << 17  # weights per layer below which one thread is faster than handing work out
-
-
-def _kth_smallest(w: torch.Tensor, ks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each row's ``k``-th and ``(k+1)``-th smallest values (1-based ``k < n``), as ``(rows, 1)`` tensors.
-
-    Large layers are split by rows over the CPU threads torch uses (numpy releases the GIL while it
-    partitions): 1.5x faster on two cores (resnet18's convolutions, 10.8 -> 7.0 ms).
-    """
-    if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64):
-        import numpy as np
-
-        a = w.numpy()
-        threads = min(torch.get_num_threads(), a.shape[0])
-        if threads > 1 and a.size >= _PARALLEL_MIN:
-            chunks = np.array_split(a, threads, axis=0)
-            parts = list(_selection_pool(threads).map(lambda c: _kth_numpy(c, ks), chunks))
-            return [
-                (
-                    torch.from_numpy(np.concatenate([p[k][0] for p in parts])),
-                    torch.from_numpy(np.concatenate([p[k][1] for p in parts])),
-                )
-                for k in ks
-            ]
-        found = _kth_numpy(a, ks)
-        return [(torch.from_numpy(found[k][0]), torch.from_numpy(found[k][1])) for k in ks]
-    return [
-        (torch.kthvalue(w, k, dim=1, keepdim=True).values, torch.kthvalue(w, k + 1, dim=1, keepdim=True).values)
-        for k in ks
-    ]
-
-
-def _ot_weight_numpy(a, out, n_minus: int, n_zero: int, mu: float, scratch: dict | None = None) -> None:
-    """Write ``scale * (codes - mu * |codes|)`` of the ``ot`` codes of each row of ``a`` into ``out``
-    (numpy, float32 or float64), selection included, in one thread's worth of numpy calls.
-
-    Each row's ``k`` lowest come from introselect on a copy; the scale needs no codes: with the row
-    partitioned, the sums of its ``k1`` lowest and its values above the ``k2``-th are slice sums (the
-    same whichever of tied values are taken), and ``<w, c> = S_plus - S_minus``,
-    ``<w, |c|> = S_plus + S_minus``. The weight is then a few elementwise passes over the masks.
-    ``scratch`` (arrays of ``a``'s shape, kept between training steps) saves fresh memory, whose
-    first touch costs more than the arithmetic on it.
-    """
-    import numpy as np
-
-    rows, n = a.shape
-    scratch = {} if scratch is None else scratch
-
-    def buffer(name: str, dtype) -> np.ndarray:
-        buf = scratch.get(name)
-        if buf is None or buf.shape != a.shape or buf.dtype != dtype:
-            buf = scratch[name] = np.empty(a.shape, dtype=dtype)
-        return buf
-
-    part = buffer("part", a.dtype)
-    np.copyto(part, a)
-    ks = [n_minus, n_minus + n_zero] if n_zero else [n_minus]
-    # Float masks (1.0 for the k lowest), written straight by the comparison: later arithmetic on
-    # them is same-dtype and fast, unlike on bool or uint8 with per-row operands.
-    masks, base = [], 0
-    for i, k in enumerate(ks):
-        mask = out if i == 0 else buffer("mask", a.dtype)
-        if k <= 0 or k >= n:
-            mask[...] = 1.0 if k > 0 else 0.0
-            masks.append(mask)
-            continue
-        seg = part[:, base:]  # its k - base lowest are the next ones (the lower ones are left of it)
-        j = k - base
-        seg.partition(j - 1, axis=1)
-        kth = seg[:, j - 1 : j]
-        np.less_equal(a, kth, out=mask, casting="unsafe")
-        # w <= kth holds exactly k entries unless the next value ties with the k-th: only such rows
-        # need the tie-break by index (the lowest-index entries equal to the k-th value go).
-        tied = np.flatnonzero(seg[:, j:].min(axis=1) == kth[:, 0])
-        if tied.size:
-            sub, v = a[tied], kth[tied]
-            equal = sub == v
-            need = k - (sub < v).sum(axis=1, keepdims=True)
-            mask[tied] = (sub < v) | (equal & (np.cumsum(equal, axis=1) <= need))
-        masks.append(mask)
-        base = k
-    k1, k2 = ks[0], ks[-1]
-    s_minus = part[:, :k1].sum(axis=1).astype(np.float64)
-    s_plus = part[:, k2:].sum(axis=1).astype(np.float64)
-    n_plus = n - k2
-    hi, lo = 1.0 - mu, -1.0 - mu  # the levels of +1 and -1
-    den = hi * hi * n_plus + lo * lo * n_minus
-    num = (s_plus - s_minus) - mu * (s_plus + s_minus)
-    scale = num / den if den > 0 else np.zeros(rows)
-    w_hi = (scale * hi).astype(a.dtype)[:, None]
-    if n_zero:  # out holds the -1 mask: lo * m1 + hi * (1 - m2), one non-zero term per entry
-        out *= (scale * lo).astype(a.dtype)[:, None]
-        nonpos = masks[1]
-        np.subtract(1, nonpos, out=nonpos)
-        nonpos *= w_hi
-        out += nonpos
-    else:  # hi + m * (lo - hi): exactly hi where m is 0, within a rounding of lo where it is 1
-        out *= (scale * (lo - hi)).astype(a.dtype)[:, None]
-        out += w_hi
-
-
-def ot_weights_cpu(
-    weights: list[torch.Tensor], specs: list[tuple[int, int, float]], scratches: list[dict] | None = None
-) -> list[torch.Tensor]:
-    """Training weights of many 2-D float32/float64 CPU weights (:func:`_ot_weight_numpy`, spec
-    ``(n_minus, n_zero, mu)`` each) in one round of the selection threads: large layers are split by
-    rows over the threads torch uses, small ones go whole to the least loaded thread. One hand-off per
-    call, not per layer: torch's own worker threads spin for a while after each operation, and a
-    hand-off per layer would meet them every time (measured: 23 ms against 15 ms for resnet18)."""
-    import numpy as np
-
-    arrays = [w.numpy() for w in weights]
-    outs = [np.empty_like(a) for a in arrays]
-    scratches = scratches if scratches is not None else [{} for _ in weights]
-    threads = min(torch.get_num_threads(), max(1, sum(a.size for a in arrays) // _PARALLEL_MIN))
-    work: list[list[tuple]] = [[] for _ in range(threads)]
-    load = [0] * threads
-    for a, out, spec, scratch in zip(arrays, outs, specs, scratches):
-        if threads > 1 and a.size >= _PARALLEL_MIN and a.shape[0] >= threads:
-            bounds = np.linspace(0, a.shape[0], threads + 1).astype(int)
-            for t, (i, j) in enumerate(zip(bounds[:-1], bounds[1:])):
-                work[t].append((a[i:j], out[i:j], *spec, scratch.setdefault(t, {})))
-                load[t] += (j - i) * a.shape[1]
-        else:
-            t = load.index(min(load))
-            work[t].append((a, out, *spec, scratch.setdefault("whole", {})))
-            load[t] += a.size
-
-    def run(items: list[tuple]) -> None:
-        for item in items:
-            _ot_weight_numpy(*item)
-
-    if threads > 1:
-        list(_selection_pool(threads).map(run, work))
-    else:
-        run(work[0])
-    return [torch.from_numpy(out) for out in outs]
-
-
-def _select_rows(w: torch.Tensor, ks: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Exact lowest-``k`` masks of every row, ties to the lower index, and thresholds for next time.
-
-    The threshold kept is the midpoint between the k-th and (k+1)-th values, the split most likely
-    to stay exact after the weights move a little.
-    """
-    masks, taus = [], []
-    for k, (kth, next_) in zip(ks, _kth_smallest(w, ks)):
-        mask = w <= kth
-        # w <= kth holds exactly k entries unless the (k+1)-th value equals the k-th (a tie across
-        # the boundary): only those rows need the index tie-break.
-        tied = (next_ == kth).squeeze(1).nonzero().squeeze(1)
-        if tied.numel():
-            # Keep the lowest-index entries equal to the k-th value (as a stable sort would).
-            sub, v = w[tied], kth[tied]
-            equal = sub == v
-            need = k - _count(sub < v).unsqueeze(1)
-            mask[tied] = (sub < v) | (equal & (equal.cumsum(dim=1) <= need))
-        masks.append(mask)
-        taus.append(kth + (next_ - kth) / 2)
-    return masks, taus
-
-
 def _lowest_k_syncfree(w: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of each row's ``k`` lowest entries, ties to the lower index, with no host synchronization
     (no ``nonzero``, no data-dependent shapes): the k-th value from ``kthvalue``, the ties at it settled
-    by a cumulative count. For accelerators without the Triton kernel."""
+    by a cumulative count. For what neither the Triton kernel nor the CPU's numpy selection takes:
+    CUDA without Triton, half-precision latents on the CPU."""
     rows, n = w.shape
     if k <= 0:
         return torch.zeros_like(w, dtype=torch.bool)
@@ -388,13 +198,18 @@ def _check_ratio_prune(ratio: float, prune: float) -> None:
         raise ValueError(f"prune must be in [0, 1), got {prune}")
 
 
-def _selected_codes(w: torch.Tensor, n_minus: int, n_zero: int, cache: OTCache | None) -> torch.Tensor:
-    """Int8 ``ot`` codes of the 2-D ``w``: its ``n_minus`` lowest per row -1, the next ``n_zero`` 0."""
+def _selected_codes(w: torch.Tensor, n_minus: int, n_zero: int) -> torch.Tensor:
+    """Int8 ``ot`` codes of the 2-D ``w`` in plain torch (any device and dtype; no host reads): its
+    ``n_minus`` lowest per row -1, the next ``n_zero`` 0."""
+    minus = _lowest_k_syncfree(w, n_minus)
     if n_zero:
-        minus, nonpos = _lowest_k_masks(w, [n_minus, n_minus + n_zero], cache)
-        return 1 - minus.view(torch.int8) - nonpos.view(torch.int8)
-    (minus,) = _lowest_k_masks(w, [n_minus], cache)
+        return 1 - minus.view(torch.int8) - _lowest_k_syncfree(w, n_minus + n_zero).view(torch.int8)
     return torch.sub(1, minus.view(torch.int8), alpha=2)
+
+
+def _numpy_selects(w: torch.Tensor) -> bool:
+    """Whether the CPU's numpy selection takes the 2-D ``w`` (float32/float64 on the CPU)."""
+    return w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
 
 
 def _use_triton(device: torch.device, n: int, dtype: torch.dtype = torch.float32) -> bool:
@@ -422,72 +237,6 @@ def ot_spec(n: int, ratio: float, prune: float, center: bool) -> tuple[int, int,
     computed once per layer shape, not once per training step."""
     n_minus, n_zero, n_plus = ot_counts(n, ratio, prune)
     return n_minus, n_zero, n_plus, (ot_offset(n, ratio, prune) if center else 0.0)
-
-
-def _lowest_k_masks(w: torch.Tensor, ks: list[int], cache: OTCache | None) -> list[torch.Tensor]:
-    """Boolean masks of each row's ``k`` lowest entries for each ``k`` (ties to the lower index).
-
-    On the CPU: numpy's introselect, and last call's thresholds (``cache``) where they still split
-    exactly. Elsewhere the sync-free path: the threshold check and the repair of the rows it misses
-    need host reads, which cost more on an accelerator than they save."""
-    if w.device.type != "cpu":
-        return [_lowest_k_syncfree(w, k) for k in ks]
-    rows, n = w.shape
-    masks: list[torch.Tensor | None] = [None] * len(ks)
-    todo = []
-    for i, k in enumerate(ks):
-        if k <= 0:
-            masks[i] = torch.zeros_like(w, dtype=torch.bool)
-        elif k >= n:
-            masks[i] = torch.ones_like(w, dtype=torch.bool)
-        else:
-            todo.append(i)
-    if not todo:
-        return masks  # type: ignore[return-value]
-    ks_todo = [ks[i] for i in todo]
-    cached = cache is not None and all(
-        ks[i] in cache.thresholds and cache.thresholds[ks[i]].shape == (rows, 1) for i in todo
-    )
-    if cached and cache is not None and cache.skip > 0:
-        cache.skip -= 1
-        cached = False
-    if not cached:
-        new_masks, taus = _select_rows(w, ks_todo)
-        for i, m in zip(todo, new_masks):
-            masks[i] = m
-        if cache is not None:
-            cache.misses += rows
-            cache.thresholds = {k: t for k, t in zip(ks_todo, taus)}
-        return masks  # type: ignore[return-value]
-    assert cache is not None
-    warm = []
-    bad = torch.zeros(rows, dtype=torch.bool, device=w.device)
-    for k in ks_todo:
-        # Exactly k entries below the old threshold means they are the k lowest, ties or not: every
-        # entry below it is strictly smaller than every entry at or above it.
-        m = w < cache.thresholds[k]
-        bad |= _count(m) != k
-        warm.append(m)
-    bad_rows = bad.nonzero().squeeze(1)
-    cache.hits += rows - bad_rows.numel()
-    cache.misses += bad_rows.numel()
-    if 2 * bad_rows.numel() > rows:
-        # Most filters moved past their threshold: selecting all rows beats gathering and scattering.
-        cache.backoff = min(8, 2 * cache.backoff or 1)
-        cache.skip = cache.backoff
-        new_masks, taus = _select_rows(w, ks_todo)
-        cache.thresholds = {k: t for k, t in zip(ks_todo, taus)}
-        warm = new_masks
-    else:
-        cache.backoff = 0
-    if 2 * bad_rows.numel() <= rows and bad_rows.numel():
-        fixed, taus = _select_rows(w[bad_rows], ks_todo)
-        for k, m, f, t in zip(ks_todo, warm, fixed, taus):
-            m[bad_rows] = f
-            cache.thresholds[k][bad_rows] = t
-    for i, m in zip(todo, warm):
-        masks[i] = m
-    return masks  # type: ignore[return-value]
 
 
 def ot_codes(
@@ -519,8 +268,8 @@ def ot_codes(
         ratio: Share of +1 among each filter's unpruned weights.
         prune: Share of each filter's weights set to 0.
         method: ``ot``, ``sign`` or ``irnet``.
-        cache: An :class:`OTCache` kept between calls on the same (slowly changing) weight, as in
-            training: it makes the call cheaper, never different.
+        cache: An :class:`OTCache` kept between calls on the same weight's shape, as in training:
+            it makes the call cheaper, never different.
         center: The layer computes with centred levels (:func:`dequantize`): the scale is then the
             least-squares factor for ``codes - mu * |codes|``. The codes are the same either way.
 
@@ -545,9 +294,13 @@ def ot_codes(
         n_minus, n_zero, _, mu = ot_spec(w.shape[1], ratio, prune, center)
         codes, scale, _ = ot_rows(w, n_minus, n_zero, mu)
         return codes.reshape(weight.shape), scale.to(w.dtype)  # type: ignore[union-attr]
+    if method == "ot" and _numpy_selects(w):
+        n_minus, n_zero, _, mu = ot_spec(w.shape[1], ratio, prune, center)
+        codes, scale = ot_codes_cpu(w, n_minus, n_zero, mu, cache.scratch if cache is not None else None)
+        return codes.reshape(weight.shape), scale
     if method == "ot":
         n_minus, n_zero, _ = ot_counts(w.shape[1], ratio, prune)
-        codes = _selected_codes(w, n_minus, n_zero, cache)
+        codes = _selected_codes(w, n_minus, n_zero)
         scale = least_squares_scale(w, codes, nonzero=w.shape[1] - n_zero)
     elif method == "sign":
         codes = torch.sub(1, (w < 0).view(torch.int8), alpha=2)
@@ -616,12 +369,12 @@ def binary_weight(
             return dequantize(codes, scale.to(dtype), center)
         # one cast and an in-place multiply: 1.5x faster than dequantize's out-of-place product here
         return codes.reshape(w.shape).to(dtype).mul_(scale.to(dtype)[:, None]).reshape(weight.shape)
-    if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64):
+    if _numpy_selects(w):
         (q,) = ot_weights_cpu([w], [(n_minus, n_zero, mu)], [cache.scratch] if cache is not None else None)
         return (q if q.dtype == dtype else q.to(dtype)).reshape(weight.shape)
     # Same-dtype ops only (see least_squares_scale): the codes cast once, then a per-row dot product
     # for the scale and an in-place multiply(-add) for the weight.
-    c = _selected_codes(w, n_minus, n_zero, cache).to(w.dtype)
+    c = _selected_codes(w, n_minus, n_zero).to(w.dtype)
     a, b = 1.0 - mu, -1.0 - mu
     den = a * a * n_plus + b * b * n_minus
     num = torch.linalg.vecdot(w, c)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from . import quantize
+from .cpu_select import ot_weights_cpu
 from .quantize import ot_spec
 
 __all__ = ["StepWeights"]
@@ -106,9 +107,7 @@ class StepWeights:
             if key[4] == "numpy":
                 flat = [w.reshape(w.shape[0], -1) for w in latents]
                 scratches = [self.scratch.setdefault(i, {}) for i in members]
-                outs = [
-                    q.view(w.shape).to(dtype) for q, w in zip(quantize.ot_weights_cpu(flat, specs, scratches), latents)
-                ]
+                outs = [q.view(w.shape).to(dtype) for q, w in zip(ot_weights_cpu(flat, specs, scratches), latents)]
                 self.launches += 1
             else:
                 from .kernels.ot_triton import binary_rows_grouped

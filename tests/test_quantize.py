@@ -141,7 +141,7 @@ def test_sqnr():
 @settings(max_examples=150, deadline=None)
 @given(w=weights(), ratio=ratios, prune=prunes, steps=st.lists(st.floats(0, 0.3), min_size=1, max_size=4))
 def test_warm_cache_gives_identical_codes(w, ratio, prune, steps):
-    """Reusing last call's thresholds (as in training) never changes the result."""
+    """Reusing the kept buffers (as in training) never changes the result."""
     from equalbits_cli.quantize import OTCache
 
     cache = OTCache()
@@ -154,15 +154,18 @@ def test_warm_cache_gives_identical_codes(w, ratio, prune, steps):
         torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=1e-7)
 
 
-def test_warm_cache_hits_when_weights_barely_move():
-    from equalbits_cli.quantize import OTCache
-
-    cache = OTCache()
-    w = torch.randn(64, 576, generator=torch.Generator().manual_seed(0))
-    ot_codes(w, cache=cache)
-    assert cache.misses == 64 and cache.hits == 0
-    ot_codes(w * 1.0001, cache=cache)
-    assert cache.hits == 64
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_every_cpu_dtype_selects_the_reference(dtype):
+    """float64 through numpy, half precisions through the plain-torch selection: the same codes."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 97, generator=g).to(dtype)
+    w[:, ::4] = w[:, :1]  # ties
+    for ratio, prune in [(0.5, 0.0), (0.3, 0.2)]:
+        codes, scale = ot_codes(w, ratio, prune)
+        ref_codes, ref_scale = ot_codes_reference(w.float(), ratio, prune)  # exact: each value fits a float
+        assert torch.equal(codes, ref_codes)
+        assert scale.dtype == dtype
+        torch.testing.assert_close(scale.float(), ref_scale, rtol=1e-2 if dtype != torch.float64 else 1e-6, atol=0)
 
 
 @pytest.mark.parametrize(("ratio", "prune"), [(0.3, 0.0), (0.7, 0.2), (0.5, 0.3), (0.5, 0.0), (0.45, 0.1)])
@@ -194,7 +197,10 @@ def test_cpu_training_weight_of_large_layers_is_the_reference(ratio, prune):
         w[::3, :, 0, 0] = w[::3, :1, 1, 1]  # a tie in every third filter
         w[5] = 0.5  # a constant filter: every weight tied
         q = binary_weight(w, ratio, prune, center=True, cache=cache)
-        codes, _ = ot_codes_reference(w, ratio, prune)
+        codes, ref_scale = ot_codes_reference(w, ratio, prune)
+        got_codes, got_scale = ot_codes(w, ratio, prune, cache=cache)  # codes through the same threads
+        assert torch.equal(got_codes, codes)
+        torch.testing.assert_close(got_scale, ref_scale, rtol=1e-5, atol=1e-7)
         _, scale = ot_codes(w, ratio, prune, center=True)
         want = dequantize(codes, scale, True, ot_offset(576, ratio, prune))
         torch.testing.assert_close(q, want, rtol=1e-5, atol=1e-6)
