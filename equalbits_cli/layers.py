@@ -119,6 +119,9 @@ class BinaryLayer:
 
     def _forget(self) -> None:
         self._eval_cache = None
+        cache = getattr(self, "_ot_cache", None)
+        if cache is not None:
+            cache.clear()
         group = getattr(self, "_step_weights", None)
         if group is not None:
             group.clear()
@@ -159,7 +162,9 @@ class BinaryLayer:
         if cached is not None:
             return cached[0], cached[1]
         cfg = self.config
-        return ot_codes(self.weight.detach(), cfg.ratio, cfg.prune, cfg.method, cache=self._ot_cache, center=cfg.center)
+        # No cache: codes are computed once per latent (evaluation, export), and the CPU selection's
+        # buffers are worth keeping only for training steps.
+        return ot_codes(self.weight.detach(), cfg.ratio, cfg.prune, cfg.method, center=cfg.center)
 
     def pin_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
         """Use exactly these codes and scales until the layer is trained or loaded again (packed files)."""

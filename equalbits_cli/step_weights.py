@@ -44,8 +44,9 @@ class StepWeights:
             layer._step_index = i
 
     def clear(self) -> None:
-        """Forget every stored weight (a layer was moved, switched mode or loaded)."""
+        """Forget every stored weight and buffer (a layer was moved, switched mode or loaded)."""
         self.entries = [None] * len(self.layers)
+        self.scratch.clear()
 
     def _fresh(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
         entry = self.entries[i]
