@@ -94,6 +94,9 @@ class StepWeights:
                 cfg, w = layer.config, layer.weight
                 key = (cfg.method, bool(cfg.center), w.dtype, w.device, path)
                 groups.setdefault(key, []).append(i)
+        for members in groups.values():  # the old weights go first: their memory can serve the new ones
+            for i in members:
+                self.entries[i] = None
         for key, members in groups.items():
             method, center = key[0], key[1]
             latents = [self.layers[i].weight.detach() for i in members]
