@@ -123,7 +123,7 @@ def _run(jobs: list[tuple[np.ndarray, dict, tuple[int, int, float], dict]]) -> N
     of the threads: large layers split by rows over all threads, small ones whole to the least loaded.
     One hand-off per call, not per layer: torch's own worker threads spin for a while after each
     operation, and a hand-off per layer would meet them every time (resnet18's weights in a training
-    step: 23 ms against 15 ms)."""
+    step: 23 ms with a hand-off per layer, 18-21 ms in one round)."""
     total = sum(a.size for a, *_ in jobs)
     threads = max(1, min(torch.get_num_threads(), total // PARALLEL_MIN))
     work: list[list[tuple]] = [[] for _ in range(threads)]
