@@ -144,10 +144,12 @@ def _run(jobs: list[tuple[np.ndarray, dict, tuple[int, int, float], dict]]) -> N
         for a, n_minus, n_zero, mu, scratch, outs in items:
             _ot_rows_numpy(a, n_minus, n_zero, mu, scratch, **outs)
 
-    if threads > 1:
-        list(_pool(threads).map(run, work))
-    else:
-        run(work[0])
+    # This thread takes the first share itself: one thread fewer to wake, and to compete with
+    # torch's for the cores.
+    pending = [_pool(threads - 1).submit(run, items) for items in work[1:]] if threads > 1 else []
+    run(work[0])
+    for future in pending:
+        future.result()
 
 
 def ot_weights_cpu(
