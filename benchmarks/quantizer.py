@@ -65,7 +65,8 @@ def graph_ms(fn, reps: int) -> float:
 
 
 def _specs(flat: list[torch.Tensor]) -> list[tuple[int, int, float]]:
-    return [(lambda s: (s[0], s[1], s[3]))(ot_spec(w.shape[1], 0.5, 0.0, True)) for w in flat]
+    specs = [ot_spec(w.shape[1], 0.5, 0.0, True) for w in flat]
+    return [(n_minus, n_zero, mu) for n_minus, n_zero, _, mu in specs]
 
 
 def grouped_fn(ws: list[torch.Tensor], dtype: torch.dtype):

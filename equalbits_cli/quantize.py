@@ -288,18 +288,16 @@ def ot_codes(
     """
     _check_ratio_prune(ratio, prune)
     w = weight.detach().reshape(weight.shape[0], -1)
-    if method == "ot" and _use_triton(w.device, w.shape[1], w.dtype):
-        from .kernels.ot_triton import ot_rows
-
-        n_minus, n_zero, _, mu = ot_spec(w.shape[1], ratio, prune, center)
-        codes, scale, _ = ot_rows(w, n_minus, n_zero, mu)
-        return codes.reshape(weight.shape), scale.to(w.dtype)  # type: ignore[union-attr]
-    if method == "ot" and _numpy_selects(w):
-        n_minus, n_zero, _, mu = ot_spec(w.shape[1], ratio, prune, center)
-        codes, scale = ot_codes_cpu(w, n_minus, n_zero, mu, cache.scratch if cache is not None else None)
-        return codes.reshape(weight.shape), scale
     if method == "ot":
-        n_minus, n_zero, _ = ot_counts(w.shape[1], ratio, prune)
+        n_minus, n_zero, _, mu = ot_spec(w.shape[1], ratio, prune, center)
+        if _use_triton(w.device, w.shape[1], w.dtype):
+            from .kernels.ot_triton import ot_rows
+
+            codes, scale, _ = ot_rows(w, n_minus, n_zero, mu)
+            return codes.reshape(weight.shape), scale.to(w.dtype)  # type: ignore[union-attr]
+        if _numpy_selects(w):
+            codes, scale = ot_codes_cpu(w, n_minus, n_zero, mu, cache.scratch if cache is not None else None)
+            return codes.reshape(weight.shape), scale
         codes = _selected_codes(w, n_minus, n_zero)
         scale = least_squares_scale(w, codes, nonzero=w.shape[1] - n_zero)
     elif method == "sign":
@@ -315,7 +313,7 @@ def ot_codes(
         scale = torch.pow(2.0, torch.round(torch.log2(mean_abs))) * std.squeeze(1)
     else:
         raise ValueError(f"method must be one of ot, sign, irnet, got {method!r}")
-    if center and (method != "ot" or ot_offset(w.shape[1], ratio, prune) != 0):
+    if center and (method != "ot" or mu != 0):
         scale = least_squares_scale(w, centered_codes(codes, w.dtype))
     return codes.reshape(weight.shape), scale
 
@@ -335,14 +333,13 @@ def binary_weight(
 
     The codes are exactly those of :func:`ot_codes`; the scale is the same least-squares factor, summed
     in another order (equal up to float rounding). For ``ot`` the levels are ``a = 1 - mu`` and
-    ``b = -1 - mu``, their counts fixed by the ratio, so with float codes ``c``
+    ``b = -1 - mu``, their counts fixed by the ratio, so
 
-        scale = (<w, c> - mu <w, |c|>) / (a^2 n_plus + b^2 n_minus)
+        scale = (a <w, 1{c = 1}> + b <w, 1{c = -1}>) / (a^2 n_plus + b^2 n_minus)
 
-    and the weight is ``c`` scaled in place: no extra tensor beyond the float codes.
-
-    On CUDA one Triton launch computes the codes, the scale and the weight, for every method; there is
-    no host synchronization on any path outside the CPU's.
+    On CUDA one Triton launch computes the codes, the scale and the weight, for every method; on the
+    CPU ``ot`` goes through :mod:`equalbits_cli.cpu_select` (the scale from partitioned sums, no
+    codes). There is no host synchronization on any path outside the CPU's.
 
     Example:
         >>> w = torch.tensor([[0.3, -0.1, 0.2, -0.4]])
@@ -354,11 +351,9 @@ def binary_weight(
     w = weight.detach().reshape(weight.shape[0], -1)
     if method not in ("ot", "sign", "irnet"):
         raise ValueError(f"method must be one of ot, sign, irnet, got {method!r}")
-    n = w.shape[1]
-    n_minus, n_zero, n_plus, mu = ot_spec(n, ratio, prune, center) if method == "ot" else (0, 0, 0, 0.0)
-    if _use_triton(
-        w.device, w.shape[1], w.dtype
-    ):  # one launch: codes, scale and the weight, straight in the compute dtype
+    n_minus, n_zero, n_plus, mu = ot_spec(w.shape[1], ratio, prune, center) if method == "ot" else (0, 0, 0, 0.0)
+    if _use_triton(w.device, w.shape[1], w.dtype):
+        # one launch: codes, scale and the weight, straight in the compute dtype
         from .kernels.ot_triton import binary_rows
 
         out = binary_rows(w, method, n_minus, n_zero, mu, center=center, codes=False, scale=False, out_dtype=dtype)

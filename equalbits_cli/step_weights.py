@@ -67,7 +67,7 @@ class StepWeights:
         layout_ok = w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last))
         if layout_ok and quantize._use_triton(w.device, w.numel() // w.shape[0], w.dtype):
             return "triton"
-        if w.device.type == "cpu" and layer.config.method == "ot" and w.dtype in (torch.float32, torch.float64):
+        if layer.config.method == "ot" and quantize._numpy_selects(w):
             return "numpy"
         return None
 

@@ -368,7 +368,7 @@ def _train_epoch(run: _Run) -> float:
 
 def _compile(run: _Run) -> None:
     """``torch.compile`` the training forward of the student (and the teacher's). Binary layers compile
-    with a graph break around their quantizer, which runs eagerly (see ``layers._eager_binary_weight``).
+    with a graph break around their quantizer, which runs eagerly (see ``layers._eager_training_weight``).
     Evaluation, saving and exports use the uncompiled modules."""
     run.model = torch.compile(run.model)
     if run.teacher is not None:

@@ -103,7 +103,7 @@ def _least_squares(x, levels):
 
 
 @triton.jit
-def _centred(c, n):
+def _centred(c):
     """``c - mu * |c|`` with ``mu`` the row's mean non-zero code (0 if all non-zero codes agree)."""
     nonzero = tl.sum(tl.abs(c), axis=0)
     mu = tl.sum(c, axis=0) / tl.where(nonzero > 0, nonzero, 1.0)
@@ -202,7 +202,7 @@ def _binary_rows_kernel(
             r = tl.where((r - e == 0.5) & (r - 2 * tl.floor(r / 2) != 0), r - 1, r)  # half to even
             plain_scale = tl.exp2(r) * std
         if CENTER:  # centred levels, least-squares scale (the plain one is then unused and dropped)
-            levels = _centred(c, n)
+            levels = _centred(c)
             scale = _least_squares(x, levels)
         else:
             levels = c
