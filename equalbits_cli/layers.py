@@ -172,7 +172,7 @@ class BinaryLayer:
             raise ValueError(f"codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit the weight")
         self.pinned_codes = codes.to(device=self.weight.device, dtype=torch.int8)
         self.pinned_scale = scale.to(device=self.weight.device, dtype=self.weight.dtype)
-        self._eval_cache = None
+        self._forget()
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with: ``scale * codes`` (no gradient attached)."""
@@ -190,17 +190,19 @@ class BinaryLayer:
         return q
 
     def _effective_weight(self) -> torch.Tensor:
+        # Runs once per binary layer per forward: a launch-bound GPU step feels every attribute lookup.
+        w = self.weight
         if self.training and self.pinned_codes is None:
             # Built once per step, in the dtype the convolution runs in (autocast's, else the weight's),
             # without materializing codes: what a training step needs and nothing more.
-            device = self.weight.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
+            device = w.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
             build = _eager_training_weight() if torch.compiler.is_compiling() else _training_weight
             q = build(self, dtype)
         else:
             q = self.quantized_weight()
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return _StraightThrough.apply(self.weight, q)
+        if w.requires_grad and torch.is_grad_enabled():
+            return _StraightThrough.apply(w, q)
         return q
 
     def _maybe_binarize_input(self, x: torch.Tensor) -> torch.Tensor:

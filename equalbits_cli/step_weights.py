@@ -35,7 +35,7 @@ class StepWeights:
     def __init__(self, layers: Sequence) -> None:
         self.layers = list(layers)
         self.entries: list[tuple | None] = [None] * len(self.layers)  # (latent, ptr, version, dtype, weight)
-        self.plans: dict[tuple, object] = {}
+        self.groupings: dict[torch.dtype, _Grouping] = {}  # how the last build split its layers, per dtype
         self.specs: dict[tuple[int, ...], list[tuple[int, int, float]]] = {}
         self.scratch: dict[int, dict] = {}  # CPU: numpy buffers per layer, kept between steps
         self.launches = 0  # grouped launches made (for tests and benchmarks)
@@ -44,8 +44,9 @@ class StepWeights:
             layer._step_index = i
 
     def clear(self) -> None:
-        """Forget every stored weight and buffer (a layer was moved, switched mode or loaded)."""
+        """Forget every stored weight, grouping and buffer (a layer was moved, switched mode or loaded)."""
         self.entries = [None] * len(self.layers)
+        self.groupings.clear()
         self.scratch.clear()
 
     def _fresh(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -85,42 +86,80 @@ class StepWeights:
         self._build(dtype)
         return self._fresh(i, dtype)
 
-    @torch.no_grad()
-    def _build(self, dtype: torch.dtype) -> None:
+    def _grouping(self, dtype: torch.dtype, stale: tuple[int, ...]) -> _Grouping:
+        """The groups to build ``stale`` in: the last build's where it built the same latents (same
+        tensors, same storage: a training step's usual case), else worked out layer by layer."""
+        latents = tuple(self.layers[i].weight for i in stale)
+        ptrs = tuple(w.data_ptr() for w in latents)
+        last = self.groupings.get(dtype)
+        if last is not None and last.stale == stale and last.ptrs == ptrs:
+            if all(a is b for a, b in zip(last.latents, latents)):
+                return last
         groups: dict[tuple, list[int]] = {}
-        for i, layer in enumerate(self.layers):
-            path = self._path(layer) if self._fresh(i, dtype) is None else None
+        for i in stale:
+            layer = self.layers[i]
+            path = self._path(layer)
             if path is not None:
                 cfg, w = layer.config, layer.weight
-                key = (cfg.method, bool(cfg.center), w.dtype, w.device, path)
-                groups.setdefault(key, []).append(i)
-        for members in groups.values():  # the old weights go first: their memory can serve the new ones
+                groups.setdefault((cfg.method, bool(cfg.center), w.dtype, w.device, path), []).append(i)
+        grouping = _Grouping(
+            stale, latents, ptrs, [_Group(key, tuple(m), self._specs(key[0], m)) for key, m in groups.items()]
+        )
+        self.groupings[dtype] = grouping
+        return grouping
+
+    def _specs(self, method: str, members: list[int]) -> list[tuple[int, int, float]]:
+        """``(n_minus, n_zero, mu)`` per member: they depend on shapes and configs alone."""
+        specs = self.specs.get(tuple(members))
+        if specs is None:
+            specs = []
             for i in members:
+                w, cfg = self.layers[i].weight, self.layers[i].config
+                n_minus, n_zero, _, mu = ot_spec(w.numel() // w.shape[0], cfg.ratio, cfg.prune, bool(cfg.center))
+                specs.append((n_minus, n_zero, mu) if method == "ot" else (0, 0, 0.0))
+            self.specs[tuple(members)] = specs
+        return specs
+
+    @torch.no_grad()
+    def _build(self, dtype: torch.dtype) -> None:
+        stale = tuple(i for i in range(len(self.layers)) if self._fresh(i, dtype) is None)
+        grouping = self._grouping(dtype, stale)
+        for group in grouping.groups:  # the old weights go first: their memory can serve the new ones
+            for i in group.members:
                 self.entries[i] = None
-        for key, members in groups.items():
-            method, center = key[0], key[1]
-            latents = [self.layers[i].weight.detach() for i in members]
-            specs = self.specs.get(tuple(members))
-            if specs is None:  # the counts depend on the shapes and configs alone: once per member set
-                specs = []
-                for i, w in zip(members, latents):
-                    cfg = self.layers[i].config
-                    n_minus, n_zero, _, mu = ot_spec(w.numel() // w.shape[0], cfg.ratio, cfg.prune, center)
-                    specs.append((n_minus, n_zero, mu) if method == "ot" else (0, 0, 0.0))
-                self.specs[tuple(members)] = specs
-            if key[4] == "numpy":
+        params = dict(zip(grouping.stale, grouping.latents))
+        for group in grouping.groups:
+            method, center, path = group.key[0], group.key[1], group.key[4]
+            latents = [params[i].detach() for i in group.members]
+            if path == "numpy":
                 flat = [w.reshape(w.shape[0], -1) for w in latents]
-                scratches = [self.scratch.setdefault(i, {}) for i in members]
-                outs = [q.view(w.shape).to(dtype) for q, w in zip(ot_weights_cpu(flat, specs, scratches), latents)]
+                scratches = [self.scratch.setdefault(i, {}) for i in group.members]
+                outs = ot_weights_cpu(flat, group.specs, scratches)
+                outs = [q.view(w.shape).to(dtype) for q, w in zip(outs, latents)]
                 self.launches += 1
             else:
                 from .kernels.ot_triton import binary_rows_grouped
 
-                outs, plan = binary_rows_grouped(
-                    latents, specs, method, center=center, out_dtype=dtype, plan=self.plans.get(key)
+                outs, group.plan = binary_rows_grouped(
+                    latents, group.specs, method, center=center, out_dtype=dtype, plan=group.plan
                 )
-                self.plans[key] = plan
-                self.launches += len(plan.launches)
-            for i, q in zip(members, outs):
-                w = self.layers[i].weight
-                self.entries[i] = (w, w.data_ptr(), w._version, dtype, q)
+                self.launches += len(group.plan.launches)
+            for i, w, q in zip(group.members, latents, outs):
+                self.entries[i] = (params[i], w.data_ptr(), w._version, dtype, q)
+
+
+class _Group:
+    """Members built together (one method, centring, dtype, device and path), their counts, and the
+    Triton launch plan once made."""
+
+    def __init__(self, key: tuple, members: tuple[int, ...], specs: list[tuple[int, int, float]]) -> None:
+        self.key, self.members, self.specs = key, members, specs
+        self.plan = None
+
+
+class _Grouping:
+    """A build's split of its stale layers into groups, and the latents (tensors and storage) it was
+    worked out for."""
+
+    def __init__(self, stale: tuple[int, ...], latents: tuple, ptrs: tuple[int, ...], groups: list[_Group]) -> None:
+        self.stale, self.latents, self.ptrs, self.groups = stale, latents, ptrs, groups

@@ -1,0 +1,105 @@
+"""StepWeights: how a model's binary layers are grouped for their training weights, and when that
+grouping is worked out again. The weights themselves are tested against the layers' own in
+test_kernels.py (grouped Triton launches, numpy rounds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from equalbits_cli import BinarizeConfig, binarize_, quantize
+from equalbits_cli.quantize import binary_weight
+from equalbits_cli.step_weights import StepWeights
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on CUDA, interpreted on the CPU
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 4 * 4, 10),
+    )
+    binarize_(net, BinarizeConfig(ratio=0.3, prune=0.1), filter_fn=lambda m, fqn: True)  # all three
+    return net.train()
+
+
+@pytest.fixture
+def path_calls(monkeypatch):
+    """How often each layer's path was decided: once per regrouping."""
+    calls = []
+    original = StepWeights._path
+
+    def counted(layer):
+        calls.append(layer)
+        return original(layer)
+
+    monkeypatch.setattr(StepWeights, "_path", staticmethod(counted))
+    return calls
+
+
+def _step(net, opt, x):
+    opt.zero_grad()
+    net(x).square().sum().backward()
+    opt.step()
+
+
+def test_grouping_is_reused_while_the_latents_keep_their_storage(path_calls):
+    net = _net()
+    group = net[1]._step_weights
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 4, 4)
+    _step(net, opt, x)
+    first = len(path_calls)
+    assert first >= len(group.layers)  # worked out layer by layer once
+    for _ in range(3):  # every latent changed in place: rebuilt, in the same groups
+        _step(net, opt, x)
+    assert len(path_calls) == first + 3  # the first layer's own "can it be grouped" check, per step
+    assert group.launches == 4
+    net[1].weight.data = net[1].weight.data.clone()  # new storage behind the autograd's back
+    net(x)
+    assert len(path_calls) > first + 3 + 1  # worked out again
+    torch.testing.assert_close(group.entries[1][4], binary_weight(net[1].weight, 0.3, 0.1, center=True))
+
+
+def test_a_latent_swapped_for_another_layout_leaves_the_triton_group(monkeypatch):
+    """A latent swapped (through .data) for a layout the kernels do not read leaves the Triton group:
+    on the CPU it is regrouped into the numpy round, on CUDA the layer builds its own weight; either way
+    it is exactly the layer's own."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(quantize, "_use_triton", lambda *args: True)  # interpreted on the CPU
+    net = _net().to(DEVICE)
+    group = net[3]._step_weights
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    net(x)
+    assert [g.key[4] for g in group.groupings[torch.float32].groups] == ["triton"]
+    net[3].weight.data = net[3].weight.data.t().contiguous().t()  # transposed storage: not contiguous
+    assert not net[3].weight.is_contiguous()
+    out = net(x)
+    want = binary_weight(net[3].weight, 0.3, 0.1, center=True)
+    if DEVICE == "cpu":
+        paths = {g.key[4]: g.members for g in group.groupings[torch.float32].groups}
+        assert paths == {"numpy": (2,)}  # the others were fresh: only the swapped one was rebuilt
+        torch.testing.assert_close(group.entries[2][4], want)
+    else:
+        assert group.weight(net[3], torch.float32) is None  # no grouped path takes it on CUDA
+    hidden = torch.flatten(net[1](net[0](x)), 1)
+    torch.testing.assert_close(out, torch.nn.functional.linear(hidden, want, net[3].bias), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_layers_keep_their_weights_and_the_rest_regroup_once(path_calls):
+    net = _net()
+    net[0].weight.requires_grad_(False)
+    group = net[1]._step_weights
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(2, 3, 4, 4)
+    _step(net, opt, x)
+    frozen = group.entries[0][4]
+    _step(net, opt, x)  # only the trained layers are stale: a new grouping for them, made once
+    calls = len(path_calls)
+    _step(net, opt, x)
+    assert group.entries[0][4] is frozen
+    assert len(path_calls) == calls + 1
+    assert len(group.groupings[torch.float32].stale) == 2
