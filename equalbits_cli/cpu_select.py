@@ -78,7 +78,8 @@ def _ot_rows_numpy(
         j = k - base
         seg.partition(j - 1, axis=1)
         kth = seg[:, j - 1 : j]
-        np.less_equal(a, kth, out=mask, casting="unsafe")
+        # int8 masks take the comparison's bools as they are (a cast to int8 costs 2.5x the comparison)
+        np.less_equal(a, kth, out=mask.view(np.bool_) if mask.dtype == np.int8 else mask, casting="unsafe")
         # w <= kth holds exactly k entries unless the next value ties with the k-th: only such rows
         # need the tie-break by index (the lowest-index entries equal to the k-th value go).
         tied = np.flatnonzero(seg[:, j:].min(axis=1) == kth[:, 0])
@@ -90,8 +91,10 @@ def _ot_rows_numpy(
         masks.append(mask)
         base = k
     k1, k2 = ks[0], ks[-1]
-    s_minus = part[:, :k1].sum(axis=1).astype(np.float64)
-    s_plus = part[:, k2:].sum(axis=1).astype(np.float64)
+    # einsum's row sums: 2.5x faster than numpy's pairwise sum along a row here, and single-threaded
+    # (a product with a ones vector is faster still, but BLAS would start its own threads in ours)
+    s_minus = np.einsum("ij->i", part[:, :k1]).astype(np.float64)
+    s_plus = np.einsum("ij->i", part[:, k2:]).astype(np.float64)
     hi, lo = 1.0 - mu, -1.0 - mu  # the levels of +1 and -1
     den = hi * hi * (n - k2) + lo * lo * n_minus
     # <w, levels> = S_plus * hi + S_minus * lo (zeros add nothing)
