@@ -35,17 +35,22 @@ def conv_kwargs(conv: nn.Conv2d) -> dict:
     }
 
 
-def _training_weight(layer: BinaryLayer, dtype: torch.dtype) -> torch.Tensor:
-    """The weight ``layer`` trains with, in ``dtype``: from the model's :class:`StepWeights` (all binary
-    layers in a few grouped launches, on CUDA) where it has one, else built for this layer alone."""
+def _training_weight(layer: BinaryLayer, dtype: torch.dtype, grad: bool) -> torch.Tensor:
+    """The weight ``layer`` trains with, in ``dtype``, attached to the latent's gradient where ``grad``:
+    from the model's :class:`StepWeights` (all binary layers in a few grouped launches on CUDA, one round
+    of threads on the CPU) where it has one, else built for this layer alone."""
     group = layer._step_weights
     q = group.weight(layer, dtype) if group is not None else None
-    if q is not None:
-        return q
-    cfg = layer.config
-    return binary_weight(
-        layer.weight, cfg.ratio, cfg.prune, cfg.method, center=bool(cfg.center), cache=layer._ot_cache, dtype=dtype
-    )
+    if q is not None and grad:
+        tied = group.tied(layer, dtype)  # type: ignore[union-attr]
+        if tied is not None:
+            return tied
+    if q is None:
+        cfg = layer.config
+        q = binary_weight(
+            layer.weight, cfg.ratio, cfg.prune, cfg.method, center=bool(cfg.center), cache=layer._ot_cache, dtype=dtype
+        )
+    return _StraightThrough.apply(layer.weight, q) if grad else q
 
 
 @functools.cache
@@ -192,18 +197,16 @@ class BinaryLayer:
     def _effective_weight(self) -> torch.Tensor:
         # Runs once per binary layer per forward: a launch-bound GPU step feels every attribute lookup.
         w = self.weight
+        grad = w.requires_grad and torch.is_grad_enabled()
         if self.training and self.pinned_codes is None:
             # Built once per step, in the dtype the convolution runs in (autocast's, else the weight's),
             # without materializing codes: what a training step needs and nothing more.
             device = w.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
             build = _eager_training_weight() if torch.compiler.is_compiling() else _training_weight
-            q = build(self, dtype)
-        else:
-            q = self.quantized_weight()
-        if w.requires_grad and torch.is_grad_enabled():
-            return _StraightThrough.apply(w, q)
-        return q
+            return build(self, dtype, grad)
+        q = self.quantized_weight()
+        return _StraightThrough.apply(w, q) if grad else q
 
     def _maybe_binarize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.activations != "sign":

@@ -38,6 +38,7 @@ class StepWeights:
         self.groupings: dict[torch.dtype, _Grouping] = {}  # how the last build split its layers, per dtype
         self.specs: dict[tuple[int, ...], list[tuple[int, int, float]]] = {}
         self.scratch: dict[int, dict] = {}  # CPU: numpy buffers per layer, kept between steps
+        self.ties: dict[torch.dtype, dict[int, torch.Tensor]] = {}  # per dtype: weights tied to the latents
         self.launches = 0  # grouped launches made (for tests and benchmarks)
         for i, layer in enumerate(self.layers):
             layer._step_weights = self
@@ -48,6 +49,7 @@ class StepWeights:
         self.entries = [None] * len(self.layers)
         self.groupings.clear()
         self.scratch.clear()
+        self.ties.clear()
 
     def _fresh(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
         entry = self.entries[i]
@@ -86,6 +88,27 @@ class StepWeights:
         self._build(dtype)
         return self._fresh(i, dtype)
 
+    def tied(self, layer, dtype: torch.dtype) -> torch.Tensor | None:
+        """``layer``'s stored weight (fresh: :meth:`weight` said so) with the straight-through gradient
+        to its latent, from one autograd node for all members: one Python call per step in the forward
+        and one in the backward, not one per layer. None in a distributed run, where each layer's own
+        node lets DDP reduce gradients while the backward goes on (the tied node gives all of them at
+        its end), and for a member whose latent has changed since the node was made."""
+        ties = self.ties.get(dtype)
+        if ties is None:  # the first call since the last build: made for all members at once
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                ties = self.ties[dtype] = {}
+                return None
+            # A member that went stale since the build keeps its stale weight here; the layer finds out in
+            # weight() before it asks for this one, and the rebuild that follows drops these ties.
+            members = [i for i, e in enumerate(self.entries) if e is not None and e[3] == dtype and e[0].requires_grad]
+            weights = _TiedWeights.apply(
+                [self.entries[i][4] for i in members],  # type: ignore[index]
+                *(self.entries[i][0] for i in members),  # type: ignore[index]
+            )
+            ties = self.ties[dtype] = dict(zip(members, weights))
+        return ties.get(layer._step_index)
+
     def _grouping(self, dtype: torch.dtype, stale: tuple[int, ...]) -> _Grouping:
         """The groups to build ``stale`` in: the last build's where it built the same latents (same
         tensors, same storage: a training step's usual case), else worked out layer by layer."""
@@ -123,6 +146,7 @@ class StepWeights:
     @torch.no_grad()
     def _build(self, dtype: torch.dtype) -> None:
         stale = tuple(i for i in range(len(self.layers)) if self._fresh(i, dtype) is None)
+        self.ties.pop(dtype, None)  # made from the old weights
         grouping = self._grouping(dtype, stale)
         for group in grouping.groups:  # the old weights go first: their memory can serve the new ones
             for i in group.members:
@@ -163,3 +187,18 @@ class _Grouping:
 
     def __init__(self, stale: tuple[int, ...], latents: tuple, ptrs: tuple[int, ...], groups: list[_Group]) -> None:
         self.stale, self.latents, self.ptrs, self.groups = stale, latents, ptrs, groups
+
+
+class _TiedWeights(torch.autograd.Function):
+    """Forward: the stored weights (views, so that the stored tensors stay out of the graph). Backward:
+    each incoming gradient unchanged to its latent (straight through; autograd casts it to the latent's
+    dtype). A member unused in the forward gets no gradient, as with a node of its own."""
+
+    @staticmethod
+    def forward(ctx, weights: list[torch.Tensor], *latents: torch.Tensor):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        return tuple(q.view_as(q) for q in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        return (None, *grads)

@@ -103,3 +103,58 @@ def test_frozen_layers_keep_their_weights_and_the_rest_regroup_once(path_calls):
     assert group.entries[0][4] is frozen
     assert len(path_calls) == calls + 1
     assert len(group.groupings[torch.float32].stale) == 2
+
+
+def _grads(net, x, grouped: bool, passes: int = 1, autocast: bool = False) -> list:
+    if not grouped:
+        for layer in net[1]._step_weights.layers:
+            layer._step_weights = None
+    for _ in range(passes):  # several backward passes through the same weights: gradient accumulation
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = net[3](torch.flatten(net[1](net[0](x)), 1))  # net[2] is Flatten
+        out.float().square().sum().backward()
+    return [p.grad for p in net.parameters()]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_tied_weights_pass_gradients_straight_through_like_a_node_per_layer(autocast):
+    """All binary layers' weights tied to their latents by one autograd node: the same gradients as a
+    straight-through node per layer, in the latent's dtype (under bf16 autocast too), accumulated over
+    backward passes through the same weights."""
+    x = torch.randn(2, 3, 4, 4)
+    grouped = _grads(_net(), x, grouped=True, passes=2, autocast=autocast)
+    alone = _grads(_net(), x, grouped=False, passes=2, autocast=autocast)
+    for got, want in zip(grouped, alone):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    once = _grads(_net(), x, grouped=True, passes=1, autocast=autocast)
+    torch.testing.assert_close(grouped[0], 2 * once[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_left_out_of_the_forward_gets_no_gradient():
+    net = _net()
+    group = net[1]._step_weights
+    x = torch.randn(2, 3, 4, 4)
+    net[1](net[0](x)).square().sum().backward()  # the Linear is not run
+    assert net[0].weight.grad is not None and net[1].weight.grad is not None
+    assert net[3].weight.grad is None  # as with a node of its own: None, not zeros
+    assert set(group.ties[torch.float32]) == {0, 1, 2}  # all three were tied, the Linear left unused
+
+
+def test_a_distributed_run_keeps_a_node_per_layer(tmp_path):
+    """Under torch.distributed, each layer keeps its own straight-through node, so that DDP can reduce
+    gradients while the backward goes on; the gradients are the same."""
+    import torch.distributed as dist
+
+    x = torch.randn(2, 3, 4, 4)
+    want = _grads(_net(), x, grouped=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        net = _net()
+        got = _grads(net, x, grouped=True)
+        assert net[1]._step_weights.ties[torch.float32] == {}
+        assert net[1]._step_weights.launches == 1  # still built together
+    finally:
+        dist.destroy_process_group()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
