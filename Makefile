@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/quantizer.py
 	$(PY) benchmarks/export_size.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/host_overhead.py
 	$(PY) benchmarks/inference.py
 
 clean:
