@@ -51,6 +51,14 @@ class StepWeights:
         self.scratch.clear()
         self.ties.clear()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles (``copy.deepcopy(model)``, as EMA helpers do) take the layers, not what was
+        built from them: weights tied into an autograd graph cannot be deep-copied, and a copy builds
+        its own on its first step."""
+        state = self.__dict__.copy()
+        state.update(entries=[None] * len(self.layers), groupings={}, scratch={}, ties={})
+        return state
+
     def _fresh(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
         entry = self.entries[i]
         if entry is None:

@@ -158,3 +158,25 @@ def test_a_distributed_run_keeps_a_node_per_layer(tmp_path):
         dist.destroy_process_group()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_a_model_copied_after_a_step_copies_no_stored_weights():
+    """copy.deepcopy of a model in training (EMA helpers do it every step) works with weights tied into
+    the graph; the copy builds its own and trains like the original."""
+    import copy
+
+    net = _net()
+    x = torch.randn(2, 3, 4, 4)
+    net(x).square().sum().backward()
+    assert net[1]._step_weights.ties  # the tied weights exist now
+    twin = copy.deepcopy(net)
+    group = twin[1]._step_weights
+    assert group is not net[1]._step_weights and group.layers[1] is twin[1]
+    assert all(e is None for e in group.entries) and not group.ties
+    for p in net.parameters():
+        p.grad = None
+    net(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(b.grad, a.grad)
+    assert net[1]._step_weights.entries[1] is not None  # the original kept its own
