@@ -180,3 +180,23 @@ def test_a_model_copied_after_a_step_copies_no_stored_weights():
     for a, b in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(b.grad, a.grad)
     assert net[1]._step_weights.entries[1] is not None  # the original kept its own
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_tied_weights_under_gradient_checkpointing(reentrant):
+    """A checkpointed layer recomputes its forward in the backward (reentrant: a backward of its own);
+    the tied node still passes each gradient once, as nodes per layer do."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(2, 3, 4, 4)
+    grads = []
+    for grouped in (True, False):
+        net = _net()
+        if not grouped:
+            for layer in net[1]._step_weights.layers:
+                layer._step_weights = None
+        hidden = checkpoint(net[1], net[0](x), use_reentrant=reentrant)
+        net[3](torch.flatten(hidden, 1)).square().sum().backward()
+        grads.append([p.grad for p in net.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
