@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 $PY -c "import torch, timm, triton; print('torch', torch.__version__, 'timm', timm.__version__, 'triton', triton.__version__)"
-# 1. The compiled Triton kernels against the sort reference and the torch quantizers; grouped launches;
-#    no host synchronization in a training step (torch.cuda.set_sync_debug_mode("error")).
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py
+# 1. The compiled Triton kernels against the sort reference and the torch quantizers; grouped launches and
+#    the tied gradient node; no host synchronization in a training step (set_sync_debug_mode("error")).
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_step_weights.py
 # 2. Training step: ot / sign / fp32 (and ot built layer by layer, and channels-last) at the sizes.
 timeout 360 $PY benchmarks/train_step.py --device cuda --amp --steps 12 --channels-last \
     --model resnet18:256:224,resnet50:128:224,vit_small_patch16_224:128:224
