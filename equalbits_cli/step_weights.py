@@ -4,7 +4,9 @@ A training step needs ``scale * levels`` of every binary layer in the dtype its 
 Built layer by layer that is one Triton launch and some Python per layer; :class:`StepWeights` builds
 them for the whole model at the first binary layer's forward, one launch per class of filter width
 (resnet50: 8 launches instead of 52; vit_small: 2 instead of 48), and each layer takes its own as it
-runs. On the CPU (``ot``) it hands all layers' numpy selection to the threads in one round.
+runs. On the CPU (``ot``) it hands all layers' numpy selection to the threads in one round. The
+straight-through gradient of all of them is one autograd node per build (:meth:`StepWeights.tied`),
+not one per layer: a launch-bound GPU step pays for every Python call its layers make.
 
 A stored weight is reused while its latent is unchanged: same tensor, same storage and the same
 version counter, which every in-place update through torch bumps (optimizers, ``load_state_dict``,
