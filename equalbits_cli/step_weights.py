@@ -61,14 +61,14 @@ class StepWeights:
         state.update(entries=[None] * len(self.layers), groupings={}, scratch={}, ties={})
         return state
 
+    @staticmethod
+    def _matches(entry: tuple | None, w: torch.Tensor, ptr: int, dtype: torch.dtype) -> bool:
+        """Whether ``entry`` was built from the latent ``w`` as it is now (storage ``ptr``), in ``dtype``."""
+        return entry is not None and entry[0] is w and entry[1] == ptr and entry[2] == w._version and entry[3] == dtype
+
     def _fresh(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
-        entry = self.entries[i]
-        if entry is None:
-            return None
-        w = self.layers[i].weight
-        if entry[0] is not w or entry[1] != w.data_ptr() or entry[2] != w._version or entry[3] != dtype:
-            return None
-        return entry[4]
+        entry, w = self.entries[i], self.layers[i].weight
+        return entry[4] if self._matches(entry, w, w.data_ptr(), dtype) else None  # type: ignore[index]
 
     @staticmethod
     def _path(layer) -> str | None:
@@ -119,11 +119,10 @@ class StepWeights:
             ties = self.ties[dtype] = dict(zip(members, weights))
         return ties.get(layer._step_index)
 
-    def _grouping(self, dtype: torch.dtype, stale: tuple[int, ...]) -> _Grouping:
-        """The groups to build ``stale`` in: the last build's where it built the same latents (same
-        tensors, same storage: a training step's usual case), else worked out layer by layer."""
-        latents = tuple(self.layers[i].weight for i in stale)
-        ptrs = tuple(w.data_ptr() for w in latents)
+    def _grouping(self, dtype: torch.dtype, stale: tuple[int, ...], latents: tuple, ptrs: tuple[int, ...]) -> _Grouping:
+        """The groups to build ``stale`` (their latents and storage addresses) in: the last build's where
+        it built the same latents (same tensors, same storage: a training step's usual case), else worked
+        out layer by layer."""
         last = self.groupings.get(dtype)
         if last is not None and last.stale == stale and last.ptrs == ptrs:
             if all(a is b for a, b in zip(last.latents, latents)):
@@ -155,9 +154,16 @@ class StepWeights:
 
     @torch.no_grad()
     def _build(self, dtype: torch.dtype) -> None:
-        stale = tuple(i for i in range(len(self.layers)) if self._fresh(i, dtype) is None)
+        stale, latents, ptrs = [], [], []
+        for i, (layer, entry) in enumerate(zip(self.layers, self.entries)):
+            w = layer.weight
+            ptr = w.data_ptr()
+            if not self._matches(entry, w, ptr, dtype):
+                stale.append(i)
+                latents.append(w)
+                ptrs.append(ptr)
         self.ties.pop(dtype, None)  # made from the old weights
-        grouping = self._grouping(dtype, stale)
+        grouping = self._grouping(dtype, tuple(stale), tuple(latents), tuple(ptrs))
         for group in grouping.groups:  # the old weights go first: their memory can serve the new ones
             for i in group.members:
                 self.entries[i] = None

@@ -304,7 +304,6 @@ class _Launch:
     tables: tuple[torch.Tensor, ...]  # ROW_LAYER, ROW0, NS, WPTR, OFFS, KM, KN, MU, GEOM (on the device)
     rows: int
     numel: int  # of the launch's output buffer (each member's part starts 64-element aligned)
-    offsets: tuple[int, ...]  # element offset of each member in the output buffer
     views: tuple[tuple, ...]  # (size, stride, offset) of each member's weight in the output buffer
     ternary: bool
     strided: bool
@@ -327,19 +326,6 @@ def _check_groupable(weights: Sequence[torch.Tensor]) -> None:
             raise ValueError(f"filters wider than {MAX_FILTER} weights are not handled by the Triton kernel")
     if len({(w.dtype, w.device) for w in weights}) > 1:
         raise ValueError("grouped weights must share one dtype and device")
-
-
-def _view(w: torch.Tensor, offset: int, strided: bool) -> tuple:
-    """``(size, stride, offset)`` of ``w``'s weight in a launch's output buffer: contiguous, or written
-    in the latent's channels-last order (the same layout as the latent)."""
-    if strided:
-        o, c, kh, kw = w.shape
-        return tuple(w.shape), (c * kh * kw, 1, kw * c, c), offset
-    stride, step = [], 1
-    for n in reversed(w.shape):
-        stride.insert(0, step)
-        step *= n
-    return tuple(w.shape), tuple(stride), offset
 
 
 class GroupPlan:
@@ -386,10 +372,10 @@ class GroupPlan:
             if device.type == "cuda":  # once per plan, asynchronously from pinned memory
                 tables = tuple(t.pin_memory().to(device, non_blocking=True) for t in tables)
             _, warps = _launch_shape(block)
-            views = tuple(_view(weights[i], off, strided) for i, off in zip(members, offsets))
-            self.launches.append(
-                _Launch(tuple(members), tables, rows, numel, tuple(offsets), views, ternary, strided, block, warps)
-            )
+            # Each member is written in its latent's own layout (row by row, strided within a row for
+            # channels-last), so its view in the buffer has the latent's strides.
+            views = tuple((tuple(weights[i].shape), weights[i].stride(), off) for i, off in zip(members, offsets))
+            self.launches.append(_Launch(tuple(members), tables, rows, numel, views, ternary, strided, block, warps))
 
     def run(
         self, weights: Sequence[torch.Tensor], method: str, center: bool, out_dtype: torch.dtype
