@@ -18,4 +18,4 @@ timeout 120 $PY benchmarks/train_step.py --device cuda --steps 12 --model resnet
 timeout 180 $PY benchmarks/quantizer.py --device cuda --reps 10 --models resnet50,vit_small_patch16_224
 # 4. Where a ViT step's time goes (fp32 against ot), and finetune --compile / --channels-last end to end.
 timeout 120 $PY benchmarks/train_step.py --device cuda --amp --steps 3 --profile --model vit_small_patch16_224:128:224
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_train.py -k "compile_and_channels_last"
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_train.py -k "compile_and_channels_last or no_device_sync"

@@ -94,7 +94,7 @@ def accuracy(models: list[str], tmp: Path) -> list[dict]:
         out = tmp / f"qs_{name}"
         qs = run_quickstart(out, model=name)
         ft = out / "student.ft.safetensors"
-        int8 = export_file(ft, out / "student.int8.onnx", format="onnx-int8", data=out / "digits", img_size=32)
+        int8 = export_file(ft, out / "student.int8.onnx", format="onnx-int8", data=out / "digits")
         row = {"model": name, "teacher_top1": qs["teacher_top1"], "int8_agreement": int8["agreement"]}
         for key, target in (
             ("latent_top1", ft),

@@ -61,11 +61,12 @@ def run(
     epochs_override: int | None = None,
 ) -> list[dict]:
     import timm
-    from safetensors.torch import save_file
 
     from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, save_checkpoint
     from equalbits_cli.config import FinetuneConfig
+    from equalbits_cli.convert import save_full_precision
     from equalbits_cli.data import make_digits_imagefolder
+    from equalbits_cli.data_config import DataOverrides, resolve_data_config
     from equalbits_cli.train import finetune, train_classifier
 
     rows = []
@@ -80,9 +81,11 @@ def run(
             torch.manual_seed(0)
             teacher = timm.create_model(name, pretrained=False, num_classes=10)
             t0 = time.perf_counter()
-            top1 = train_classifier(teacher, data, epochs=teacher_epochs, lr=2e-3, img_size=32, workers=0)["top1"]
-            teacher_path = tmp / f"{name}.safetensors"
-            save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(teacher_path))
+            digits = DataOverrides(img_size=32, crop_pct=1.0)  # the digits fill their frame
+            top1 = train_classifier(teacher, data, epochs=teacher_epochs, lr=2e-3, data=digits, workers=0)["top1"]
+            teacher_path = save_full_precision(
+                teacher, tmp / f"{name}.safetensors", data_config=resolve_data_config(teacher, digits), top1=top1
+            )
             print(f"# teacher {name}: {top1:.2f}% in {time.perf_counter() - t0:.0f} s", flush=True)
             for ratio in ratios:
                 for recipe, r in recipes().items():
@@ -96,7 +99,7 @@ def run(
                     res = finetune(
                         path,
                         data,
-                        FinetuneConfig(epochs=epochs, img_size=32, workers=0, augment=r["augment"], lr=r["lr"]),
+                        FinetuneConfig(epochs=epochs, workers=0, augment=r["augment"], lr=r["lr"]),
                         output=tmp / f"{name}-{ratio}-{recipe}.ft.safetensors",
                     )
                     assert res is not None
@@ -121,7 +124,7 @@ def run(
                         from equalbits_cli.report import activation_shares
 
                         tuned = load_model(tmp / f"{name}-{ratio}-{recipe}.ft.safetensors")
-                        shares = activation_shares(tuned, activation_batch(tuned, data, 32))
+                        shares = activation_shares(tuned, activation_batch(tuned, data))
                         row["act_plus_share_min"], row["act_plus_share_max"] = (
                             min(shares.values()),
                             max(shares.values()),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.4.1"
+__version__ = "0.5.0"
 
 _EXPORTS = {
     "BinarizeConfig": "config",

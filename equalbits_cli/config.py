@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .data_config import DataOverrides
+
 METHODS = ("ot", "sign", "irnet")
 ACTIVATIONS = ("none", "sign")
 
@@ -103,6 +105,10 @@ class FinetuneConfig:
     lr: float = 5e-3
     batch_size: int = 64
     img_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     temperature: float = 1.0
     alpha: float = 0.0
     weight_decay: float = 1e-4
@@ -130,14 +136,11 @@ class FinetuneConfig:
         if self.workers is not None:
             positive_int("workers", self.workers, 0)
         positive_int("seed", self.seed, 0)
-        if self.img_size is not None:
-            positive_int("img_size", self.img_size, 8)
+        self.data_overrides()  # checks the size range; the rest is checked against the model's channels
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr < 1):
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
-        if not (
-            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
-        ):
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature <= 100):
+            raise ValueError(f"temperature must be in (0, 100] (1 to 10 is usual), got {self.temperature}")
         if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
             raise ValueError(f"alpha must be in [0, 1] (share of label cross-entropy in the loss), got {self.alpha}")
         if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
@@ -146,6 +149,10 @@ class FinetuneConfig:
             raise ValueError(f"augment must be none, light or full, got {self.augment!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def data_overrides(self) -> DataOverrides:
+        """The data-config fields the user set (``None``: the student file's recorded value)."""
+        return DataOverrides(self.img_size, self.crop_pct, self.interpolation, self.mean, self.std)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -6,12 +6,14 @@ import contextlib
 import difflib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import BinarizeConfig
+from .data_config import DataConfig
 from .layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from .policy import LayerPlan, LayerPolicy, plan_layers, special_names
 from .policy import _names as _as_names
@@ -20,10 +22,15 @@ from .step_weights import StepWeights
 __all__ = [
     "FilterFn",
     "binarize_",
+    "check_fits",
+    "check_model_name",
     "default_filter",
     "excluded_names",
     "create_model",
     "load_state_dict_file",
+    "CheckpointRecord",
+    "read_checkpoint_record",
+    "save_full_precision",
     "binarized_names",
 ]
 
@@ -108,6 +115,21 @@ def _check_counts(fqn: str, module: nn.Module, config: BinarizeConfig) -> None:
             f"--ratio {config.ratio} gives each filter of {fqn} ({n_minus + n_plus} unpruned weights) only {sign} "
             "codes, which carry no information; choose a ratio nearer 0.5"
         )
+
+
+def check_fits(model: nn.Module, config: BinarizeConfig, policy: LayerPolicy | None = None) -> None:
+    """Check that ``config`` leaves every layer ``binarize_`` would binarize with informative codes,
+    without converting anything (a model on the meta device will do).
+
+    Raises:
+        ValueError: a layer would get only one sign, or only zeros, naming the layer and the fix.
+    """
+    if config.method != "ot":
+        return
+    modules = dict(model.named_modules())
+    for plan in _plans(model, policy, None):
+        if plan.binarize:
+            _check_counts(plan.name, modules[plan.name], config)
 
 
 def binarize_(
@@ -225,13 +247,98 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What a full-precision safetensors checkpoint records about its training, when it does.
+
+    Attributes:
+        data_config: The preprocessing it was trained with (metadata ``data_config``).
+        top1: Its validation top-1 in percent (metadata ``val_top1``), e.g. from ``quickstart``.
+    """
+
+    data_config: DataConfig | None = None
+    top1: float | None = None
+
+
+def read_checkpoint_record(path: str | os.PathLike) -> CheckpointRecord:
+    """The training record in a checkpoint's safetensors metadata (empty for other files).
+
+    Raises:
+        ValueError: the record is present but malformed.
+    """
+    import json
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return CheckpointRecord()
+    from .paths import read_metadata
+
+    meta = read_metadata(path)
+    cfg = top1 = None
+    try:
+        if "data_config" in meta:
+            cfg = DataConfig.from_dict(json.loads(meta["data_config"]))
+        if "val_top1" in meta:
+            top1 = float(meta["val_top1"])
+            if not 0 <= top1 <= 100:
+                raise ValueError(f"val_top1 {top1} is not a percentage")
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: bad training record in its metadata ({exc})") from None
+    return CheckpointRecord(cfg, top1)
+
+
+def save_full_precision(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    data_config: DataConfig | None = None,
+    top1: float | None = None,
+    exclusive: bool = False,
+) -> Path:
+    """Write a full-precision model as a plain safetensors state dict (what timm loads), recording how
+    it was trained in the metadata, so that ``binarize`` and ``finetune`` default to the same images.
+
+    Returns:
+        The path written.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from .paths import atomic_write
+
+    meta = {}
+    if data_config is not None:
+        meta["data_config"] = json.dumps(data_config.to_dict())
+    if top1 is not None:
+        meta["val_top1"] = repr(float(top1))
+    path = Path(path)
+    with atomic_write(path, exclusive=exclusive) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    return path
+
+
+def apply_record(model: nn.Module, record: CheckpointRecord) -> None:
+    """Make timm's data config of ``model`` the one its checkpoint records (no-op without a record)."""
+    if record.data_config is not None:
+        model.pretrained_cfg = {
+            **(getattr(model, "pretrained_cfg", None) or {}),
+            **record.data_config.transform_kwargs(),
+        }
+
+
 def _check_finite_state(path: Path, state: dict[str, torch.Tensor]) -> None:
     for k, v in state.items():
         if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
             raise ValueError(f"{path}: tensor {k!r} holds NaN or inf values; the checkpoint is damaged")
 
 
-def _check_model_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Refuse a name timm does not know, suggesting close ones (``hf-hub:`` names pass).
+
+    Raises:
+        ValueError: an unknown name.
+    """
     import timm
 
     if name.startswith("hf-hub:"):
@@ -321,10 +428,12 @@ def create_model(
         raise ValueError(
             f"MODEL is the timm architecture, not a file: pass e.g. 'resnet18' as MODEL and {name} as --checkpoint"
         )
-    _check_model_name(name)
+    check_model_name(name)
     state = None
+    record = CheckpointRecord()
     if checkpoint is not None:
         state = load_state_dict_file(checkpoint)
+        record = read_checkpoint_record(checkpoint)
         pretrained = False
     model_kwargs = dict(kwargs)
     if num_classes is not None:
@@ -362,6 +471,7 @@ def create_model(
 
             detail = mismatch_detail(missing, unexpected, "keys")
             raise ValueError(f"{checkpoint}: does not fit timm model {name!r}: {detail}")
+    apply_record(model, record)
     model.eval()
     return model
 
@@ -388,6 +498,7 @@ def attach_meta(model: nn.Module, config: BinarizeConfig, source: dict) -> None:
         "source": source,
         "kept": old.get("kept", {}),
         "policy": old.get("policy"),
+        **({"data_config": old["data_config"]} if old.get("data_config") is not None else {}),
     }
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .data_config import DataConfig
 
 __all__ = [
     "make_digits_imagefolder",
@@ -26,6 +27,8 @@ __all__ = [
     "find_splits",
     "build_datasets",
     "calibration_dataset",
+    "eval_transform",
+    "val_dataset",
     "make_loader",
     "EpochSampler",
 ]
@@ -176,7 +179,7 @@ class _Images(Dataset):
 AUGMENT = ("none", "light", "full")
 
 
-def _train_transform(cfg: dict, augment: str):
+def _train_transform(cfg: DataConfig, augment: str):
     """timm's training transform for an augmentation policy.
 
     ``light`` is a random resized crop of 64-100% of the image's area with aspect ratios 3/4 to 4/3,
@@ -189,30 +192,42 @@ def _train_transform(cfg: dict, augment: str):
     from timm.data import create_transform
 
     if augment == "full":
-        return create_transform(**cfg, is_training=True)
+        return create_transform(**cfg.transform_kwargs(), is_training=True)
     return create_transform(
-        **cfg, is_training=True, scale=(0.64, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.0, color_jitter=None
+        **cfg.transform_kwargs(),
+        is_training=True,
+        scale=(0.64, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        hflip=0.0,
+        color_jitter=None,
     )
 
 
-def build_datasets(
-    splits: DataSplits, model: nn.Module, img_size: int | None, augment: str | bool, seed: int
-) -> tuple[Dataset, Dataset]:
-    """Train and val datasets with transforms resolved from the model's data config (timm).
+def eval_transform(cfg: DataConfig):
+    """timm's evaluation transform: resize to ``size / crop_pct``, centre crop, normalize."""
+    from timm.data import create_transform
 
-    ``augment`` is ``none``, ``light`` or ``full`` (see :func:`_train_transform`); ``False``/``True``
-    mean ``none``/``full``.
+    return create_transform(**cfg.transform_kwargs(), is_training=False)
+
+
+def val_dataset(splits: DataSplits, cfg: DataConfig) -> Dataset:
+    """The val split with the evaluation transform of ``cfg`` (train/ is not needed)."""
+    return _Images(splits.val, splits.classes, eval_transform(cfg), None)
+
+
+def build_datasets(splits: DataSplits, cfg: DataConfig, augment: str, seed: int) -> tuple[Dataset, Dataset]:
+    """Train and val datasets with the transforms of the data config ``cfg``.
+
+    ``augment`` is ``none``, ``light`` or ``full`` (see :func:`_train_transform`).
+
+    Raises:
+        ValueError: an unknown ``augment``, or no train/ split.
     """
-    from timm.data import create_transform, resolve_data_config
-
-    augment = {False: "none", True: "full"}.get(augment, augment)  # type: ignore[call-overload]
     if augment not in AUGMENT:
         raise ValueError(f"augment must be one of {', '.join(AUGMENT)}, got {augment!r}")
-    overrides = {"input_size": (3, img_size, img_size)} if img_size else {}
-    cfg = resolve_data_config(overrides, model=model)
-    if img_size:
-        cfg["crop_pct"] = 1.0  # small explicit sizes: use the whole image
-    eval_tf = create_transform(**cfg, is_training=False)
+    if not splits.train.is_dir():
+        raise ValueError(f"{splits.train.parent} has no train/ folder; expected {splits.train}/<class>/<images>")
+    eval_tf = eval_transform(cfg)
     train_tf = eval_tf if augment == "none" else _train_transform(cfg, augment)
     train = _Images(splits.train, splits.classes, train_tf, None if augment == "none" else seed)
     val = _Images(splits.val, splits.classes, eval_tf, None)
@@ -238,11 +253,10 @@ def check_classes(splits: DataSplits, num_classes: int | None, recorded: bool) -
         )
 
 
-def calibration_dataset(splits: DataSplits, model: nn.Module, img_size: int | None) -> Dataset:
+def calibration_dataset(splits: DataSplits, cfg: DataConfig) -> Dataset:
     """The training images with the evaluation transform: BatchNorm statistics are re-estimated on
     images as the model will see them at test time, not on augmented crops."""
-    _, val = build_datasets(splits, model, img_size, "none", 0)
-    return _Images(splits.train, splits.classes, val.transform, None)  # type: ignore[attr-defined]
+    return _Images(splits.train, splits.classes, eval_transform(cfg), None)
 
 
 class EpochSampler(Sampler[int]):

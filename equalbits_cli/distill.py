@@ -12,6 +12,7 @@ choice for recovering a binarized network from its own full-precision model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["distillation_loss", "teacher_for"]
+from .data_config import DataConfig
+
+__all__ = ["Teacher", "distillation_loss", "match_normalization", "teacher_for"]
 
 
 def distillation_loss(
@@ -75,14 +78,46 @@ def _refuse_random_head(name: str, num_classes: int) -> None:
         )
 
 
-def teacher_for(student_meta: dict[str, Any], teacher: str | None, num_classes: int) -> nn.Module:
+@dataclass
+class Teacher:
+    """The full-precision teacher of a fine-tune.
+
+    Attributes:
+        model: The timm model, in eval mode.
+        data_config: The preprocessing it expects, where known (pretrained weights, or a checkpoint that
+            records it); None: the student's (a plain checkpoint says nothing, so it is the user's config).
+        recorded_top1: Its validation top-1 as its file records it, if it does.
+    """
+
+    model: nn.Module
+    data_config: DataConfig | None = None
+    recorded_top1: float | None = None
+
+
+def _from_file(name: str, path: str) -> Teacher:
+    from .convert import create_model, read_checkpoint_record
+
+    record = read_checkpoint_record(path)
+    return Teacher(create_model(name, checkpoint=path), record.data_config, record.top1)
+
+
+def _from_hub(name: str, num_classes: int) -> Teacher:
+    from .convert import create_model
+
+    _refuse_random_head(name, num_classes)
+    model = create_model(name, pretrained=True, num_classes=num_classes)
+    return Teacher(model, DataConfig.of_model(model))
+
+
+def teacher_for(student_meta: dict[str, Any], teacher: str | None, num_classes: int) -> Teacher:
     """The full-precision teacher: ``teacher`` (a file or a pretrained timm name) or the student's source.
 
     A pretrained teacher whose classifier does not have ``num_classes`` classes is refused: timm would
     give it a randomly initialized head, and the student would learn from noise.
-    """
-    from .convert import create_model
 
+    Raises:
+        ValueError: no usable teacher (named in the message, with what to pass instead).
+    """
     if teacher is None:
         source = student_meta.get("source") or {}
         name = source.get("model") or student_meta["model"]
@@ -94,18 +129,16 @@ def teacher_for(student_meta: dict[str, Any], teacher: str | None, num_classes: 
                 raise ValueError(
                     f"the student's full-precision source {ckpt} is gone; pass --teacher NAME_OR_CHECKPOINT"
                 )
-            return create_model(name, checkpoint=ckpt)
+            return _from_file(name, ckpt)
         if source.get("pretrained") is True:
-            _refuse_random_head(name, num_classes)
-            return create_model(name, pretrained=True, num_classes=num_classes)
+            return _from_hub(name, num_classes)
         raise ValueError(
             "the student was binarized from a randomly initialized model, which is no teacher; "
             "pass --teacher NAME_OR_CHECKPOINT, or --alpha 1 to train on the labels alone"
         )
     if Path(teacher).is_file():
-        return create_model(student_meta["model"], checkpoint=teacher)
-    _refuse_random_head(teacher, num_classes)
-    return create_model(teacher, pretrained=True, num_classes=num_classes)
+        return _from_file(student_meta["model"], teacher)
+    return _from_hub(teacher, num_classes)
 
 
 class _Renormalized(nn.Module):
@@ -123,10 +156,10 @@ class _Renormalized(nn.Module):
         return self.model((raw - self.dst_mean) / self.dst_std)
 
 
-def match_normalization(teacher: nn.Module, student: nn.Module) -> nn.Module:
-    from timm.data import resolve_data_config
-
-    s, t = resolve_data_config({}, model=student), resolve_data_config({}, model=teacher)
-    if tuple(s["mean"]) == tuple(t["mean"]) and tuple(s["std"]) == tuple(t["std"]):
-        return teacher
-    return _Renormalized(teacher, (s["mean"], s["std"]), (t["mean"], t["std"])).eval()
+def match_normalization(teacher: Teacher, data_config: DataConfig) -> nn.Module:
+    """The teacher's model, fed images normalized as it expects: the loader normalizes with the
+    student's ``data_config``; a teacher known to expect another mean and std gets them."""
+    want = teacher.data_config
+    if want is None or (want.mean == data_config.mean and want.std == data_config.std):
+        return teacher.model
+    return _Renormalized(teacher.model, (data_config.mean, data_config.std), (want.mean, want.std)).eval()

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .data_config import DataConfig, DataOverrides, resolve_data_config
 from .distributed import resolve_device
 from .progress import Progress
 
-__all__ = ["OnnxModule", "activation_batch", "evaluate", "evaluate_source", "onnx_module", "recalibrate_bn"]
+__all__ = [
+    "OnnxModule",
+    "activation_batch",
+    "evaluate",
+    "evaluate_source",
+    "onnx_module",
+    "memory_errors",
+    "recalibrate_bn",
+]
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -98,32 +108,36 @@ def evaluate_source(
     data_dir: str | os.PathLike,
     *,
     checkpoint: str | os.PathLike | None = None,
-    img_size: int | None = None,
+    data: DataOverrides | None = None,
     batch_size: int = 64,
     workers: int = 2,
     device: str = "auto",
     amp: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Top-1/top-5 on the val split of ``data_dir`` for a binarized checkpoint, a packed file, or a
-    full-precision timm model (a name, with ``checkpoint`` or pretrained weights).
+    """Top-1/top-5 on the val split of ``data_dir`` for a binarized checkpoint, a packed file, an ONNX
+    export, or a full-precision timm model (a name, with ``checkpoint`` or pretrained weights).
+
+    Images are prepared as the file records (the data config it was fine-tuned with), else as the model's
+    ``pretrained_cfg`` says, with ``data``'s overrides on top. Only ``val/`` is needed.
+
+    Returns:
+        ``top1``, ``top5`` (percent), ``n`` (images) and ``data_config`` (what was used).
 
     Raises:
         ValueError / FileNotFoundError: bad inputs.
     """
     from .convert import create_model
-    from .data import EpochSampler, build_datasets, check_classes, find_splits, make_loader
+    from .data import EpochSampler, check_classes, find_splits, make_loader, val_dataset
     from .io import load_model, read_metadata
 
     dev = resolve_device(device)
-    if img_size is not None and not 8 <= img_size <= 4096:
-        raise ValueError(f"--img-size must be between 8 and 4096 pixels, got {img_size}")
+    data = data or DataOverrides()
     path = Path(model_or_file)
     if path.suffix == ".onnx" and path.is_file():
         if amp:
             raise ValueError("--amp applies to PyTorch models; an ONNX file runs as it was exported")
-        model = onnx_module(path, img_size)
-        img_size = None  # the file's own data config already holds its input size
+        model: nn.Module = onnx_module(path, data.img_size)
     elif path.is_file():
         meta = read_metadata(path) if path.suffix == ".safetensors" else {}
         if not str(meta.get("format", "")).startswith("equalbits."):
@@ -137,37 +151,60 @@ def evaluate_source(
         raise FileNotFoundError(f"file not found: {path}")
     else:
         model = create_model(model_or_file, checkpoint=checkpoint, pretrained=checkpoint is None)
+    cfg = resolve_data_config(model, data)
     recorded = (getattr(model, "equalbits_meta", None) or {}).get("classes")
     splits = find_splits(data_dir, need_train=False, classes=recorded)
     check_classes(splits, getattr(model, "num_classes", None), recorded is not None)
-    _, val_ds = build_datasets(splits, model, img_size, augment="none", seed=0)
+    val_ds = val_dataset(splits, cfg)
     loader = make_loader(val_ds, EpochSampler(len(val_ds), shuffle=False), batch_size, workers, drop_last=False)
     if isinstance(model, OnnxModule):
         dev = torch.device("cpu")  # onnxruntime's CPU provider: the tensors stay on the host
     model.to(dev)
     if progress is not None:
-        progress.phase("evaluating", len(loader))
-    result = evaluate(model, loader, dev, amp, progress)
+        progress.phase(f"evaluating at {cfg.describe()}", len(loader))
+    with memory_errors(cfg, batch_size):
+        result = evaluate(model, loader, dev, amp, progress)
     if progress is not None:
         progress.done()
-    return result
+    return {**result, "data_config": cfg.to_dict()}
+
+
+@contextlib.contextmanager
+def memory_errors(cfg: DataConfig, batch_size: int) -> Iterator[None]:
+    """Turn running out of memory (host or device) into one line naming the image size and the batch.
+
+    Raises:
+        ValueError: the work inside ran out of memory.
+    """
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError):
+        raise ValueError(_out_of_memory(cfg, batch_size)) from None
+    except RuntimeError as exc:
+        text = str(exc).lower()
+        if "can't allocate memory" not in text and "out of memory" not in text:
+            raise
+        raise ValueError(_out_of_memory(cfg, batch_size)) from None
+
+
+def _out_of_memory(cfg: DataConfig, batch_size: int) -> str:
+    return f"out of memory at {cfg.size}x{cfg.size} images in batches of {batch_size}; lower --batch-size or --img-size"
 
 
 class OnnxModule(nn.Module):
     """An ONNX file equalbits wrote, run by onnxruntime behind a module's call, so that ``eval`` scores
     every export (float, packed, int8) with the same data pipeline and metric as the PyTorch models.
 
-    ``pretrained_cfg`` is the data config recorded in the file; ``equalbits_meta`` holds its classes."""
+    ``equalbits_meta`` holds the data config and classes recorded in the file."""
 
-    def __init__(self, path: Path, session, meta: dict, data_config: dict, num_classes: int | None) -> None:
+    def __init__(self, path: Path, session, data_config: DataConfig, classes, num_classes: int | None) -> None:
         super().__init__()
         self.path = path
         self.session = session
         self.input_name = session.get_inputs()[0].name
-        self.pretrained_cfg = data_config
+        self.pretrained_cfg = data_config.transform_kwargs()
         self.num_classes = num_classes
-        classes = meta.get("classes")
-        self.equalbits_meta = {"classes": json.loads(classes) if classes else None}
+        self.equalbits_meta = {"classes": classes, "data_config": data_config}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
@@ -177,55 +214,37 @@ class OnnxModule(nn.Module):
 def onnx_module(path: Path, img_size: int | None = None) -> OnnxModule:
     """Open an equalbits ONNX file in onnxruntime (CPU) as an :class:`OnnxModule`.
 
+    Its metadata is checked as ``inspect`` checks it (:func:`equalbits_cli.onnx_export.read_onnx_info`).
+
     Raises:
-        ValueError: not an ONNX file equalbits wrote, external data, or an ``img_size`` the graph cannot take.
+        ValueError: not an ONNX file equalbits wrote, damaged metadata, or an ``img_size`` the graph
+            cannot take.
     """
     import onnxruntime as ort
 
-    from .onnx_export import read_equalbits_onnx
+    from .onnx_export import read_onnx_info
 
-    m, meta = read_equalbits_onnx(path)
-    dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
-    if "data_config" in meta:
-        try:
-            cfg = json.loads(meta["data_config"])
-            cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        except (json.JSONDecodeError, AttributeError):
-            raise ValueError(f"{path}: metadata 'data_config' is not valid JSON") from None
-    else:  # files from before 0.3: the model's own config, at the graph's input size
-        from .files import build_model, file_info
-
-        info = file_info(path, {**meta, "format": "equalbits.packed"})
-        cfg = dict(getattr(build_model(info), "pretrained_cfg", None) or {})
-        if len(dims) == 4 and dims[2] > 0:
-            cfg["input_size"] = (dims[1], dims[2], dims[3])
-    size = tuple(cfg.get("input_size", ()))[-1:] or (None,)
-    if img_size is not None and img_size != size[0]:
-        raise ValueError(f"{path} takes {size[0]}x{size[0]} images; leave out --img-size or export at {img_size}")
-    try:
-        kwargs = json.loads(meta.get("model_kwargs") or "{}")
-    except json.JSONDecodeError:
-        kwargs = None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"{path}: metadata 'model_kwargs' is not a JSON object")
-    out_dims = [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim]
-    num_classes = kwargs.get("num_classes") or (out_dims[-1] if out_dims and out_dims[-1] > 0 else None)
-    del m
+    onnx_info = read_onnx_info(path)
+    cfg = onnx_info.data_config
+    if img_size is not None and img_size != cfg.size:
+        raise ValueError(f"{path} takes {cfg.size}x{cfg.size} images; leave out --img-size or export at {img_size}")
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ValueError(f"{path}: onnxruntime cannot load the model: {first}") from None
-    return OnnxModule(path, session, meta, cfg, num_classes)
+    return OnnxModule(path, session, cfg, onnx_info.info.classes, onnx_info.num_classes)
 
 
-def activation_batch(model: nn.Module, data_dir: str | os.PathLike, img_size: int | None, n: int = 64) -> torch.Tensor:
-    """Up to ``n`` images of ``data_dir``'s val split, transformed for ``model`` (for inspect --data)."""
-    from .data import EpochSampler, build_datasets, find_splits, make_loader
+def activation_batch(
+    model: nn.Module, data_dir: str | os.PathLike, data: DataOverrides | None = None, n: int = 64
+) -> torch.Tensor:
+    """Up to ``n`` images of ``data_dir``'s val split, prepared for ``model`` (for inspect --data)."""
+    from .data import EpochSampler, find_splits, make_loader, val_dataset
 
     recorded = (getattr(model, "equalbits_meta", None) or {}).get("classes")
     splits = find_splits(data_dir, need_train=False, classes=recorded)
-    _, val = build_datasets(splits, model, img_size, "none", 0)
+    val = val_dataset(splits, resolve_data_config(model, data))
     loader = make_loader(val, EpochSampler(len(val), shuffle=True, seed=0), n, 0, drop_last=False)
     images, _ = next(iter(_batches(loader)))
     return images

@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
+from .data_config import DataOverrides, resolve_data_config
+
 __all__ = ["FORMATS", "export_file", "verify_packed"]
 
 FORMATS = ("packed", "onnx", "onnx-int8")
 
 
-def verify_packed(model: torch.nn.Module, packed_path: str | os.PathLike, img_size: int | None = None) -> float:
+def verify_packed(model: torch.nn.Module, packed_path: str | os.PathLike) -> float:
     """Max |difference| between ``model`` and ``load_model(packed_path)`` on a random batch (0 expected:
     the codes are bit-identical and the scales stored exactly).
 
@@ -21,9 +23,9 @@ def verify_packed(model: torch.nn.Module, packed_path: str | os.PathLike, img_si
         ValueError: if the outputs differ.
     """
     from .io import load_model
-    from .onnx_export import _input_size
+    from .onnx_export import export_data_config
 
-    c, h, w = _input_size(model, img_size)
+    c, h, w = export_data_config(model).input_size
     x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
     loaded = load_model(packed_path)
     model.eval()
@@ -34,34 +36,31 @@ def verify_packed(model: torch.nn.Module, packed_path: str | os.PathLike, img_si
     return diff
 
 
-def _check_img_size(img_size: int | None) -> None:
-    if img_size is not None and not 8 <= img_size <= 4096:
-        raise ValueError(f"--img-size must be between 8 and 4096 pixels, got {img_size}")
-
-
 def export_file(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
     *,
     format: str = "packed",
     onnx_weights: str = "packed",
-    img_size: int | None = None,
+    data_overrides: DataOverrides | None = None,
     overwrite: bool = False,
     data: str | os.PathLike | None = None,
-    calibrate_batches: int = 8,
+    calibrate_batches: int | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` to ``output`` and verify it; returns a JSON-ready summary.
 
     ``format`` is ``packed`` (1-bit safetensors), ``onnx`` (float graph, weights packed or float) or
-    ``onnx-int8`` (static int8 for stock onnxruntime, calibrated on the images of ``data``).
+    ``onnx-int8`` (static int8 for stock onnxruntime, calibrated on the images of ``data``). The
+    output records the checkpoint's data config with ``data_overrides`` on top (the ONNX input size).
 
     Raises:
         ValueError: bad arguments, a damaged checkpoint, or a failed verification (then nothing is kept).
     """
-    from .io import atomic_write, check_output_path, load_model
+    from .io import atomic_write, check_output_path, load_model, read_metadata
     from .onnx_export import export_onnx
     from .packing import save_packed
+    from .paths import check_distinct_paths
     from .report import collect_stats
 
     if format not in FORMATS:
@@ -70,23 +69,33 @@ def export_file(
         raise ValueError("--format onnx-int8 calibrates activations on images: pass --data DIR (an image folder)")
     if format == "packed" and data is not None:
         raise ValueError("--data is used by the ONNX formats only (a packed file reproduces PyTorch exactly)")
+    if format != "onnx-int8" and calibrate_batches is not None:
+        raise ValueError("--calibrate-batches applies to --format onnx-int8 only")
+    calibrate_batches = 8 if calibrate_batches is None else calibrate_batches
     out = check_output_path(output, overwrite)
+    check_distinct_paths({"-o": out}, {"CHECKPOINT": checkpoint})
+    meta = read_metadata(checkpoint) if Path(checkpoint).suffix == ".safetensors" else {}
+    if not str(meta.get("format", "")).startswith("equalbits."):
+        raise ValueError(
+            f"{checkpoint} is not a binarized checkpoint; make one first: equalbits binarize MODEL --checkpoint "
+            f"{checkpoint}"
+        )
     model = load_model(checkpoint)
+    model.equalbits_meta["data_config"] = resolve_data_config(model, data_overrides)
     stats = collect_stats(model)
-    _check_img_size(img_size)
     if format == "packed":
         # Written and verified under a temporary name; only a verified file takes the final name.
         with atomic_write(out, exclusive=not overwrite) as tmp:
             save_packed(model, tmp)
-            diff = verify_packed(model, tmp, img_size)
+            diff = verify_packed(model, tmp)
         extra: dict[str, Any] = {}
     elif format == "onnx":
         val_set = None
         if data is not None:  # bad data is refused before the export, not after
             from .onnx_int8 import image_sets
 
-            val_set = image_sets(model, data, img_size)[1]
-        result = export_onnx(model, out, weights=onnx_weights, img_size=img_size, exclusive=not overwrite)
+            val_set = image_sets(model, data)[1]
+        result = export_onnx(model, out, weights=onnx_weights, exclusive=not overwrite)
         diff = result.max_abs_diff
         extra = {"onnx_weights": onnx_weights, "rel_diff": result.rel_diff}
         if val_set is not None:
@@ -107,7 +116,6 @@ def export_file(
             out,
             data,
             calibrate_batches=calibrate_batches,
-            img_size=img_size,
             exclusive=not overwrite,
             progress=progress,
         )
@@ -122,5 +130,6 @@ def export_file(
         "theoretical_bytes": stats.packed_bytes,
         "compression": stats.fp32_bytes / size,
         "max_abs_diff": diff,
+        "data_config": model.equalbits_meta["data_config"].to_dict(),
         **extra,
     }

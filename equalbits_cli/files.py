@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from torch import nn
 
 from .config import BinarizeConfig
 from .convert import binarize_, binarized_names
+from .data_config import DataConfig, resolve_data_config
+from .layers import UNCALIBRATED_THRESHOLD
 from .paths import atomic_write, check_output_path, mismatch_detail, read_metadata, require_file
 from .policy import KEEP_REASONS, LayerPolicy
 
@@ -57,6 +59,8 @@ class FileInfo:
     kept: dict[str, str] = field(default_factory=dict)
     policy: dict[str, Any] | None = None
     classes: list[str] | None = None
+    data_config: DataConfig | None = None
+    legacy_img_size: int | None = None  # files before 0.5: fine-tuned at this size, whole image (crop 1.0)
 
 
 def _tensors_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -94,6 +98,8 @@ def base_metadata(model: nn.Module, fmt: str) -> dict[str, str]:
         "layer_policy": json.dumps(policy.to_dict() if policy is not None else None),
         "source": json.dumps(meta.get("source", {}), sort_keys=True),
         **({"classes": json.dumps(meta["classes"])} if meta.get("classes") else {}),
+        # How images were prepared in training: eval and export use it unless the user says otherwise.
+        "data_config": json.dumps(resolve_data_config(model).to_dict()),
         # What inspect needs to report a packed file without building the model (numpy only):
         "layers": json.dumps([n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]),
         "param_count": str(sum(p.numel() for p in model.parameters())),
@@ -179,7 +185,36 @@ def file_info(path: str | os.PathLike, meta: dict[str, str] | None = None) -> Fi
         raise _fail(path, "metadata 'classes' must be a list of distinct folder names")
     if classes is not None and kwargs.get("num_classes") is not None and len(classes) > kwargs["num_classes"]:
         raise _fail(path, "metadata 'classes' lists more classes than the classifier has")
-    return FileInfo(str(path), fmt, model, kwargs, config, binarized, source, kept, policy, classes)
+    data_config = None
+    if "data_config" in meta:
+        try:
+            data_config = DataConfig.from_dict(_json_field(path, meta, "data_config", dict))
+        except (TypeError, ValueError) as exc:
+            raise _fail(path, f"bad data_config: {exc}") from None
+    return FileInfo(
+        str(path),
+        fmt,
+        model,
+        kwargs,
+        config,
+        binarized,
+        source,
+        kept,
+        policy,
+        classes,
+        data_config,
+        None if data_config is not None else _legacy_img_size(meta),
+    )
+
+
+def _legacy_img_size(meta: dict[str, str]) -> int | None:
+    """The input size a file from before 0.5 was fine-tuned at (it recorded no data config; an
+    explicit size then meant the whole image, crop 1.0), or None."""
+    try:
+        size = json.loads(meta.get("finetune") or "{}").get("img_size")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) and 8 <= size <= 4096 else None
 
 
 _MAX_ELEMENTS = 4_000_000_000  # about 16 GB of fp32: more than any file equalbits writes should ask for
@@ -245,6 +280,12 @@ def build_model(info: FileInfo) -> nn.Module:
         "policy": LayerPolicy.from_dict(info.policy) if info.policy is not None else None,
         "classes": info.classes,
     }
+    data_config = info.data_config
+    if data_config is None and info.legacy_img_size is not None:
+        s = info.legacy_img_size
+        data_config = replace(DataConfig.of_model(model), input_size=(3, s, s), crop_pct=1.0)
+    if data_config is not None:
+        model.equalbits_meta["data_config"] = data_config
     return model
 
 
@@ -257,9 +298,9 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path
     """Load ``state`` strictly, turning mismatches into one-line errors."""
     expected = model.state_dict()
     state = dict(state)
-    for k in expected:  # 1W/1A files from before learned thresholds computed sign(x) at 0
+    for k in expected:  # 1W/1A files from before learned thresholds: never calibrated
         if k.endswith(".act_threshold") and k not in state:
-            state[k] = torch.zeros_like(expected[k])
+            state[k] = torch.full_like(expected[k], UNCALIBRATED_THRESHOLD)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

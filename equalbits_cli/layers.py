@@ -96,6 +96,19 @@ def binarize_input(x: torch.Tensor) -> torch.Tensor:
     return _SignSTE.apply(x)
 
 
+# Where an activation threshold starts before calibration: just under 0, not on it. A 1W/1A layer's
+# inputs are often exactly 0 (sums of +-1 products that cancel, a hard-swish or ReLU below its knee),
+# and a threshold on an attainable value lets float rounding decide those bits: onnxruntime, which
+# sums in another order and folds BatchNorm, turns such zeros into +-1e-7 and flips them. Just under 0,
+# an exact 0 is +1 in every runtime, as sign(0) = +1 always made it.
+UNCALIBRATED_THRESHOLD = -1e-3
+
+
+def uncalibrated_thresholds(channels: int, device=None) -> nn.Parameter:
+    """Activation thresholds of a layer that was never calibrated (:data:`UNCALIBRATED_THRESHOLD`)."""
+    return nn.Parameter(torch.full((channels,), UNCALIBRATED_THRESHOLD, device=device))
+
+
 class BinaryLayer:
     """Mixin with the quantizer state shared by :class:`BinaryConv2d` and :class:`BinaryLinear`."""
 
@@ -108,7 +121,7 @@ class BinaryLayer:
             # Per-input-channel threshold of the activation sign (ReActNet's RSign, Liu et al. 2020):
             # b = sign(x - t). After a ReLU the input is never negative, so t = 0 would give a constant;
             # calibrate_thresholds() starts t at each channel's median (equal bits for activations).
-            self.act_threshold = nn.Parameter(torch.zeros(in_features, device=device))
+            self.act_threshold = uncalibrated_thresholds(in_features, device)
         else:
             self.register_parameter("act_threshold", None)
         # Codes a packed file pinned: buffers, so .to(device/dtype) moves them with the layer. They are
@@ -244,7 +257,7 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         new.weight = conv.weight
         new.bias = conv.bias
         if new.act_threshold is not None:
-            new.act_threshold = nn.Parameter(torch.zeros(new.in_channels, device=conv.weight.device))
+            new.act_threshold = uncalibrated_thresholds(new.in_channels, conv.weight.device)
         new.train(conv.training)
         return new
 
@@ -275,7 +288,7 @@ class BinaryLinear(BinaryLayer, nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         if new.act_threshold is not None:
-            new.act_threshold = nn.Parameter(torch.zeros(new.in_features, device=linear.weight.device))
+            new.act_threshold = uncalibrated_thresholds(new.in_features, linear.weight.device)
         new.train(linear.training)
         return new
 

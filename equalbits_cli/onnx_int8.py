@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .onnx_export import export_data_config
 from .progress import Progress
 
 __all__ = [
@@ -87,20 +88,21 @@ class Int8ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def image_sets(model: nn.Module, data_dir: str | os.PathLike, img_size: int | None):
-    """``(calibration, val)`` datasets of ``data_dir`` with the evaluation transform the model is scored
-    with: calibration is ``train/`` when it exists, else ``val/``.
+def image_sets(model: nn.Module, data_dir: str | os.PathLike, img_size: int | None = None):
+    """``(calibration, val)`` datasets of ``data_dir`` prepared by the model's data config, as it is
+    scored: calibration is ``train/`` when it exists, else ``val/``.
 
     Raises:
         ValueError / FileNotFoundError: a missing, empty or malformed image folder.
     """
-    from .data import _Images, build_datasets, find_splits
+    from .data import calibration_dataset, find_splits, val_dataset
 
     recorded = (getattr(model, "equalbits_meta", None) or {}).get("classes")
     splits = find_splits(data_dir, need_train=False, classes=recorded)
-    _, val = build_datasets(splits, model, img_size, "none", 0)
+    cfg = export_data_config(model, img_size)
+    val = val_dataset(splits, cfg)
     if splits.train.is_dir():
-        return _Images(splits.train, splits.classes, val.transform, None), val  # type: ignore[attr-defined]
+        return calibration_dataset(splits, cfg), val
     return val, val
 
 
@@ -431,7 +433,7 @@ def export_onnx_int8(
         calibrate_batches: Number of calibration batches of ``batch_size`` images.
         batch_size: Images per calibration batch.
         check_images: Up to this many ``val/`` images for the agreement check (0: skip it).
-        img_size: Input height and width (default: the model's own).
+        img_size: Input height and width (default: the model's data config); recorded in the file.
         exclusive: Refuse if ``path`` exists when the file is renamed into place.
         progress: Receives the phases (calibrating, checking).
 
@@ -447,7 +449,7 @@ def export_onnx_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from .files import atomic_write, base_metadata
-    from .onnx_export import _captured_stdout, check_outputs, data_config, has_binary_activations, trace_graph
+    from .onnx_export import _captured_stdout, check_outputs, export_data_config, has_binary_activations, trace_graph
 
     if not 1 <= calibrate_batches <= 10_000:
         raise ValueError(f"--calibrate-batches must be between 1 and 10000, got {calibrate_batches}")
@@ -455,9 +457,15 @@ def export_onnx_int8(
         raise ValueError(f"--batch-size must be between 1 and 4096, got {batch_size}")
     calib_set, val_set = image_sets(model, data_dir, img_size)
     meta = base_metadata(model, "equalbits.onnx")
+    meta["data_config"] = json.dumps(export_data_config(model, img_size).to_dict())
     onnx_model, plain, layers, x = trace_graph(model, img_size)
     sign_acts = has_binary_activations(model)
     calib = [] if sign_acts else [b for b, _ in _batches(calib_set, calibrate_batches, batch_size)]
+    if not sign_acts and not calib:
+        raise ValueError(
+            f"no images to calibrate on: {data_dir}/train (else val/) holds no images of the model's classes; "
+            "add some, or pass another --data"
+        )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -483,7 +491,6 @@ def export_onnx_int8(
                 _quantize(pre_path, q_path, Reader())
                 q_model = onnx.load(str(q_path))
                 packed, exact = _pack_int8_weights(q_model, layers)
-    meta["data_config"] = json.dumps(data_config(model, img_size))
     meta["onnx_weights"] = "int8"
     meta["bit_order"] = "little"
     meta["int8_activations"] = "binary" if sign_acts else "uint8"

@@ -15,7 +15,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "check_output_path", "read_metadata", "require_file"]
+__all__ = [
+    "atomic_write",
+    "check_distinct_paths",
+    "check_log_path",
+    "check_output_path",
+    "read_metadata",
+    "require_file",
+]
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
@@ -61,12 +68,68 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if not parent.is_dir():
         raise ValueError(f"output directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"output directory {parent} is not writable; choose another -o path")
+        raise ValueError(f"output directory {parent} is not writable; choose another path for {path.name}")
     if _exists(path) and not (path.is_file() or path.is_symlink()):
-        raise ValueError(f"output {path} exists and is not a regular file; choose another -o path")
+        raise ValueError(f"output {path} exists and is not a regular file; choose another path")
     if _exists(path) and not overwrite:
         raise ValueError(f"output {path} exists; pass --overwrite to replace it")
     return path
+
+
+def check_log_path(path: str | os.PathLike) -> Path:
+    """Check, before any work, that a log file can be appended to (it is created if missing).
+
+    Raises:
+        ValueError: a directory, a missing or unwritable directory, or an unwritable file.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"log {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise ValueError(f"log directory {parent} does not exist; create it first")
+    if _exists(path) and not os.access(path, os.W_OK) or not _exists(path) and not os.access(parent, os.W_OK):
+        raise ValueError(f"log {path} is not writable; choose another path")
+    return path
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or (both existing) the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_distinct_paths(
+    outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None] | None = None
+) -> None:
+    """Refuse, before any work, an output that is also an input or another output of the same command.
+
+    Args:
+        outputs: What the command writes, by the name the user knows it by (``-o``, ``--plot``).
+        inputs: What it reads, likewise; ``None`` values are skipped in both.
+
+    Raises:
+        ValueError: two of them name one file (``--overwrite`` does not change that).
+
+    Example:
+        >>> check_distinct_paths({"-o": "a.safetensors", "--plot": "a.safetensors"})
+        Traceback (most recent call last):
+        ...
+        ValueError: --plot a.safetensors is also the -o file; give each output its own path
+    """
+    named_out = [(k, Path(v)) for k, v in outputs.items() if v is not None]
+    named_in = [(k, Path(v)) for k, v in (inputs or {}).items() if v is not None]
+    for i, (name, path) in enumerate(named_out):
+        for other, other_path in named_out[:i]:
+            if _same(path, other_path):
+                raise ValueError(f"{name} {path} is also the {other} file; give each output its own path")
+        for other, other_path in named_in:
+            if _same(path, other_path):
+                raise ValueError(f"{name} {path} is the {other} file this command reads; choose another path")
 
 
 def _publish(tmp_path: Path, path: Path, exclusive: bool) -> None:

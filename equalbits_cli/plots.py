@@ -8,7 +8,7 @@ from typing import Any
 
 from .stats import ModelStats
 
-__all__ = ["plot_history", "plot_layers", "plot_sweep", "plot_toy"]
+__all__ = ["plot_history", "plot_layers", "plot_sweep"]
 
 
 def _pyplot():
@@ -20,16 +20,16 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def _save(fig, path: str | os.PathLike, exclusive: bool) -> Path:
     from .paths import atomic_write
 
     path = Path(path)
-    with atomic_write(path) as tmp:
+    with atomic_write(path, exclusive=exclusive) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
 
 
-def plot_layers(stats: ModelStats, path: str | os.PathLike, title: str = "") -> Path:
+def plot_layers(stats: ModelStats, path: str | os.PathLike, title: str = "", *, exclusive: bool = False) -> Path:
     """Per-layer bit ratio, entropy and SQNR of the binarized layers, as a PNG."""
     plt = _pyplot()
     layers = [s for s in stats.layers if s.binarized]
@@ -50,12 +50,14 @@ def plot_layers(stats: ModelStats, path: str | os.PathLike, title: str = "") -> 
     if title:
         axes[0].set_title(title)
     fig.tight_layout()
-    out = _save(fig, path)
+    out = _save(fig, path, exclusive)
     plt.close(fig)
     return out
 
 
-def plot_history(history: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+def plot_history(
+    history: list[dict[str, Any]], path: str | os.PathLike, title: str = "", *, exclusive: bool = False
+) -> Path:
     """Per-epoch training loss, learning rate and validation top-1 of a fine-tune, as a PNG."""
     if not history:
         raise ValueError("no epochs to plot")
@@ -72,12 +74,14 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike, title: 
     axes[0].set_title(title)
     fig.tight_layout()
     try:
-        return _save(fig, path)
+        return _save(fig, path, exclusive)
     finally:
         plt.close(fig)
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+def plot_sweep(
+    rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "", *, exclusive: bool = False
+) -> Path:
     """Accuracy and entropy against the +1 ratio, one line per (method, prune)."""
     plt = _pyplot()
     fig, (ax_acc, ax_h) = plt.subplots(1, 2, figsize=(10, 4))
@@ -101,44 +105,6 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | os.PathLike, title: str =
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
-
-
-def plot_toy(path: str | os.PathLike, points_per_side: int = 100, examples: int = 6) -> Path:
-    """A few distinct decision boundaries of the equal-bit 2-3-1 network, with the counts."""
-    import numpy as np
-
-    from .toy import boundary_labels, count_boundaries, sign_patterns
-
-    plt = _pyplot()
-    patterns = sign_patterns(equal_bits=True)
-    labels = boundary_labels(patterns, points_per_side)
-    seen, picks = set(), []
-    for i, row in enumerate(labels):
-        if row.all() or not row.any():
-            continue
-        key = min(np.packbits(row).tobytes(), np.packbits(~row).tobytes())
-        if key not in seen:
-            seen.add(key)
-            picks.append(i)
-    step = max(1, len(picks) // examples)
-    picks = picks[::step][:examples]
-    full = count_boundaries(False, points_per_side)
-    half = count_boundaries(True, points_per_side)
-    fig, axes = plt.subplots(1, len(picks), figsize=(2.2 * len(picks), 2.6))
-    for ax, i in zip(axes, picks):
-        ax.imshow(
-            labels[i].reshape(points_per_side, points_per_side), origin="lower", extent=(-2, 2, -2, 2), cmap="coolwarm"
-        )
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(
-        f"2-3-1 binary net: all {full[0]} sign patterns give {full[1]} boundaries; "
-        f"the {half[0]} equal-bit ones give {half[1]}"
-    )
-    fig.tight_layout()
-    out = _save(fig, path)
+    out = _save(fig, path, exclusive)
     plt.close(fig)
     return out

@@ -13,6 +13,7 @@ class Progress(Protocol):
     def phase(self, text: str, total: int | None = None) -> None: ...
     def advance(self, n: int = 1, **fields: Any) -> None: ...
     def done(self) -> None: ...
+    def note(self, text: str) -> None: ...
 
 
 class NullProgress:
@@ -23,4 +24,7 @@ class NullProgress:
         pass
 
     def done(self) -> None:
+        pass
+
+    def note(self, text: str) -> None:
         pass

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from .config import BinarizeConfig, FinetuneConfig
+from .errors import Interrupted
+from .state import state_path_for
 from .train import NullProgress, Progress
 
 __all__ = ["ARTIFACTS", "run_quickstart"]
@@ -46,12 +48,12 @@ def run_quickstart(
         ValueError: an artifact exists and ``overwrite`` is False, or a bad setting.
     """
     import timm
-    from safetensors.torch import save_file
 
-    from .convert import binarize_model
+    from .convert import binarize_model, save_full_precision
     from .data import make_digits_imagefolder
+    from .data_config import DataOverrides, resolve_data_config
     from .export import export_file
-    from .io import atomic_write, load_model, save_checkpoint
+    from .io import load_model, save_checkpoint
     from .report import collect_stats
     from .train import finetune, train_classifier
 
@@ -65,43 +67,51 @@ def run_quickstart(
         raise ValueError(f"{out} already holds {', '.join(existing)}; pass --overwrite or another --out")
     for p in paths.values():
         p.unlink(missing_ok=True)
-    config = BinarizeConfig(ratio=ratio)  # checked before any work
+    # Every setting is checked before any work: a bad one must not cost minutes and leave files behind.
+    config = BinarizeConfig(ratio=ratio)
+    ft_config = FinetuneConfig(
+        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, workers=0, warmup_steps=20, augment="none"
+    )
+    if not isinstance(teacher_epochs, int) or teacher_epochs < 1:
+        raise ValueError(
+            f"--teacher-epochs must be at least 1 (an untrained teacher teaches noise), got {teacher_epochs}"
+        )
+    from .convert import check_model_name
+
+    check_model_name(model)
     progress.phase("writing the digits ImageFolder (scikit-learn's UCI digits, 32x32)", 1)
     data = make_digits_imagefolder(out / "digits")
     progress.advance(1)
 
     torch.manual_seed(seed)
     teacher = timm.create_model(model, pretrained=False, num_classes=10)
+    # The digits fill their 32x32 frame: the whole image, no centre crop. The teacher file records this
+    # (and its accuracy), and every later step reads it from there.
+    digits = DataOverrides(img_size=32, crop_pct=1.0)
     teacher_eval = train_classifier(
-        teacher, data, epochs=teacher_epochs, lr=2e-3, batch_size=batch_size, img_size=32, seed=seed, progress=progress
+        teacher, data, epochs=teacher_epochs, lr=2e-3, batch_size=batch_size, data=digits, seed=seed, progress=progress
     )
-    with atomic_write(paths["teacher"]) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in teacher.state_dict().items()}, str(tmp))
+    save_full_precision(
+        teacher, paths["teacher"], data_config=resolve_data_config(teacher, digits), top1=teacher_eval["top1"]
+    )
 
     student = binarize_model(model, config, checkpoint=paths["teacher"])
     save_checkpoint(student, paths["student"])
-    ft = finetune(
-        paths["student"],
-        data,
+    try:
         # No augmentation: random flips and crops change what a digit is.
-        FinetuneConfig(
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            img_size=32,
-            seed=seed,
-            workers=0,
-            warmup_steps=20,
-            augment="none",
-        ),
-        output=paths["finetuned"],
-        progress=progress,
-    )
+        ft = finetune(paths["student"], data, ft_config, output=paths["finetuned"], progress=progress)
+    except Interrupted as exc:
+        state_path_for(paths["finetuned"]).unlink(missing_ok=True)  # quickstart has no --resume
+        raise Interrupted(
+            f"quickstart interrupted while fine-tuning; {out} holds the data, teacher and student so far; "
+            "rerun with --overwrite to start again",
+            exc.signum,
+        ) from None
     assert ft is not None
     progress.phase("exporting packed safetensors and ONNX", 2)
     packed = export_file(paths["finetuned"], paths["packed"], format="packed")
     progress.advance(1)
-    onnx = export_file(paths["finetuned"], paths["onnx"], format="onnx", img_size=32)
+    onnx = export_file(paths["finetuned"], paths["onnx"], format="onnx")
     progress.advance(1)
     stats = collect_stats(load_model(paths["finetuned"]))
     progress.done()

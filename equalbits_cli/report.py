@@ -164,12 +164,12 @@ def _onnx_report(path: Any) -> FileReport:
 
     from onnx import numpy_helper
 
-    from .io import FileInfo, build_model, file_info
-    from .onnx_export import read_equalbits_onnx
+    from .io import build_model
+    from .onnx_export import read_onnx_info
     from .packing import pack_bits
 
-    m, meta = read_equalbits_onnx(path)
-    info: FileInfo = file_info(path, {**meta, "format": "equalbits.packed"})
+    onnx_info = read_onnx_info(path)  # the checks eval makes too
+    m, meta, info = onnx_info.graph, onnx_info.meta, onnx_info.info
     model = build_model(info)
     state: dict[str, torch.Tensor] = {}
     binarized = set(info.binarized)

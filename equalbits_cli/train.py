@@ -11,6 +11,7 @@ the teacher, which would hide the per-step loss we log and the resumable state w
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -24,16 +25,21 @@ import torch
 from torch import nn
 
 from .config import FinetuneConfig
+from .data_config import DataConfig, DataOverrides, resolve_data_config
 from .distill import distillation_loss, match_normalization, teacher_for
 from .distributed import all_equal, barrier, dist_setup, resolve_device
+from .errors import Interrupted
 from .evaluate import _autocast, _batches, evaluate, evaluate_source, recalibrate_bn
+from .paths import check_log_path
 from .progress import NullProgress, Progress
 from .state import (
     STATE_FORMAT,
     STATE_VERSION,
     check_resume_config,
+    check_resume_identity,
     load_state,
     remove_stale_temporaries,
+    run_identity,
     save_state,
     state_path_for,
 )
@@ -52,14 +58,6 @@ __all__ = [
     "resolve_device",
     "train_classifier",
 ]
-
-
-class Interrupted(Exception):
-    """Training stopped by Ctrl-C or SIGTERM after saving its state; the message says how to resume."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.signum = signum
 
 
 class _Terminated(BaseException):
@@ -82,6 +80,8 @@ class FinetuneResult:
     codes_identical_across_ranks: bool
     resumed_from_step: int | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    data_config: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,12 +114,20 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _optimizer_and_schedule(model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup: int):
-    """AdamW from timm's factory, and timm's cosine schedule with linear warm-up, stepped per update."""
+def _optimizer_and_schedule(
+    model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup: int, fused: bool = False
+):
+    """AdamW from timm's factory, and timm's cosine schedule with linear warm-up, stepped per update.
+
+    ``fused`` (CUDA): torch's fused AdamW, which also takes the AMP scaler's inf check on the device, so
+    that ``GradScaler.step`` does not wait for the device to decide whether to skip the step."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
-    optimizer = create_optimizer_v2(_param_groups(model, weight_decay), opt="adamw", lr=lr, weight_decay=weight_decay)
+    extra = {"fused": True} if fused else {}
+    optimizer = create_optimizer_v2(
+        _param_groups(model, weight_decay), opt="adamw", lr=lr, weight_decay=weight_decay, **extra
+    )
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=max(1, total_steps),
@@ -142,6 +150,8 @@ class _Run:
     student: nn.Module
     model: nn.Module  # the student, wrapped in DDP when world > 1
     teacher: nn.Module | None
+    data_config: DataConfig
+    teacher_top1_recorded: float | None
     train_ds: Any
     train_sampler: Any
     train_loader: Any
@@ -160,6 +170,7 @@ class _Run:
     batch: int = 0
     evals: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    identity: dict[str, str] = field(default_factory=dict)  # what the training state is for
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -167,8 +178,11 @@ class _Run:
 
     def write_log(self, row: dict[str, Any]) -> None:
         if self.log is not None:
-            self.log.write(json.dumps(row) + "\n")
-            self.log.flush()
+            try:
+                self.log.write(json.dumps(row) + "\n")
+                self.log.flush()
+            except OSError as exc:
+                raise ValueError(f"cannot write the log file {self.log.name}: {exc.strerror}") from None
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -195,11 +209,18 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
             f"binarize with --num-classes {len(splits.classes)}"
         )
     student.equalbits_meta["classes"] = list(splits.classes)
-    teacher_model = None
+    data_config = resolve_data_config(student, config.data_overrides())
+    student.equalbits_meta["data_config"] = data_config  # the fine-tuned file records what it was trained on
+    teacher_model, teacher_top1 = None, None
     if config.alpha < 1:
-        teacher_model = teacher_for(student.equalbits_meta, teacher, num_classes or len(splits.classes))
-        teacher_model = match_normalization(teacher_model, student)
-    train_ds, val_ds = build_datasets(splits, student, config.img_size, config.augment, config.seed)
+        found = teacher_for(student.equalbits_meta, teacher, num_classes or len(splits.classes))
+        teacher_model = match_normalization(found, data_config)
+        teacher_top1 = found.recorded_top1
+    train_ds, val_ds = build_datasets(splits, data_config, config.augment, config.seed)
+    if config.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+        raise ValueError(
+            "--batch-size 1 cannot train BatchNorm layers (they need 2 or more images a batch); use 2 or more"
+        )
     if len(train_ds) < config.batch_size * world:
         raise ValueError(
             f"train/ has {len(train_ds)} images, fewer than one batch ({config.batch_size} x {world} processes); "
@@ -210,7 +231,7 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
     val_loader = make_loader(
         val_ds, EpochSampler(len(val_ds), shuffle=False), config.batch_size, workers, drop_last=False
     )
-    calib_ds = calibration_dataset(splits, student, config.img_size)
+    calib_ds = calibration_dataset(splits, data_config)
     calib_sampler = EpochSampler(len(calib_ds), shuffle=True, seed=config.seed + 1)
     calib_loader = make_loader(calib_ds, calib_sampler, config.batch_size, workers, drop_last=True)
     student.to(device)
@@ -225,7 +246,9 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
     steps_per_epoch = len(train_sampler) // config.batch_size
     total_steps = config.epochs * steps_per_epoch
     warmup = min(config.warmup_steps, total_steps // 10)
-    optimizer, scheduler = _optimizer_and_schedule(student, config.lr, config.weight_decay, total_steps, warmup)
+    optimizer, scheduler = _optimizer_and_schedule(
+        student, config.lr, config.weight_decay, total_steps, warmup, fused=device.type == "cuda"
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
     return _Run(
         config,
@@ -235,6 +258,8 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
         student,
         student,
         teacher_model,
+        data_config,
+        teacher_top1,
         train_ds,
         train_sampler,
         train_loader,
@@ -274,6 +299,43 @@ def _evaluate_start(run: _Run) -> None:
             progress.phase("evaluating calibrated student", len(run.val_loader))
             top1 = evaluate(run.student, run.val_loader, run.device, cfg.amp, progress)["top1"]
             run.evals["student_top1_calibrated"] = top1
+    if run.rank == 0:
+        run.evals["warnings"] = teacher_warnings(run.evals, run.teacher_top1_recorded, run.data_config)
+        for warning in run.evals["warnings"]:
+            progress.note(f"warning: {warning}")
+
+
+# How far under its recorded accuracy a teacher may score before the data config is suspected.
+TEACHER_SHORTFALL = 5.0
+
+
+def teacher_warnings(evals: dict[str, Any], recorded_top1: float | None, data_config: DataConfig) -> list[str]:
+    """Warnings for a teacher that scores implausibly low: under its own file's record, or under the
+    binarized student. Both point at images prepared unlike those it was trained on.
+
+    Example:
+        >>> cfg = DataConfig((3, 32, 32), "bicubic", (0.5,) * 3, (0.5,) * 3, 1.0)
+        >>> teacher_warnings({"teacher_top1": 68.3, "student_top1_before": 20.0}, 92.4, cfg)[0][:40]
+        'the teacher scores 68.30% on val/, 24.10'
+    """
+    teacher = evals.get("teacher_top1")
+    if teacher is None:
+        return []
+    cause = (
+        f"the images are likely prepared unlike those it was trained on ({data_config.describe()}); "
+        "set --img-size, --crop-pct, --interpolation, --mean and --std to how it was trained"
+    )
+    out = []
+    if recorded_top1 is not None and recorded_top1 - teacher > TEACHER_SHORTFALL:
+        out.append(
+            f"the teacher scores {teacher:.2f}% on val/, {recorded_top1 - teacher:.2f} points under the "
+            f"{recorded_top1:.2f}% its file records: {cause}"
+        )
+    student = evals.get("student_top1_calibrated")
+    student = evals.get("student_top1_before") if student is None else student
+    if student is not None and teacher < student:
+        out.append(f"the teacher scores {teacher:.2f}% on val/, under the binarized student's {student:.2f}%: {cause}")
+    return out
 
 
 def _restore(run: _Run, state: dict[str, Any]) -> None:
@@ -308,8 +370,40 @@ def _save(run: _Run) -> None:
             "evals": run.evals,
             "history": run.history,
             "config": run.config.to_json(),
+            "identity": run.identity,
         },
     )
+
+
+def _step(run: _Run, images: torch.Tensor, targets: torch.Tensor, bad_step: torch.Tensor):
+    """One optimizer step of the student, with the teacher's forward; nothing in it waits for the device.
+
+    Returns:
+        ``(loss, bad_step)``: the loss (on the device) and ``bad_step`` updated to this step if the loss
+        is not finite and no earlier step's was.
+    """
+    cfg = run.config
+    images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
+    targets = targets.to(run.device, non_blocking=True)
+    t_logits = None
+    if run.teacher is not None:
+        with torch.no_grad(), _autocast(run.device, cfg.amp):
+            t_logits = run.teacher(images)
+    with _autocast(run.device, cfg.amp):
+        s_logits = run.model(images)
+    if t_logits is None:  # --alpha 1: labels alone
+        loss = nn.functional.cross_entropy(s_logits.float(), targets)
+    else:
+        loss = distillation_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha)
+    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), run.step, bad_step)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss, bad_step
+
+
+LOG_EVERY = 10  # steps between log points: the loss is read from the device there, and only there
 
 
 def _train_epoch(run: _Run) -> float:
@@ -322,26 +416,13 @@ def _train_epoch(run: _Run) -> float:
     run.progress.advance(run.batch)
     tick = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64, device=run.device)
+    # No step waits for the device: a non-finite loss is noted on the device (the first step it happened)
+    # and reported at the next log point, where the loss is read anyway.
+    bad_step = torch.full((), -1, dtype=torch.int64, device=run.device)
+    shown: dict[str, float] = {}
     n = 0
     for images, targets in _batches(run.train_loader):
-        images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
-        targets = targets.to(run.device, non_blocking=True)
-        t_logits = None
-        if run.teacher is not None:
-            with torch.no_grad(), _autocast(run.device, cfg.amp):
-                t_logits = run.teacher(images)
-        with _autocast(run.device, cfg.amp):
-            s_logits = run.model(images)
-        if t_logits is None:  # --alpha 1: labels alone
-            loss = nn.functional.cross_entropy(s_logits.float(), targets)
-        else:
-            loss = distillation_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha)
-        if not torch.isfinite(loss):
-            raise ValueError(f"loss became {float(loss)} at step {run.step}; lower --lr or turn off --amp")
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        loss, bad_step = _step(run, images, targets, bad_step)
         run.step += 1
         run.batch += 1
         run.scheduler.step_update(num_updates=run.step)
@@ -349,18 +430,18 @@ def _train_epoch(run: _Run) -> float:
         n += 1
         now = time.perf_counter()
         img_s = len(images) * run.world / max(now - tick, 1e-9)
-        run.progress.advance(1, loss=float(loss.detach()), img_s=img_s)
         tick = now
-        if run.step % 10 == 0 or run.batch == run.steps_per_epoch:
+        if run.step % LOG_EVERY == 0 or run.batch == run.steps_per_epoch:
+            first_bad = int(bad_step)  # the one read of the device per log point
+            if first_bad >= 0:
+                raise ValueError(
+                    f"the loss became NaN or infinite at step {first_bad + 1}; lower --lr or turn off --amp"
+                )
+            shown["loss"] = float(loss.detach())
             run.write_log(
-                {
-                    "event": "step",
-                    "step": run.step,
-                    "epoch": run.epoch + 1,
-                    "loss": float(loss.detach()),
-                    "lr": run.lr(),
-                }
+                {"event": "step", "step": run.step, "epoch": run.epoch + 1, "loss": shown["loss"], "lr": run.lr()}
             )
+        run.progress.advance(1, img_s=img_s, **shown)
         if run.step % cfg.save_every == 0:
             _save(run)
     return float(total) / max(n, 1)
@@ -434,10 +515,17 @@ def finetune(
     state_path = state_path_for(output)
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+    if log is not None:
+        check_log_path(log)
     state = load_state(state_path) if resume is True or (resume == "auto" and state_path.exists()) else None
+    identity = run_identity(student_path, teacher, data_dir)
     if state is not None:
         check_resume_config(state_path, state, config.to_json())
+        check_resume_identity(state_path, state, identity)
     run = _setup(student_path, data_dir, config, teacher, progress, output)
+    run.identity = identity
+    if run.rank == 0:
+        progress.note(f"data: {run.data_config.describe()}")
     if run.rank == 0:
         remove_stale_temporaries(state_path)
         remove_stale_temporaries(output)
@@ -490,7 +578,8 @@ def finetune(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if log_file is not None:
-            log_file.close()
+            with contextlib.suppress(OSError):  # a full disk fails the close's flush too: reported above
+                log_file.close()
 
     checksum = codes_checksum(run.student)
     identical = all_equal(checksum, run.world, run.device)
@@ -514,6 +603,8 @@ def finetune(
         codes_identical_across_ranks=identical,
         resumed_from_step=resumed,
         history=run.history,
+        data_config=run.data_config.to_dict(),
+        warnings=list(run.evals.get("warnings", [])),
     )
     run.student.cpu()
     summary = {k: v for k, v in result.to_dict().items() if k.startswith(("teacher", "student"))}
@@ -535,21 +626,24 @@ def train_classifier(
     epochs: int,
     lr: float = 2e-3,
     batch_size: int = 64,
-    img_size: int | None = None,
+    data: DataOverrides | None = None,
     workers: int = 0,
     seed: int = 0,
     device: str = "auto",
     progress: Progress | None = None,
 ) -> dict[str, float]:
     """Train a full-precision model with label cross-entropy (AdamW, warm-up + cosine). Returns the
-    final val accuracy. Used by ``quickstart`` to make a teacher when no pretrained one is at hand."""
+    final val accuracy. Used by ``quickstart`` to make a teacher when no pretrained one is at hand.
+
+    The images are prepared by the model's data config with ``data``'s overrides
+    (:func:`equalbits_cli.data_config.resolve_data_config`)."""
     from .data import EpochSampler, build_datasets, find_splits, make_loader
 
     progress = progress or NullProgress()
     dev = resolve_device(device)
     torch.manual_seed(seed)
     splits = find_splits(data_dir)
-    train_ds, val_ds = build_datasets(splits, model, img_size, augment="none", seed=seed)
+    train_ds, val_ds = build_datasets(splits, resolve_data_config(model, data), augment="none", seed=seed)
     sampler = EpochSampler(len(train_ds), shuffle=True, seed=seed)
     loader = make_loader(train_ds, sampler, batch_size, workers, drop_last=True)
     val_loader = make_loader(val_ds, EpochSampler(len(val_ds), shuffle=False), batch_size, workers, drop_last=False)

@@ -59,18 +59,20 @@ def digits_small(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory, digits_small) -> Path:
-    """A full-precision resnet10t trained briefly on ``digits_small``, saved as a plain state dict."""
+    """A full-precision resnet10t trained briefly on ``digits_small`` at 32x32 (the whole image), saved as a
+    plain state dict that records its data config and accuracy, as ``quickstart``'s teacher does."""
     import timm
-    from safetensors.torch import save_file
 
+    from equalbits_cli.convert import save_full_precision
+    from equalbits_cli.data_config import DataOverrides, resolve_data_config
     from equalbits_cli.train import train_classifier
 
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
-    train_classifier(model, digits_small, epochs=6, lr=3e-3, batch_size=32, img_size=32, workers=0)
+    digits = DataOverrides(img_size=32, crop_pct=1.0)
+    result = train_classifier(model, digits_small, epochs=6, lr=3e-3, batch_size=32, data=digits, workers=0)
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return save_full_precision(model, path, data_config=resolve_data_config(model, digits), top1=result["top1"])
 
 
 @pytest.fixture(scope="session")

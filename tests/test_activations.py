@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
 from equalbits_cli.evaluate import activation_batch, recalibrate_bn
-from equalbits_cli.layers import calibrate_thresholds
+from equalbits_cli.layers import UNCALIBRATED_THRESHOLD, calibrate_thresholds
 from equalbits_cli.onnx_export import export_onnx
 from equalbits_cli.report import activation_shares
 
@@ -18,7 +18,7 @@ from equalbits_cli.report import activation_shares
 @pytest.fixture(scope="module")
 def one_w_one_a(digits_teacher, digits_small):
     model = binarize_model("resnet10t", BinarizeConfig(activations="sign"), checkpoint=digits_teacher)
-    images = activation_batch(model, digits_small, 32, n=48)
+    images = activation_batch(model, digits_small, n=48)
     before = activation_shares(model, images)
     assert calibrate_thresholds(model, [images]) == len(before)
     recalibrate_bn(model, [(images, None)], 1, torch.device("cpu"))
@@ -49,7 +49,7 @@ def test_thresholds_round_trip_through_files(tmp_path, one_w_one_a):
     assert close.mean() >= 0.95
 
 
-def test_files_without_thresholds_load_at_zero_and_bad_thresholds_are_refused(tmp_path, one_w_one_a):
+def test_files_without_thresholds_load_uncalibrated_and_bad_thresholds_are_refused(tmp_path, one_w_one_a):
     model, _, _ = one_w_one_a
     path = save_checkpoint(model, tmp_path / "l.safetensors")
     state = load_file(str(path))
@@ -59,7 +59,8 @@ def test_files_without_thresholds_load_at_zero_and_bad_thresholds_are_refused(tm
         meta = f.metadata()
     old = {k: v for k, v in state.items() if not k.endswith("act_threshold")}
     save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
-    assert float(load_model(tmp_path / "old.safetensors").layer1[0].conv1.act_threshold.detach().abs().sum()) == 0
+    loaded = load_model(tmp_path / "old.safetensors").layer1[0].conv1.act_threshold.detach()
+    assert torch.equal(loaded, torch.full_like(loaded, UNCALIBRATED_THRESHOLD))
     bad = dict(state)
     bad["layer1.0.conv1.act_threshold"] = torch.full_like(bad["layer1.0.conv1.act_threshold"], float("nan"))
     save_file(bad, str(tmp_path / "nan.safetensors"), metadata=meta)
@@ -69,3 +70,16 @@ def test_files_without_thresholds_load_at_zero_and_bad_thresholds_are_refused(tm
     save_file(bad, str(tmp_path / "shape.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="act_threshold"):
         load_model(tmp_path / "shape.safetensors")
+
+
+@pytest.mark.parametrize("binarize_depthwise", [False, True])
+def test_uncalibrated_mobilenetv3_1w1a_exports(tmp_path, binarize_depthwise):
+    """A freshly binarized 1W/1A MobileNetV3 (thresholds never calibrated) exports: its many exact-zero
+    inputs (hard-swish below its knee, cancelling +-1 sums) do not sit on the threshold, so onnxruntime's
+    rounding cannot flip them. Before 0.5 the thresholds started at 0 and 0% of samples matched."""
+    from equalbits_cli import LayerPolicy
+
+    policy = LayerPolicy(depthwise=binarize_depthwise)
+    model = binarize_model("mobilenetv3_small_100", BinarizeConfig(activations="sign"), num_classes=10, policy=policy)
+    result = export_onnx(model.eval(), tmp_path / "m.onnx", img_size=64)
+    assert result.matched == 1.0

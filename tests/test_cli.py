@@ -78,7 +78,7 @@ BAD = [
     (["inspect", "CORRUPT"], "not a safetensors file"),
     (["inspect", "FP"], "pass --model NAME"),
     (["export", "CORRUPT"], "not a safetensors file"),
-    (["export", "FP", "-f", "packed"], "not an equalbits file"),
+    (["export", "FP", "-f", "packed"], "not a binarized checkpoint; make one first"),
     (["export", "CKPT", "-f", "tflite"], "--format must be one of packed, onnx, onnx-int8"),
     (["export", "CKPT", "--img-size", "0"], "--img-size must be between 8 and 4096"),
     (["export", "CKPT", "--img-size", "100000"], "--img-size must be between 8 and 4096"),

@@ -12,6 +12,7 @@ from helpers import run_cli
 from PIL import Image
 
 from equalbits_cli.data import _to_rgb, build_datasets, find_splits
+from equalbits_cli.data_config import DataOverrides, resolve_data_config
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
@@ -63,7 +64,8 @@ def test_augmentation_is_seeded_per_sample(digits_small):
 
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
     for augment in ("light", "full"):
-        train, _ = build_datasets(find_splits(digits_small), model, 32, augment, seed=3)
+        cfg = resolve_data_config(model, DataOverrides(img_size=32))
+        train, _ = build_datasets(find_splits(digits_small), cfg, augment, seed=3)
         a, b = train[5][0], train[5][0]
         assert torch.equal(a, b), augment
         train.epoch = 1

@@ -216,3 +216,157 @@ def test_forged_onnx_initializers_are_refused(tmp_path, binary_ckpt):
               location="ext.data", size_threshold=0)  # fmt: skip
     res = runner.invoke(app, ["inspect", str(tmp_path / "ext.onnx")])
     assert res.exit_code == 2 and "external data" in res.stderr
+
+
+# Round three (issue 23): data loss, early validation, messages.
+
+
+def _one_error(res, message):
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2, (res.stdout, res.stderr, res.exception)
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_an_output_cannot_be_an_input_or_another_output(tmp_path, digits_small, digits_student, binary_ckpt):
+    student = tmp_path / "s.safetensors"
+    shutil.copy(digits_student, student)
+    before = student.read_bytes()
+    out = tmp_path / "o.safetensors"
+    base = ["finetune", str(student), "--data", str(digits_small), "--workers", "0"]
+    _one_error(runner.invoke(app, [*base, "-o", str(out), "--plot", str(out)]), "--plot")
+    _one_error(runner.invoke(app, [*base, "-o", str(out), "--plot", str(student), "--overwrite"]), "CKPT")
+    _one_error(runner.invoke(app, [*base, "-o", str(out), "--log", str(student)]), "CKPT")
+    _one_error(runner.invoke(app, [*base, "-o", str(out), "--log", str(tmp_path)]), "is a directory")
+    _one_error(runner.invoke(app, ["inspect", str(student), "--plot", str(student), "--overwrite"]), "FILE")
+    _one_error(runner.invoke(app, ["export", str(student), "-o", str(student), "--overwrite"]), "CHECKPOINT")
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"keep")
+    _one_error(
+        runner.invoke(app, ["sweep", "resnet10t", "--data", str(digits_small), "--plot", str(existing),
+                            "--rows", str(tmp_path / "r.jsonl")]),
+        "--overwrite",
+    )  # fmt: skip
+    assert student.read_bytes() == before and existing.read_bytes() == b"keep" and not out.exists()
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path, digits_small):
+    out = tmp_path / "qs"
+    for args, message in (
+        (["--epochs", "0"], "epochs must be an integer >= 1"),
+        (["--seed", "-1"], "seed must be an integer >= 0"),
+        (["--teacher-epochs", "0"], "--teacher-epochs must be at least 1"),
+        (["--model", "nope_model"], "unknown timm model 'nope_model'"),
+    ):
+        _one_error(runner.invoke(app, ["quickstart", "--out", str(out), *args]), message)
+        assert not out.exists() or not any(out.iterdir()), "nothing written"
+    rows = tmp_path / "r.jsonl"
+    for args, message in (
+        (["--ratios", "0.5,0.0001"], "only -1 codes"),
+        (["--ratios", "0.5,,0.5"], "has an empty entry"),
+        (["--ratios", "0.5,0.5"], "lists 0.5 more than once"),
+        (["--prune", "0,0.999"], "sets all"),
+        (["--methods", "sign", "--prune", "0.2"], "--prune applies to --methods ot only"),
+    ):
+        res = runner.invoke(app, ["sweep", "resnet10t", "--data", str(digits_small), "--rows", str(rows), *args])
+        _one_error(res, message)
+        assert not rows.exists()
+
+
+def test_one_line_messages(tmp_path, binary_ckpt, resnet18_state, digits_small):
+    from helpers import run_cli
+
+    res = run_cli("binarize", "resnet18", "--ratio", "abc")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "Invalid value for '--ratio'" in res.stderr and "equalbits binarize --help" in res.stderr
+    _one_error(
+        runner.invoke(app, ["export", str(resnet18_state), "-o", str(tmp_path / "x.packed.safetensors")]),
+        "not a binarized checkpoint; make one first: equalbits binarize MODEL --checkpoint",
+    )
+    _one_error(
+        runner.invoke(app, ["export", str(binary_ckpt), "--calibrate-batches", "4", "-o", str(tmp_path / "p")]),
+        "--calibrate-batches applies to --format onnx-int8 only",
+    )
+    _one_error(runner.invoke(app, ["inspect", str(resnet18_state), "--model", "resnet18", "--data",
+                                   str(digits_small)]), "plain state dict")  # fmt: skip
+    state = state_path_for(tmp_path / "o.safetensors")
+    state.mkdir()
+    _one_error(
+        runner.invoke(app, ["finetune", str(binary_ckpt), "--data", str(digits_small), "-o",
+                            str(tmp_path / "o.safetensors"), "--resume", "yes"]),
+        "is a directory, not a training state",
+    )  # fmt: skip
+    _one_error(runner.invoke(app, ["finetune", str(binary_ckpt), "--data", str(digits_small), "--temperature",
+                                   "1e308"]), "temperature must be in (0, 100]")  # fmt: skip
+
+
+def test_corrupt_state_never_advises_unpickling(tmp_path):
+    from equalbits_cli.state import load_state
+
+    path = tmp_path / "s.pt"
+    import datetime
+
+    # A date is no tensor, number or string: torch's safe loader refuses it, and advises unpickling.
+    torch.save({"format": "equalbits.train_state", "obj": datetime.date(2026, 1, 1)}, str(path))
+    with pytest.raises(ValueError, match="corrupt training state") as err:
+        load_state(path)
+    assert "weights_only" not in str(err.value)
+
+
+def test_non_utf8_names_show_their_bytes(tmp_path):
+    name = os.fsdecode(b"bad\xff.safetensors")
+    res = runner.invoke(app, ["inspect", str(tmp_path / name)])
+    assert res.exit_code == 2 and "bad\\xff" in res.stderr and "udcff" not in res.stderr
+
+
+def test_resume_of_a_state_saved_for_another_student_is_refused(tmp_path, resnet18_state, digits_small):
+    from equalbits_cli import BinarizeConfig, binarize_model, save_checkpoint
+    from equalbits_cli.state import check_resume_identity, run_identity
+
+    path = tmp_path / "s.safetensors"
+    save_checkpoint(binarize_model("resnet18", BinarizeConfig(), checkpoint=resnet18_state), path)
+    saved = {"identity": run_identity(path, None, digits_small)}
+    check_resume_identity(path, saved, run_identity(path, None, digits_small))  # the same run: accepted
+    save_checkpoint(binarize_model("resnet18", BinarizeConfig(0.3, 0.2), checkpoint=resnet18_state), path)
+    with pytest.raises(ValueError, match="the student's binarization .* changed .*0.3"):
+        check_resume_identity(path, saved, run_identity(path, None, digits_small))
+    save_checkpoint(binarize_model("resnet18", BinarizeConfig(), checkpoint=resnet18_state), path)
+    with pytest.raises(ValueError, match="the teacher changed"):
+        check_resume_identity(path, saved, run_identity(path, "resnet34", digits_small))
+    with pytest.raises(ValueError, match="the data folder changed"):
+        check_resume_identity(path, saved, run_identity(path, None, tmp_path))
+    check_resume_identity(path, {}, run_identity(path, None, tmp_path))  # states from before 0.5: as before
+
+
+def test_interrupted_sweep_keeps_its_rows_and_goes_on(tmp_path, digits_small, digits_teacher):
+    from equalbits_cli.config import FinetuneConfig
+    from equalbits_cli.errors import Interrupted
+    from equalbits_cli.progress import NullProgress
+    from equalbits_cli.sweep import read_rows, run_sweep
+
+    class StopAtSecond(NullProgress):
+        def __init__(self):
+            self.settings = 0
+
+        def phase(self, text, total=None):
+            if text.startswith("setting"):
+                self.settings += 1
+                if self.settings == 2:
+                    raise KeyboardInterrupt
+
+    rows_file = tmp_path / "rows.jsonl"
+    cfg = FinetuneConfig(epochs=1, batch_size=32, workers=0, warmup_steps=2, calibrate_batches=1)
+    kwargs = dict(ratios=[0.5, 0.3], checkpoint=str(digits_teacher), finetune_config=cfg, rows_file=rows_file)
+    with pytest.raises(Interrupted, match="after 1 of 2 settings; they are kept in") as stopped:
+        run_sweep("resnet10t", digits_small, progress=StopAtSecond(), **kwargs)
+    assert stopped.value.signum == signal.SIGINT and len(stopped.value.rows) == 1
+    assert len(read_rows(rows_file)) == 1
+    notes = []
+
+    class Notes(NullProgress):
+        def note(self, text):
+            notes.append(text)
+
+    rows = run_sweep("resnet10t", digits_small, progress=Notes(), **kwargs)
+    assert [r["ratio"] for r in rows] == [0.5, 0.3] and rows[0] == stopped.value.rows[0]
+    reused = [n for n in notes if "reusing the finished row" in n]
+    assert len(reused) == 1 and reused[0].startswith("setting 1/2") and len(read_rows(rows_file)) == 2

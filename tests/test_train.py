@@ -15,6 +15,7 @@ import torch
 from helpers import run_cli, start_cli, wait_for_file
 
 from equalbits_cli import load_model
+from equalbits_cli.distill import distillation_loss
 from equalbits_cli.io import read_metadata
 from equalbits_cli.train import codes_checksum, state_path_for
 
@@ -80,7 +81,10 @@ def test_eval_full_precision_model(digits_small, digits_teacher):
         "--json",
     )
     assert res.returncode == 0, res.stderr
-    assert set(json.loads(res.stdout)) == {"top1", "top5", "n"}
+    out = json.loads(res.stdout)
+    assert set(out) == {"top1", "top5", "n", "data_config"}
+    # The teacher's file records how it was trained (32x32, the whole image); eval reads it back.
+    assert out["data_config"]["input_size"] == [3, 32, 32] and out["data_config"]["crop_pct"] == 1.0
 
 
 def test_finetune_finds_the_single_checkpoint_in_cwd(tmp_path, digits_small, digits_student):
@@ -273,6 +277,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
 def test_torchrun_restart_resumes_automatically(tmp_path, digits_small, digits_student):
     """A worker lost mid-run: torchrun --max-restarts starts the same command again, and --resume auto
@@ -356,3 +361,50 @@ def test_default_workers_follow_the_cpus(monkeypatch):
     assert data.default_workers() == 8 and data.default_workers(4) == 3 and data.default_workers(16) == 0
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert data.default_workers() == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", [False, True])
+def test_no_device_sync_in_a_finetune_step_on_cuda(tmp_path, digits_small, digits_student, amp):
+    """A whole fine-tune step (teacher forward, student forward and backward, the AMP scaler and the
+    optimizer) never waits for the device: the loss is read at log points only, and on CUDA the fused
+    AdamW takes the scaler's inf check on the device."""
+    from equalbits_cli.config import FinetuneConfig
+    from equalbits_cli.progress import NullProgress
+    from equalbits_cli.train import _setup, _step
+
+    cfg = FinetuneConfig(epochs=1, batch_size=16, workers=0, device="cuda", amp=amp, calibrate_batches=0)
+    run = _setup(digits_student, digits_small, cfg, None, NullProgress(), tmp_path / "o.safetensors")
+    assert run.teacher is not None
+    run.model.train()
+    batches = iter(run.train_loader)  # pinned by the loader on CUDA, as in a fine-tune
+    bad = torch.full((), -1, dtype=torch.int64, device=run.device)
+    _step(run, *next(batches), bad)  # warm-up: kernels compiled, launch tables built, scaler initialised
+    images, targets = next(batches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, bad = _step(run, images, targets, bad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(bad) == -1 and bool(torch.isfinite(loss))
+
+
+def test_a_non_finite_loss_is_reported_with_its_step(tmp_path, digits_small, digits_student, monkeypatch):
+    """The loss is checked on the device each step and read at the next log point: the error names the
+    first bad step (3), not the log point (10) where it is found."""
+    import equalbits_cli.train as train
+    from equalbits_cli.config import FinetuneConfig
+
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = distillation_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "distillation_loss", poisoned)
+    cfg = FinetuneConfig(epochs=1, batch_size=32, workers=0, calibrate_batches=0, warmup_steps=2)
+    with pytest.raises(ValueError, match="became NaN or infinite at step 3; lower --lr"):
+        train.finetune(digits_student, digits_small, cfg, output=tmp_path / "o.safetensors")
+    assert len(calls) == train.LOG_EVERY

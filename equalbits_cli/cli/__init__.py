@@ -40,10 +40,28 @@ def _optional_values(args: list[str]) -> list[str]:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. A usage error (a bad value, an unknown option) is one line on stderr,
+    exit 2, like every other error: the boxed usage text would bury it."""
     import sys
 
-    app(args=_optional_values(sys.argv[1:]), prog_name="equalbits")
+    try:
+        code = app(args=_optional_values(sys.argv[1:]), prog_name="equalbits", standalone_mode=False)
+    except Exception as exc:  # click's (or typer's vendored click's) exceptions, matched by their shape
+        kind = type(exc).__name__
+        ctx = getattr(exc, "ctx", None)
+        if kind == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            code = 0
+        elif kind == "Abort":
+            print("error: interrupted", file=sys.stderr)
+            code = 130
+        elif hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+            where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+            print(f"error: {exc.format_message().rstrip('.')}{where}", file=sys.stderr)
+            code = exc.exit_code
+        else:
+            raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main"]

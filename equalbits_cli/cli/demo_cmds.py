@@ -11,12 +11,17 @@ from .app import app
 from .options import (
     BatchOpt,
     CheckpointOpt,
+    CropPctOpt,
     DataOpt,
     ImgSizeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
     OverwriteOpt,
     RatioOpt,
+    StdOpt,
     WorkersOpt,
+    data_overrides,
     user_errors,
 )
 
@@ -89,51 +94,100 @@ def sweep(
     lr: Annotated[float, typer.Option(help="Peak learning rate per setting.")] = 5e-3,
     batch_size: BatchOpt = 64,
     img_size: ImgSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     workers: WorkersOpt = 2,
     seed: Annotated[int, typer.Option(help="Seed (the same for every setting).")] = 0,
     plot: Annotated[Path | None, typer.Option(help="Write accuracy and entropy against the ratio to this PNG.")] = None,
+    rows: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON-lines file keeping each finished setting's row; a rerun reuses them, so an interrupted "
+            "sweep goes on where it stopped. Default: MODEL.sweep.jsonl here.",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start afresh: empty the --rows file and replace the --plot file.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Accuracy and entropy across bit ratios and methods: do equal bits win on your model and data?
+
+    Ctrl-C or SIGTERM keeps the finished settings (printed, plotted, and in --rows); the same command continues.
 
     [b]Example[/b]
 
       equalbits sweep resnet18 --checkpoint r18.pth --data ./digits --ratios 0.1,0.3,0.5 --plot sweep.png
     """
     from ..config import FinetuneConfig
-    from ..sweep import parse_floats, run_sweep
+    from ..errors import Interrupted
+    from ..paths import check_distinct_paths, check_log_path, check_output_path
+    from ..sweep import parse_floats, run_sweep, sweep_settings
+    from .app import _default_output
     from .progress import RichProgress
-    from .render import print_json, stdout
 
     ratio_list = parse_floats(ratios, "ratios")
     prune_list = parse_floats(prune, "prune")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, img_size=img_size, workers=workers, seed=seed)
+    over = data_overrides(img_size, crop_pct, interpolation, mean, std)
+    config = FinetuneConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        img_size=over.img_size,
+        crop_pct=over.crop_pct,
+        interpolation=over.interpolation,
+        mean=over.mean,
+        std=over.std,
+        workers=workers,
+        seed=seed,
+    )
+    if not Path(model).is_file():
+        sweep_settings(model, ratio_list, prune_list, method_list)  # every setting checked before any work
+    rows_file = rows if rows is not None else _default_output(model, ".sweep.jsonl")
+    check_distinct_paths({"--plot": plot, "--rows": rows_file}, {"MODEL": model if Path(model).is_file() else None})
+    check_log_path(rows_file)
     if plot is not None:
-        from ..io import check_output_path
+        check_output_path(plot, overwrite=overwrite or rows_file.exists())
+    if overwrite:
+        rows_file.unlink(missing_ok=True)
+    try:
+        with RichProgress(enabled=True) as progress:
+            result = run_sweep(
+                model,
+                data,
+                ratios=ratio_list,
+                prunes=prune_list,
+                methods=method_list,
+                checkpoint=checkpoint,
+                finetune_config=config,
+                rows_file=rows_file,
+                progress=progress,
+            )
+    except Interrupted as exc:
+        if exc.rows:
+            _show_sweep(model, exc.rows, plot, json_out, partial=True)
+        raise
+    _show_sweep(model, result, plot, json_out, partial=False)
 
-        check_output_path(plot, overwrite=True)
-    with RichProgress(enabled=True) as progress:
-        rows = run_sweep(
-            model,
-            data,
-            ratios=ratio_list,
-            prunes=prune_list,
-            methods=method_list,
-            checkpoint=checkpoint,
-            finetune_config=config,
-            progress=progress,
-        )
+
+def _show_sweep(model: str, rows: list, plot: Path | None, json_out: bool, partial: bool) -> None:
+    from .render import print_json, stdout
+
     if plot is not None:
         from ..plots import plot_sweep
 
-        plot_sweep(rows, plot, title=f"{model}: accuracy and entropy vs +1 ratio")
+        done = " (interrupted: finished settings only)" if partial else ""
+        plot_sweep(rows, plot, title=f"{model}: accuracy and entropy vs +1 ratio{done}")
     if json_out:
-        print_json({"model": model, "rows": rows, "plot": str(plot) if plot else None})
+        print_json({"model": model, "rows": rows, "plot": str(plot) if plot else None, "partial": partial})
         return
     from rich.table import Table
 
-    t = Table(title=f"sweep of {model}", title_justify="left")
+    t = Table(title=f"sweep of {model}" + (" (interrupted)" if partial else ""), title_justify="left")
     for col in ("method", "prune", "+1 ratio", "entropy", "top-1 before", "top-1 after", "top-5 after"):
         t.add_column(col, justify="right")
     for r in rows:

@@ -11,11 +11,15 @@ from .app import _default_output, app
 from .options import (
     ActivationsOpt,
     CheckpointOpt,
+    CropPctOpt,
     DepthwiseOpt,
     ExcludeOpt,
     GatesOpt,
+    ImgSizeOpt,
     IncludeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
     MethodOpt,
     NumClassesOpt,
     OutOpt,
@@ -23,6 +27,8 @@ from .options import (
     PretrainedOpt,
     PruneOpt,
     RatioOpt,
+    StdOpt,
+    data_overrides,
     user_errors,
 )
 
@@ -110,7 +116,11 @@ def inspect(
         Path | None,
         typer.Option(help="ImageFolder root: also report each 1W/1A layer's share of +1 activation bits on a batch."),
     ] = None,
-    img_size: Annotated[int | None, typer.Option(help="Input size for --data (default: the model's).")] = None,
+    img_size: ImgSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --plot file if it exists.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -119,11 +129,23 @@ def inspect(
     For a plain timm state dict (with --model), shows what binarize would do with --ratio/--prune/--method.
     """
     from ..config import BinarizeConfig
-    from ..paths import check_output_path
+    from ..paths import check_distinct_paths, check_output_path
     from .render import print_json, show_stats
 
+    over = data_overrides(img_size, crop_pct, interpolation, mean, std)
     if plot is not None:
+        check_distinct_paths({"--plot": plot}, {"FILE": file})
         check_output_path(plot, overwrite)
+    if data is not None:
+        from ..io import read_metadata
+
+        if file.suffix == ".onnx":
+            raise ValueError(
+                "--data measures the activation bits of a PyTorch model; inspect the .safetensors file "
+                f"{file.name} was exported from"
+            )
+        if not str(read_metadata(file).get("format", "")).startswith("equalbits."):
+            raise ValueError(f"--data applies to files equalbits wrote; {file} is a plain state dict")
     report = None
     if model is None and file.suffix == ".safetensors":
         from ..inspect_packed import packed_report
@@ -139,11 +161,11 @@ def inspect(
         from ..report import activation_shares, with_activation_shares
 
         net = load_model(file)
-        report = with_activation_shares(report, activation_shares(net, activation_batch(net, data, img_size)))
+        report = with_activation_shares(report, activation_shares(net, activation_batch(net, data, over)))
     if plot is not None:
         from ..plots import plot_layers
 
-        plot_layers(report.stats, plot, title=f"{report.model} ({Path(report.path).name})")
+        plot_layers(report.stats, plot, title=f"{report.model} ({Path(report.path).name})", exclusive=not overwrite)
     if json_out:
         print_json(report.to_dict())
     else:
@@ -174,15 +196,22 @@ def export(
         Path | None,
         typer.Option(
             "--data",
-            help="ONNX: image folder (train/ and/or val/). onnx-int8 calibrates the activation ranges on train/ "
-            "(else val/); both ONNX formats report top-1 agreement with PyTorch on val/.",
+            help="ONNX: image folder with val/ (train/ too, if there is one). onnx-int8 calibrates the activation "
+            "ranges on train/ (else val/); both ONNX formats report top-1 agreement with PyTorch on val/.",
             show_default=False,
         ),
     ] = None,
     calibrate_batches: Annotated[
-        int, typer.Option(help="onnx-int8: calibration batches of 8 images (1 to 10000).")
-    ] = 8,
-    img_size: Annotated[int | None, typer.Option(help="ONNX input size (default: the model's).")] = None,
+        int | None,
+        typer.Option(
+            help="onnx-int8 only: calibration batches of 8 images, 1 to 10000 [default: 8].", show_default=False
+        ),
+    ] = None,
+    img_size: ImgSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     output: OutOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -207,6 +236,7 @@ def export(
 
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    over = data_overrides(img_size, crop_pct, interpolation, mean, std)
     suffix = {"packed": ".packed.safetensors", "onnx": ".onnx", "onnx-int8": ".int8.onnx"}[format]
     out = output or checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + suffix)
     with RichProgress(enabled=not json_out) as progress:
@@ -215,7 +245,7 @@ def export(
             out,
             format=format,
             onnx_weights=onnx_weights,
-            img_size=img_size,
+            data_overrides=over,
             overwrite=overwrite,
             data=data,
             calibrate_batches=calibrate_batches,

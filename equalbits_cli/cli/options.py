@@ -12,6 +12,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from ..errors import ExportMismatch, Interrupted
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout instead of tables.")]
@@ -81,7 +83,45 @@ class AugmentChoice(str, enum.Enum):
 
 
 DataOpt = Annotated[Path, typer.Option("--data", help="ImageFolder root with train/ and val/ (or validation/).")]
-ImgSizeOpt = Annotated[int | None, typer.Option(help="Input size (default: the model's data config).")]
+ImgSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Input height and width, 8 to 4096 (default: what the file records, else the model's data config).",
+        show_default=False,
+    ),
+]
+CropPctOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Share of the resized image kept by the centre crop, as the model was trained: 1.0 = the whole "
+        "image (default: recorded, else the model's).",
+        show_default=False,
+    ),
+]
+InterpolationOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="[bilinear|bicubic|nearest|box|hamming|lanczos]",
+        help="Resize filter (default: recorded, else the model's).",
+        show_default=False,
+    ),
+]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="R,G,B",
+        help="Normalization mean of pixels in [0, 1] (default: recorded, else the model's).",
+        show_default=False,
+    ),
+]
+StdOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="R,G,B",
+        help="Normalization standard deviation (default: recorded, else the model's).",
+        show_default=False,
+    ),
+]
 BatchOpt = Annotated[int, typer.Option(help="Batch size per process.")]
 WorkersOpt = Annotated[int, typer.Option(help="Data loader worker processes.")]
 DeviceOpt = Annotated[
@@ -90,8 +130,46 @@ DeviceOpt = Annotated[
 AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (bf16 on CPU, fp16 on CUDA).")]
 
 
+def _channels(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated numbers such as 0.485,0.456,0.406, got {text!r}") from None
+    return values * 3 if len(values) == 1 else values
+
+
+def data_overrides(
+    img_size: int | None, crop_pct: float | None, interpolation: str | None, mean: str | None, std: str | None
+):
+    """The data-config options as a :class:`equalbits_cli.data_config.DataOverrides`, checked.
+
+    Raises:
+        ValueError: an option out of range, named by its flag.
+    """
+    from ..data_config import INTERPOLATIONS, MAX_SIZE, MIN_SIZE, DataConfig, DataOverrides
+
+    if img_size is not None and not MIN_SIZE <= img_size <= MAX_SIZE:
+        raise ValueError(f"--img-size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {img_size}")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    means, stds = _channels(mean, "--mean"), _channels(std, "--std")
+    try:  # the ranges of crop, mean and std, on a stand-in config of 3 channels
+        DataConfig(
+            (3, 32, 32), "bilinear", means or (0.5,) * 3, stds or (0.5,) * 3, 1.0 if crop_pct is None else crop_pct
+        )
+    except ValueError as exc:
+        flag = next((f for f in ("crop_pct", "mean", "std") if str(exc).startswith(f)), None)
+        text = str(exc)
+        raise ValueError(f"--{flag.replace('_', '-')}{text[len(flag) :]}" if flag else text) from None
+    return DataOverrides(img_size, crop_pct, interpolation, means, stds)
+
+
 def fail(message: str, code: int = 2) -> None:
     """One line on stderr, then exit with ``code`` (no traceback). Long messages are cut."""
+    # A file name that is not UTF-8 arrives with surrogate escapes: show its bytes (\xff), not \udcff.
+    message = message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     line = " ".join(message.split())
     if len(line) > 2000:
         line = line[:2000] + " ... (cut)"
@@ -119,6 +197,12 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except Interrupted as exc:
+            fail(str(exc), code=128 + int(exc.signum))
+        except ExportMismatch as exc:
+            if debug_enabled():
+                raise
+            fail(str(exc), code=1)
         except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
             if debug_enabled():
                 raise
@@ -128,6 +212,10 @@ def user_errors(fn: F) -> F:
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
             fail(f"{where}{exc.strerror or _first_line(exc)}")
+        except MemoryError:
+            if debug_enabled():
+                raise
+            fail("out of memory; lower --batch-size or --img-size")
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None

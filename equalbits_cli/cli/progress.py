@@ -50,8 +50,19 @@ class RichProgress:
             return
         info = ""
         if "loss" in fields:
-            info = f"loss {fields['loss']:.4f}  {fields.get('img_s', 0):.0f} img/s"
+            info = f"loss {fields['loss']:.4f}  "
+        if "img_s" in fields:
+            info += f"{fields['img_s']:.0f} img/s"
         self._progress.update(self._task, advance=n, info=info)
 
     def done(self) -> None:
         pass
+
+    def note(self, text: str) -> None:
+        """A line above the bars (the data config, warnings), on stderr."""
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            stderr().print(text)

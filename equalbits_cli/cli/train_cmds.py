@@ -13,13 +13,18 @@ from .options import (
     AugmentChoice,
     BatchOpt,
     CheckpointOpt,
+    CropPctOpt,
     DataOpt,
     DeviceOpt,
     ImgSizeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
     OutOpt,
     OverwriteOpt,
+    StdOpt,
     WorkersOpt,
+    data_overrides,
     user_errors,
 )
 
@@ -56,6 +61,10 @@ def finetune(
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (after warm-up, then cosine to 0).")] = 5e-3,
     batch_size: BatchOpt = 64,
     img_size: ImgSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     teacher: Annotated[
         str | None,
         typer.Option(help="Teacher: timm name (pretrained) or state dict file. Default: the student's source."),
@@ -125,6 +134,10 @@ def finetune(
     Loss: KL(teacher || student) at temperature T, times T^2, mixed with label cross-entropy by --alpha.
     AdamW, linear warm-up then cosine decay; BatchNorm statistics re-estimated first.
 
+    Images are prepared as the student's file records (from its source checkpoint, else the model's timm config).
+    --img-size, --crop-pct, --interpolation, --mean and --std change that; the fine-tuned file records what was used,
+    and eval and export read it back.
+
     [b]Examples[/b]
 
       equalbits finetune r18.safetensors --data ./imagenet --epochs 5
@@ -141,16 +154,20 @@ def finetune(
 
     from ..config import FinetuneConfig
     from ..io import check_output_path
-    from ..train import Interrupted
     from ..train import finetune as run_finetune
     from .progress import RichProgress
     from .render import kv_table, print_json, stdout
 
+    over = data_overrides(img_size, crop_pct, interpolation, mean, std)
     config = FinetuneConfig(
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
-        img_size=img_size,
+        img_size=over.img_size,
+        crop_pct=over.crop_pct,
+        interpolation=over.interpolation,
+        mean=over.mean,
+        std=over.std,
         temperature=temperature,
         alpha=alpha,
         weight_decay=weight_decay,
@@ -174,32 +191,37 @@ def finetune(
     out = output or student.with_name(student.name.removesuffix(".safetensors") + ".ft.safetensors")
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
+        from ..paths import check_distinct_paths, check_log_path
         from ..state import state_path_for
 
+        teacher_file = teacher if teacher is not None and Path(teacher).is_file() else None
+        check_distinct_paths(
+            {"-o": out, "--plot": plot, "--log": log, "the training state": state_path_for(out)},
+            {"CKPT": student, "--teacher": teacher_file},
+        )
         resuming = resume_arg is True or (resume_arg == "auto" and state_path_for(out).exists())
         check_output_path(out, overwrite or resuming)
         if plot is not None:
             check_output_path(plot, overwrite)
-    try:
-        with RichProgress(enabled=rank == 0) as progress:
-            result = run_finetune(
-                student, data, config, output=out, teacher=teacher, resume=resume_arg, log=log, progress=progress
-            )
-    except Interrupted as exc:
-        from .options import fail
-
-        fail(str(exc), code=128 + int(exc.signum))
-        return
+        if log is not None:
+            check_log_path(log)
+    with RichProgress(enabled=rank == 0) as progress:
+        result = run_finetune(
+            student, data, config, output=out, teacher=teacher, resume=resume_arg, log=log, progress=progress
+        )
     if result is None:
         return
     if plot is not None:
         from ..plots import plot_history
 
-        plot_history(result.history, plot, title=f"fine-tune of {student.name}")
+        plot_history(result.history, plot, title=f"fine-tune of {student.name}", exclusive=not overwrite)
     if json_out:
         print_json({**result.to_dict(), "output": str(out)})
         return
-    rows = [("teacher top-1", "-" if result.teacher_top1 is None else f"{result.teacher_top1:.2f}%")]
+    from ..data_config import DataConfig
+
+    rows = [("data", DataConfig.from_dict(result.data_config).describe())]
+    rows.append(("teacher top-1", "-" if result.teacher_top1 is None else f"{result.teacher_top1:.2f}%"))
     rows.append(("student top-1, binarized", f"{result.student_top1_before:.2f}%"))
     if result.student_top1_calibrated is not None:
         rows.append(("student top-1, BatchNorm re-estimated", f"{result.student_top1_calibrated:.2f}%"))
@@ -213,6 +235,7 @@ def finetune(
         ("processes", str(result.world_size)),
         ("time", f"{result.seconds:.1f} s"),
     ]
+    rows += [("warning", w) for w in result.warnings]
     stdout().print(kv_table(f"fine-tuned {student.name} -> {out}", rows))
 
 
@@ -223,13 +246,20 @@ def eval_(
     data: DataOpt = ...,  # type: ignore[assignment]
     checkpoint: CheckpointOpt = None,
     img_size: ImgSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
     amp: AmpOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Top-1 / top-5 accuracy on the val split of an ImageFolder dataset.
+    """Top-1 / top-5 accuracy on the val split of an ImageFolder dataset (val/ alone is enough).
+
+    Images are prepared as the file records (the data config it was fine-tuned with), else by the model's timm config.
+    --img-size, --crop-pct, --interpolation, --mean and --std override that; the report names what was used.
 
     [b]Examples[/b]
 
@@ -237,16 +267,18 @@ def eval_(
 
       equalbits eval resnet18 --checkpoint r18_fp.safetensors --data ./imagenet --json
     """
+    from ..data_config import DataConfig
     from ..train import evaluate_source
     from .progress import RichProgress
     from .render import print_json, stdout
 
+    over = data_overrides(img_size, crop_pct, interpolation, mean, std)
     with RichProgress(enabled=not json_out) as progress:
         result = evaluate_source(
             model,
             data,
             checkpoint=checkpoint,
-            img_size=img_size,
+            data=over,
             batch_size=batch_size,
             workers=workers,
             device=device,
@@ -256,4 +288,7 @@ def eval_(
     if json_out:
         print_json(result)
     else:
-        stdout().print(f"{model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['n']} images")
+        used = DataConfig.from_dict(result["data_config"]).describe()
+        stdout().print(
+            f"{model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['n']} images ({used})"
+        )
