@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, save_checkpoint, save_packed
-from equalbits_cli.onnx_export import export_onnx
+from equalbits_cli.export.onnx import export_onnx
 
 
 def mib(n: int) -> str:

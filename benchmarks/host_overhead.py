@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import machine  # noqa: E402
 
 import equalbits_cli  # noqa: E402
-from equalbits_cli import BinarizeConfig, binarize_, quantize  # noqa: E402
+from equalbits_cli import BinarizeConfig, binarize_  # noqa: E402
+from equalbits_cli.quant import quantize  # noqa: E402
 
 
 class _NoKernel:
@@ -40,9 +41,9 @@ class _NoKernel:
 
 
 def _gpu_path_without_kernels() -> None:
-    from equalbits_cli.kernels import ot_triton
+    from equalbits_cli.quant.kernels import ot_triton
 
-    quantize._use_triton = lambda device, n, dtype=None: True  # every layer takes the grouped CUDA path
+    quantize.use_triton = lambda device, n, dtype=None: True  # every layer takes the grouped CUDA path
     ot_triton._binary_rows_kernel = _NoKernel()
 
 

@@ -29,8 +29,8 @@ import torch
 from _timing import best_ms
 
 from equalbits_cli import BinarizeConfig, binarize_model, save_packed
-from equalbits_cli.onnx_export import export_onnx, inference_model
-from equalbits_cli.onnx_int8 import export_onnx_int8
+from equalbits_cli.export.int8 import export_onnx_int8
+from equalbits_cli.export.onnx import export_onnx, inference_model
 
 MODELS = "resnet18,resnet50,mobilenetv3_large_100,vit_small_patch16_224"
 
@@ -47,7 +47,7 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def speed(names: list[str], reps: int, tmp: Path) -> tuple[list[dict], list[dict]]:
-    from equalbits_cli.data import make_digits_imagefolder
+    from equalbits_cli.data.folders import make_digits_imagefolder
 
     data = make_digits_imagefolder(tmp / "digits224", size=224, val_fraction=0.05)
     timings, sizes = [], []
@@ -86,8 +86,8 @@ def accuracy(models: list[str], tmp: Path) -> list[dict]:
     import subprocess
     import sys
 
-    from equalbits_cli.export import export_file
-    from equalbits_cli.quickstart import run_quickstart
+    from equalbits_cli.export.write import export_file
+    from equalbits_cli.recipes.quickstart import run_quickstart
 
     rows = []
     for name in models:

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import best_ms, machine  # noqa: E402
 
-from equalbits_cli.cpu_select import ot_weights_cpu  # noqa: E402
-from equalbits_cli.quantize import OTCache, binary_weight, ot_codes, ot_codes_reference, ot_spec  # noqa: E402
+from equalbits_cli.quant.cpu_select import ot_weights_cpu  # noqa: E402
+from equalbits_cli.quant.quantize import OTCache, binary_weight, ot_codes, ot_codes_reference, ot_spec  # noqa: E402
 
 DEVICE = torch.device("cpu")
 
@@ -77,7 +77,7 @@ def grouped_fn(ws: list[torch.Tensor], dtype: torch.dtype):
     if DEVICE.type != "cuda":
         scratches = [{} for _ in flat]
         return lambda: ot_weights_cpu(flat, specs, scratches)
-    from equalbits_cli.kernels.ot_triton import binary_rows_grouped
+    from equalbits_cli.quant.kernels.ot_triton import binary_rows_grouped
 
     plan = binary_rows_grouped(flat, specs, "ot", center=True, out_dtype=dtype)[1]
     return lambda: binary_rows_grouped(flat, specs, "ot", center=True, out_dtype=dtype, plan=plan)[0]

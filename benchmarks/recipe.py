@@ -64,10 +64,10 @@ def run(
 
     from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, save_checkpoint
     from equalbits_cli.config import FinetuneConfig
-    from equalbits_cli.convert import save_full_precision
-    from equalbits_cli.data import make_digits_imagefolder
-    from equalbits_cli.data_config import DataOverrides, resolve_data_config
-    from equalbits_cli.train import finetune, train_classifier
+    from equalbits_cli.data.config import DataOverrides, resolve_data_config
+    from equalbits_cli.data.folders import make_digits_imagefolder
+    from equalbits_cli.model.convert import save_full_precision
+    from equalbits_cli.train.finetune import finetune, train_classifier
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,8 +120,8 @@ def run(
                     }
                     if activations == "sign":  # do the activation bits carry information?
                         from equalbits_cli import load_model
-                        from equalbits_cli.evaluate import activation_batch
-                        from equalbits_cli.report import activation_shares
+                        from equalbits_cli.report.inspect import activation_shares
+                        from equalbits_cli.train.evaluate import activation_batch
 
                         tuned = load_model(tmp / f"{name}-{ratio}-{recipe}.ft.safetensors")
                         shares = activation_shares(tuned, activation_batch(tuned, data))

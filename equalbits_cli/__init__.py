@@ -13,30 +13,30 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.5.0"
+from .version import __version__
 
 _EXPORTS = {
     "BinarizeConfig": "config",
     "FinetuneConfig": "config",
-    "LayerPolicy": "policy",
-    "binarize_": "convert",
-    "binarize_model": "convert",
-    "create_model": "convert",
-    "default_filter": "convert",
-    "load_model": "io",
-    "save_checkpoint": "io",
-    "BinaryConv2d": "layers",
-    "BinaryLinear": "layers",
-    "save_packed": "packing",
-    "export_onnx": "onnx_export",
-    "export_onnx_int8": "onnx_int8",
-    "binary_weight": "quantize",
-    "entropy_bits": "quantize",
-    "ot_codes": "quantize",
-    "ot_counts": "quantize",
-    "LayerStats": "report",
-    "ModelStats": "report",
-    "collect_stats": "report",
+    "LayerPolicy": "model.policy",
+    "binarize_": "model.convert",
+    "binarize_model": "model.convert",
+    "create_model": "model.convert",
+    "default_filter": "model.convert",
+    "load_model": "formats.latent",
+    "save_checkpoint": "formats.latent",
+    "BinaryConv2d": "nn.layers",
+    "BinaryLinear": "nn.layers",
+    "save_packed": "formats.packed",
+    "export_onnx": "export.onnx",
+    "export_onnx_int8": "export.int8",
+    "binary_weight": "quant.quantize",
+    "entropy_bits": "quant.quantize",
+    "ot_codes": "quant.quantize",
+    "ot_counts": "quant.quantize",
+    "LayerStats": "report.inspect",
+    "ModelStats": "report.inspect",
+    "collect_stats": "report.inspect",
 }
 
 __all__ = [
@@ -80,12 +80,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .config import BinarizeConfig, FinetuneConfig
-    from .convert import binarize_, binarize_model, create_model, default_filter
-    from .io import load_model, save_checkpoint
-    from .layers import BinaryConv2d, BinaryLinear
-    from .onnx_export import export_onnx
-    from .onnx_int8 import export_onnx_int8
-    from .packing import save_packed
-    from .policy import LayerPolicy
-    from .quantize import binary_weight, entropy_bits, ot_codes, ot_counts
-    from .report import LayerStats, ModelStats, collect_stats
+    from .export.int8 import export_onnx_int8
+    from .export.onnx import export_onnx
+    from .formats.latent import load_model, save_checkpoint
+    from .formats.packed import save_packed
+    from .model.convert import binarize_, binarize_model, create_model, default_filter
+    from .model.policy import LayerPolicy
+    from .nn.layers import BinaryConv2d, BinaryLinear
+    from .quant.quantize import binary_weight, entropy_bits, ot_codes, ot_counts
+    from .report.inspect import LayerStats, ModelStats, collect_stats

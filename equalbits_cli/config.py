@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .data_config import DataOverrides
+from .data.config import DataOverrides
 
 METHODS = ("ot", "sign", "irnet")
 ACTIVATIONS = ("none", "sign")
@@ -30,7 +30,7 @@ class BinarizeConfig:
         activations: ``none`` keeps activations full precision; ``sign`` binarizes each binarized
             layer's input (1-bit weights and 1-bit activations).
         center: Compute with mean-centred levels ``scale * (codes - mu)`` (see
-            :func:`equalbits_cli.quantize.dequantize`); the bits are the same. Default: on for ``ot``,
+            :func:`equalbits_cli.quant.quantize.dequantize`); the bits are the same. Default: on for ``ot``,
             off for ``sign`` and ``irnet`` (their methods define their own levels).
 
     Example:

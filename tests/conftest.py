@@ -44,7 +44,7 @@ def digits_small(tmp_path_factory) -> Path:
     """A small real ImageFolder: 40 train and 12 val images per class of the UCI digits, 32x32 RGB."""
     import shutil
 
-    from equalbits_cli.data import make_digits_imagefolder
+    from equalbits_cli.data.folders import make_digits_imagefolder
 
     full = make_digits_imagefolder(tmp_path_factory.mktemp("digits_full"))
     small = tmp_path_factory.mktemp("digits_small")
@@ -63,9 +63,9 @@ def digits_teacher(tmp_path_factory, digits_small) -> Path:
     plain state dict that records its data config and accuracy, as ``quickstart``'s teacher does."""
     import timm
 
-    from equalbits_cli.convert import save_full_precision
-    from equalbits_cli.data_config import DataOverrides, resolve_data_config
-    from equalbits_cli.train import train_classifier
+    from equalbits_cli.data.config import DataOverrides, resolve_data_config
+    from equalbits_cli.model.convert import save_full_precision
+    from equalbits_cli.train.finetune import train_classifier
 
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10)

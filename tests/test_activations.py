@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
-from equalbits_cli.evaluate import activation_batch, recalibrate_bn
-from equalbits_cli.layers import UNCALIBRATED_THRESHOLD, calibrate_thresholds
-from equalbits_cli.onnx_export import export_onnx
-from equalbits_cli.report import activation_shares
+from equalbits_cli.export.onnx import export_onnx
+from equalbits_cli.nn.layers import calibrate_thresholds
+from equalbits_cli.report.inspect import activation_shares
+from equalbits_cli.train.evaluate import activation_batch, recalibrate_bn
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_thresholds_round_trip_through_files(tmp_path, one_w_one_a):
     assert close.mean() >= 0.95
 
 
-def test_files_without_thresholds_load_uncalibrated_and_bad_thresholds_are_refused(tmp_path, one_w_one_a):
+def test_version_1_files_without_thresholds_load_at_zero_and_bad_thresholds_are_refused(tmp_path, one_w_one_a):
     model, _, _ = one_w_one_a
     path = save_checkpoint(model, tmp_path / "l.safetensors")
     state = load_file(str(path))
@@ -58,9 +58,12 @@ def test_files_without_thresholds_load_uncalibrated_and_bad_thresholds_are_refus
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     old = {k: v for k, v in state.items() if not k.endswith("act_threshold")}
-    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
-    loaded = load_model(tmp_path / "old.safetensors").layer1[0].conv1.act_threshold.detach()
-    assert torch.equal(loaded, torch.full_like(loaded, UNCALIBRATED_THRESHOLD))
+    save_file(old, str(tmp_path / "old.safetensors"), metadata={**meta, "format_version": "1"})
+    # equalbits 0.1 computed sign(x) at 0: read so, bit-exact (tests/test_formats.py has such a file)
+    assert float(load_model(tmp_path / "old.safetensors").layer1[0].conv1.act_threshold.detach().abs().sum()) == 0
+    save_file(old, str(tmp_path / "new.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="act_threshold"):  # a version-2 file must hold them
+        load_model(tmp_path / "new.safetensors")
     bad = dict(state)
     bad["layer1.0.conv1.act_threshold"] = torch.full_like(bad["layer1.0.conv1.act_threshold"], float("nan"))
     save_file(bad, str(tmp_path / "nan.safetensors"), metadata=meta)

@@ -10,7 +10,7 @@ from helpers import run_cli
 from typer.testing import CliRunner
 
 from equalbits_cli.cli import app
-from equalbits_cli.quantize import ot_counts
+from equalbits_cli.quant.quantize import ot_counts
 
 runner = CliRunner()
 
@@ -54,6 +54,37 @@ def test_export_and_inspect_each_format(tmp_path, binary_ckpt):
     for key in ("n_plus", "n_minus", "n_zero", "entropy_bits"):
         assert [r["layers"][1][key] for r in reports] == [reports[0]["layers"][1][key]] * 3
     assert reports[0]["layers"][1]["sqnr_db"] is not None and reports[1]["layers"][1]["sqnr_db"] is None
+
+
+def test_onnx_export_says_how_fast_it_runs_against_float(tmp_path, binary_ckpt, monkeypatch):
+    """Every ONNX export is timed against the float ONNX of the same model, in the same run; a file slower
+    than float is a warning (issue 26: an int8 MobileNetV3 ran 0.89x float and nothing said so)."""
+    out = tmp_path / "m.onnx"
+    args = ["export", str(binary_ckpt), "-f", "onnx", "--img-size", "32", "-o", str(out), "--json"]
+    res = runner.invoke(app, [*args, "--threads", "1", "--bench-batch", "2"])
+    assert res.exit_code == 0, res.output
+    speed = json.loads(res.stdout)["speed"]
+    assert speed["latency_ms"] > 0 and speed["float_latency_ms"] > 0 and speed["calls"] >= 5
+    assert speed["speedup"] == pytest.approx(speed["float_latency_ms"] / speed["latency_ms"])
+    assert (speed["threads"], speed["batch"]) == (1, 2)
+    res = runner.invoke(app, [*args, "--overwrite", "--no-bench"])
+    assert res.exit_code == 0 and "speed" not in json.loads(res.stdout)
+
+    import equalbits_cli.export.speed as speed_module
+    from equalbits_cli.export.speed import SpeedResult
+
+    monkeypatch.setattr(speed_module, "compare_speed", lambda *a, **k: SpeedResult(2.0, 1.0, 0.5, 1, 0, 5))
+    res = runner.invoke(app, args[:-1] + ["--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "warning: this file runs at 0.50x the speed of the float ONNX here" in res.stderr
+    for bad, message in (
+        (["--threads", "-1"], "--threads must be between 0"),
+        (["--bench-batch", "0"], "--bench-batch"),
+    ):
+        res = runner.invoke(app, [*args, "--overwrite", *bad])
+        assert res.exit_code == 2 and message in res.stderr
+    res = runner.invoke(app, ["export", str(binary_ckpt), "-o", str(tmp_path / "p.safetensors"), "--threads", "2"])
+    assert res.exit_code == 2 and "apply to the ONNX formats" in res.stderr
 
 
 def test_inspect_plain_state_dict(resnet18_state):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from equalbits_cli import BinarizeConfig, BinaryConv2d, BinaryLinear, LayerPolicy, binarize_, create_model
-from equalbits_cli.convert import excluded_names, load_state_dict_file
-from equalbits_cli.layers import BinaryLayer
+from equalbits_cli.model.convert import excluded_names, load_state_dict_file
+from equalbits_cli.nn.layers import BinaryLayer
 
 ARCHS = [
     ("resnet18", 32),

@@ -11,8 +11,8 @@ import torch
 from helpers import run_cli
 from PIL import Image
 
-from equalbits_cli.data import _to_rgb, build_datasets, find_splits
-from equalbits_cli.data_config import DataOverrides, resolve_data_config
+from equalbits_cli.data.config import DataOverrides, resolve_data_config
+from equalbits_cli.data.folders import _to_rgb, build_datasets, find_splits
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):

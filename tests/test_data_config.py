@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from equalbits_cli.cli import app
-from equalbits_cli.data_config import DataConfig, DataOverrides, resolve_data_config
-from equalbits_cli.train import teacher_warnings
+from equalbits_cli.data.config import DataConfig, DataOverrides, resolve_data_config
+from equalbits_cli.train.finetune import teacher_warnings
 
 runner = CliRunner()
 
@@ -182,7 +182,7 @@ def _cfg_json(size: int) -> str:
         ("model_kwargs", '{"num_classes": "ten"}', "out of range"),
         ("classes", "5", "'classes' must be a JSON list"),
         ("classes", "not json", "'classes' is not valid JSON"),
-        ("format_version", "2", "version '2' is not supported"),
+        ("format_version", "3", "version '3' is not supported"),
     ],
 )
 def test_tampered_onnx_metadata_is_refused_by_eval_and_inspect(
@@ -191,7 +191,7 @@ def test_tampered_onnx_metadata_is_refused_by_eval_and_inspect(
     import onnx
 
     from equalbits_cli import load_model
-    from equalbits_cli.onnx_export import export_onnx
+    from equalbits_cli.export.onnx import export_onnx
 
     path = tmp_path / "m.onnx"
     export_onnx(load_model(digits_student), path)
@@ -207,7 +207,7 @@ def test_tampered_onnx_metadata_is_refused_by_eval_and_inspect(
 
 
 def test_memory_errors_name_the_size_and_batch():
-    from equalbits_cli.evaluate import memory_errors
+    from equalbits_cli.train.evaluate import memory_errors
 
     cfg = DataConfig((3, 4096, 4096), "bicubic", (0.5,) * 3, (0.5,) * 3, 1.0)
     with pytest.raises(ValueError, match="out of memory at 4096x4096 images in batches of 64; lower --batch-size"):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
-from equalbits_cli.io import read_metadata
+from equalbits_cli.paths import read_metadata
 
 MUTATIONS_PER_FORMAT = 150
 TIME_BUDGET_S = 60

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint
-from equalbits_cli.io import atomic_write, check_output_path, read_metadata
+from equalbits_cli.paths import atomic_write, check_output_path, read_metadata
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
 
 
 def test_output_that_is_not_a_regular_file_is_never_replaced(tmp_path):
-    from equalbits_cli.io import check_output_path
+    from equalbits_cli.paths import check_output_path
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -116,7 +116,7 @@ def test_output_that_is_not_a_regular_file_is_never_replaced(tmp_path):
 
 
 def test_exclusive_write_refuses_a_file_that_appeared_meanwhile(tmp_path):
-    from equalbits_cli.io import atomic_write
+    from equalbits_cli.paths import atomic_write
 
     out = tmp_path / "out.bin"
     with pytest.raises(ValueError, match="appeared while this command ran"):

@@ -9,10 +9,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from equalbits_cli import quantize
 from equalbits_cli.config import BinarizeConfig
-from equalbits_cli.layers import BinaryConv2d
-from equalbits_cli.quantize import (
+from equalbits_cli.nn.layers import BinaryConv2d
+from equalbits_cli.quant import quantize
+from equalbits_cli.quant.quantize import (
     _lowest_k_syncfree,
     binary_weight,
     dequantize,
@@ -27,7 +27,7 @@ from equalbits_cli.quantize import (
 def ot_rows():
     """The kernel, interpreted on the CPU (conftest sets TRITON_INTERPRET=1 there), compiled on CUDA."""
     pytest.importorskip("triton")
-    from equalbits_cli.kernels import ot_triton
+    from equalbits_cli.quant.kernels import ot_triton
 
     if not torch.cuda.is_available():
         assert type(ot_triton._binary_rows_kernel).__name__ == "InterpretedFunction"
@@ -58,7 +58,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on C
 def kernels():
     """``(binary_rows, binary_rows_grouped)``, interpreted on the CPU, compiled on CUDA."""
     pytest.importorskip("triton")
-    from equalbits_cli.kernels import ot_triton
+    from equalbits_cli.quant.kernels import ot_triton
 
     if not torch.cuda.is_available():
         return ot_triton.binary_rows, ot_triton.binary_rows_grouped
@@ -171,7 +171,7 @@ def test_grouped_launches_give_each_layers_own_weight(kernels, method, ratio, pr
 
 def test_grouped_plan_is_reused_until_a_weight_moves():
     pytest.importorskip("triton")
-    from equalbits_cli.kernels.ot_triton import binary_rows_grouped
+    from equalbits_cli.quant.kernels.ot_triton import binary_rows_grouped
 
     flat = [w.view(w.shape[0], -1).to(DEVICE) for w in _mixed_weights(4)]
     specs = [(*ot_counts(w.shape[1])[:2], 0.0) for w in flat]
@@ -195,7 +195,7 @@ def test_grouped_channels_last_weights_keep_their_layout_and_ties(method):
     """A channels-last latent is read and written in its own layout, its ties still broken by the
     logical index: the same numbers as the contiguous latent gives."""
     pytest.importorskip("triton")
-    from equalbits_cli.kernels.ot_triton import binary_rows_grouped
+    from equalbits_cli.quant.kernels.ot_triton import binary_rows_grouped
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(6, 5, 3, 3, generator=g)
@@ -237,14 +237,14 @@ def test_step_weights_train_like_layer_by_layer(monkeypatch, path):
     selection in one round of threads): the same forward and gradients as each layer on its own;
     weights reused while the latents stay, rebuilt after an optimizer step."""
     pytest.importorskip("triton")
-    from equalbits_cli import step_weights
+    from equalbits_cli.nn import step_weights
 
     if path == "numpy" and DEVICE != "cpu":
         pytest.skip("the numpy path is the CPU's")
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     results = []
     for grouped in (False, True):
-        monkeypatch.setattr(quantize, "_use_triton", lambda *args: path == "triton")
+        monkeypatch.setattr(quantize, "use_triton", lambda *args: path == "triton")
         net = _tiny_net().to(DEVICE).train()
         group = net[2]._step_weights
         assert isinstance(group, step_weights.StepWeights) and len(group.layers) == 3
@@ -278,7 +278,7 @@ def test_step_weights_train_like_layer_by_layer(monkeypatch, path):
 
 def test_step_weights_follow_moves_modes_and_loads(monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setattr(quantize, "_use_triton", lambda *args: True)
+    monkeypatch.setattr(quantize, "use_triton", lambda *args: True)
     net = _tiny_net().to(DEVICE).train()
     group = net[2]._step_weights
     x = torch.randn(2, 3, 4, 4, device=DEVICE)
@@ -306,7 +306,7 @@ def test_step_weights_follow_moves_modes_and_loads(monkeypatch):
 
 
 def test_kernel_refuses_filters_wider_than_its_registers(ot_rows):
-    from equalbits_cli.kernels.ot_triton import MAX_FILTER
+    from equalbits_cli.quant.kernels.ot_triton import MAX_FILTER
 
     with pytest.raises(ValueError, match="wider"):
         ot_rows(torch.zeros(1, MAX_FILTER + 1), 1, 0)
@@ -320,7 +320,7 @@ def test_layer_trains_through_the_kernel_path_like_the_torch_path(ot_rows, monke
     x = torch.randn(2, 8, 6, 6, device=device)
     results = []
     for use_kernel in (False, True):
-        monkeypatch.setattr(quantize, "_use_triton", lambda *args, k=use_kernel: k)
+        monkeypatch.setattr(quantize, "use_triton", lambda *args, k=use_kernel: k)
         layer = BinaryConv2d.from_float(conv, BinarizeConfig(ratio=0.3)).train()
         conv.weight.grad = None
         out = layer(x)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from equalbits_cli import BinarizeConfig, BinaryConv2d, BinaryLinear
-from equalbits_cli.layers import binarize_input
+from equalbits_cli.nn.layers import binarize_input
 
 
 @pytest.mark.parametrize("groups", [1, 2, 8])

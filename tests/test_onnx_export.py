@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from equalbits_cli import BinarizeConfig, binarize_model, save_packed
-from equalbits_cli.onnx_export import export_onnx, inference_model
-from equalbits_cli.quantize import code_offsets
+from equalbits_cli.export.onnx import export_onnx, inference_model
+from equalbits_cli.quant.quantize import code_offsets
 
 CONFIGS = [
     BinarizeConfig(),
@@ -89,7 +89,7 @@ def test_failed_export_keeps_stdout_clean_and_names_the_cause(tmp_path):
 
 def test_inspect_float_onnx_of_a_transformer(tmp_path):
     """MatMul weights of a ViT sit under generated names, transposed; inspect still finds every layer."""
-    from equalbits_cli.report import inspect_file
+    from equalbits_cli.report.inspect import inspect_file
 
     torch.manual_seed(0)
     model = binarize_model("test_vit", BinarizeConfig(), num_classes=10).eval()

@@ -16,9 +16,9 @@ from helpers import run_cli
 from onnx import numpy_helper
 
 from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
-from equalbits_cli.layers import BinaryLayer
-from equalbits_cli.onnx_int8 import _int8_levels, _pack_int8_weights, _quantize, export_onnx_int8, int8_ops
-from equalbits_cli.packing import unpack_codes
+from equalbits_cli.export.int8 import _int8_levels, _pack_int8_weights, _quantize, export_onnx_int8, int8_ops
+from equalbits_cli.formats.packed import unpack_codes
+from equalbits_cli.nn.layers import BinaryLayer
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_packed_int8_computes_what_onnxruntimes_own_int8_model_computes(digits_s
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from equalbits_cli.onnx_export import trace_graph
+    from equalbits_cli.export.onnx import trace_graph
 
     model = load_model(digits_student)
     graph, _, layers, _ = trace_graph(model, 32)

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, load_model, save_packed
-from equalbits_cli.io import read_metadata
-from equalbits_cli.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
+from equalbits_cli.formats.packed import pack_bits, pack_codes, unpack_bits, unpack_codes
+from equalbits_cli.paths import read_metadata
 
 
 @pytest.mark.parametrize("n", range(0, 70))
@@ -106,8 +106,8 @@ def test_numpy_inspect_of_packed_files_matches_the_torch_one(tmp_path, config):
     import timm
 
     from equalbits_cli import LayerPolicy, binarize_
-    from equalbits_cli.inspect_packed import packed_report
-    from equalbits_cli.report import inspect_file
+    from equalbits_cli.report.inspect import inspect_file
+    from equalbits_cli.report.packed_report import packed_report
 
     torch.manual_seed(0)
     model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=7)

@@ -10,8 +10,8 @@ import torch
 from helpers import run_cli
 
 from equalbits_cli import BinarizeConfig, LayerPolicy, binarize_, collect_stats, load_model, save_checkpoint
-from equalbits_cli.layers import BinaryLayer
-from equalbits_cli.policy import plan_layers
+from equalbits_cli.model.policy import plan_layers
+from equalbits_cli.nn.layers import BinaryLayer
 
 
 def _reasons(model):

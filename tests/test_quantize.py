@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from equalbits_cli.quantize import entropy_bits, ot_codes, ot_codes_reference, ot_counts, sqnr_db
+from equalbits_cli.quant.quantize import entropy_bits, ot_codes, ot_codes_reference, ot_counts, sqnr_db
 
 ratios = st.floats(min_value=0.01, max_value=0.99)
 prunes = st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=0.95))
@@ -142,7 +142,7 @@ def test_sqnr():
 @given(w=weights(), ratio=ratios, prune=prunes, steps=st.lists(st.floats(0, 0.3), min_size=1, max_size=4))
 def test_warm_cache_gives_identical_codes(w, ratio, prune, steps):
     """Reusing the kept buffers (as in training) never changes the result."""
-    from equalbits_cli.quantize import OTCache
+    from equalbits_cli.quant.quantize import OTCache
 
     cache = OTCache()
     g = torch.Generator().manual_seed(len(steps))
@@ -172,7 +172,7 @@ def test_every_cpu_dtype_selects_the_reference(dtype):
 @pytest.mark.parametrize("n", [9, 10, 27, 576])
 def test_known_offset_matches_the_codes(ratio, prune, n):
     """The layer's shortcut (mu from the counts) gives the same weight as mu read from the codes."""
-    from equalbits_cli.quantize import code_offsets, dequantize, ot_offset
+    from equalbits_cli.quant.quantize import code_offsets, dequantize, ot_offset
 
     w = torch.randn(6, n, generator=torch.Generator().manual_seed(n))
     codes, scale = ot_codes(w, ratio, prune, center=True)
@@ -187,7 +187,7 @@ def test_known_offset_matches_the_codes(ratio, prune, n):
 def test_cpu_training_weight_of_large_layers_is_the_reference(ratio, prune):
     """The CPU training weight of a layer large enough to be split over threads, ties in many rows,
     built twice through one cache (its buffers reused): the reference codes, each level one value."""
-    from equalbits_cli.quantize import OTCache, binary_weight, dequantize, ot_offset
+    from equalbits_cli.quant.quantize import OTCache, binary_weight, dequantize, ot_offset
 
     torch.set_num_threads(2)  # the row split needs two threads
     cache = OTCache()

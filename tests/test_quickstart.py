@@ -9,7 +9,7 @@ from helpers import run_cli
 from typer.testing import CliRunner
 
 from equalbits_cli.cli import app
-from equalbits_cli.quickstart import ARTIFACTS
+from equalbits_cli.recipes.quickstart import ARTIFACTS
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from equalbits_cli.cli import app
-from equalbits_cli.train import state_path_for
+from equalbits_cli.train.state import state_path_for
 
 runner = CliRunner()
 
@@ -138,7 +138,7 @@ def test_tiny_file_naming_a_huge_model_is_refused_before_allocating(tmp_path, bi
     import json as _json
     import resource
 
-    from equalbits_cli.io import read_metadata
+    from equalbits_cli.paths import read_metadata
 
     meta = dict(read_metadata(binary_ckpt))
     for model, kwargs in (("vit_huge_patch14_224", {}), ("resnet50", {"num_classes": 1_000_000})):
@@ -300,7 +300,7 @@ def test_one_line_messages(tmp_path, binary_ckpt, resnet18_state, digits_small):
 
 
 def test_corrupt_state_never_advises_unpickling(tmp_path):
-    from equalbits_cli.state import load_state
+    from equalbits_cli.train.state import load_state
 
     path = tmp_path / "s.pt"
     import datetime
@@ -320,7 +320,7 @@ def test_non_utf8_names_show_their_bytes(tmp_path):
 
 def test_resume_of_a_state_saved_for_another_student_is_refused(tmp_path, resnet18_state, digits_small):
     from equalbits_cli import BinarizeConfig, binarize_model, save_checkpoint
-    from equalbits_cli.state import check_resume_identity, run_identity
+    from equalbits_cli.train.state import check_resume_identity, run_identity
 
     path = tmp_path / "s.safetensors"
     save_checkpoint(binarize_model("resnet18", BinarizeConfig(), checkpoint=resnet18_state), path)
@@ -341,7 +341,7 @@ def test_interrupted_sweep_keeps_its_rows_and_goes_on(tmp_path, digits_small, di
     from equalbits_cli.config import FinetuneConfig
     from equalbits_cli.errors import Interrupted
     from equalbits_cli.progress import NullProgress
-    from equalbits_cli.sweep import read_rows, run_sweep
+    from equalbits_cli.recipes.sweep import read_rows, run_sweep
 
     class StopAtSecond(NullProgress):
         def __init__(self):

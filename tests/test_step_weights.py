@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from equalbits_cli import BinarizeConfig, binarize_, quantize
-from equalbits_cli.quantize import binary_weight
-from equalbits_cli.step_weights import StepWeights
+from equalbits_cli import BinarizeConfig, binarize_
+from equalbits_cli.nn.step_weights import StepWeights
+from equalbits_cli.quant import quantize
+from equalbits_cli.quant.quantize import binary_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on CUDA, interpreted on the CPU
 
@@ -69,7 +70,7 @@ def test_a_latent_swapped_for_another_layout_leaves_the_triton_group(monkeypatch
     on the CPU it is regrouped into the numpy round, on CUDA the layer builds its own weight; either way
     it is exactly the layer's own."""
     pytest.importorskip("triton")
-    monkeypatch.setattr(quantize, "_use_triton", lambda *args: True)  # interpreted on the CPU
+    monkeypatch.setattr(quantize, "use_triton", lambda *args: True)  # interpreted on the CPU
     net = _net().to(DEVICE)
     group = net[3]._step_weights
     x = torch.randn(2, 3, 4, 4, device=DEVICE)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from equalbits_cli.toy import count_boundaries, sign_patterns
+from equalbits_cli.report.toy import count_boundaries, sign_patterns
 
 
 @pytest.mark.parametrize("points", [50, 100])

@@ -15,9 +15,10 @@ import torch
 from helpers import run_cli, start_cli, wait_for_file
 
 from equalbits_cli import load_model
-from equalbits_cli.distill import distillation_loss
-from equalbits_cli.io import read_metadata
-from equalbits_cli.train import codes_checksum, state_path_for
+from equalbits_cli.paths import read_metadata
+from equalbits_cli.train.distill import distillation_loss
+from equalbits_cli.train.finetune import codes_checksum
+from equalbits_cli.train.state import state_path_for
 
 FAST = ["--img-size", "32", "--batch-size", "32", "--workers", "0", "--warmup-steps", "5", "--augment", "none"]
 
@@ -179,7 +180,7 @@ def test_bad_training_states(tmp_path, digits_small, digits_student):
 
 
 def test_each_local_rank_gets_its_own_gpu():
-    from equalbits_cli.distributed import device_for_rank
+    from equalbits_cli.train.distributed import device_for_rank
 
     assert device_for_rank("cuda", 1, True, 2) == torch.device("cuda", 1)
     assert device_for_rank("auto", 3, True, 4) == torch.device("cuda", 3)
@@ -192,7 +193,7 @@ def test_each_local_rank_gets_its_own_gpu():
 
 
 def test_pretrained_teacher_with_another_head_is_refused():
-    from equalbits_cli.distill import teacher_for as _teacher_for
+    from equalbits_cli.train.distill import teacher_for as _teacher_for
 
     meta = {"model": "resnet18", "source": {"model": "resnet18", "pretrained": True, "checkpoint": None}}
     with pytest.raises(ValueError, match="1000 classes, not this data's 10.*--teacher.*--alpha 1"):
@@ -219,7 +220,7 @@ def test_label_only_training_needs_no_teacher(tmp_path, digits_small):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     from equalbits_cli.config import FinetuneConfig
-    from equalbits_cli.state import check_resume_config
+    from equalbits_cli.train.state import check_resume_config
 
     saved = {"config": FinetuneConfig(epochs=1000).to_json()}
     with pytest.raises(ValueError, match="--epochs 1000 \\(now 2\\)"):
@@ -228,7 +229,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 
 def test_damaged_training_state_fields(tmp_path, digits_small, digits_student):
-    from equalbits_cli.state import STATE_FORMAT
+    from equalbits_cli.train.state import STATE_FORMAT
 
     out = tmp_path / "x.safetensors"
     base = {"format": STATE_FORMAT, "version": 1, "model": {}, "optimizer": {}, "scheduler": {}, "step": 1,
@@ -243,8 +244,8 @@ def test_damaged_training_state_fields(tmp_path, digits_small, digits_student):
 def test_amp_autocasts_on_cpu(tmp_path, digits_small, digits_student):
     """--amp runs the student's convolutions in bf16 on the CPU (seen through a global forward hook)."""
     from equalbits_cli.config import FinetuneConfig
-    from equalbits_cli.layers import BinaryConv2d
-    from equalbits_cli.train import finetune
+    from equalbits_cli.nn.layers import BinaryConv2d
+    from equalbits_cli.train.finetune import finetune
 
     dtypes = set()
 
@@ -347,7 +348,7 @@ def test_compile_and_channels_last_train_the_same_steps(tmp_path, plain_finetune
 def test_compile_failures_are_one_line_errors():
     from torch._dynamo.exc import TorchRuntimeError
 
-    from equalbits_cli.train import _compile_error
+    from equalbits_cli.train.finetune import _compile_error
 
     err = _compile_error(TorchRuntimeError("RuntimeError when making fake tensor call\nmore lines"))
     assert err is not None and "--compile" in str(err) and "\n" not in str(err)
@@ -355,7 +356,7 @@ def test_compile_failures_are_one_line_errors():
 
 
 def test_default_workers_follow_the_cpus(monkeypatch):
-    from equalbits_cli import data
+    from equalbits_cli.data import folders as data
 
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert data.default_workers() == 8 and data.default_workers(4) == 3 and data.default_workers(16) == 0
@@ -371,7 +372,7 @@ def test_no_device_sync_in_a_finetune_step_on_cuda(tmp_path, digits_small, digit
     AdamW takes the scaler's inf check on the device."""
     from equalbits_cli.config import FinetuneConfig
     from equalbits_cli.progress import NullProgress
-    from equalbits_cli.train import _setup, _step
+    from equalbits_cli.train.finetune import _setup, _step
 
     cfg = FinetuneConfig(epochs=1, batch_size=16, workers=0, device="cuda", amp=amp, calibrate_batches=0)
     run = _setup(digits_student, digits_small, cfg, None, NullProgress(), tmp_path / "o.safetensors")
@@ -393,7 +394,7 @@ def test_no_device_sync_in_a_finetune_step_on_cuda(tmp_path, digits_small, digit
 def test_a_non_finite_loss_is_reported_with_its_step(tmp_path, digits_small, digits_student, monkeypatch):
     """The loss is checked on the device each step and read at the next log point: the error names the
     first bad step (3), not the log point (10) where it is found."""
-    import equalbits_cli.train as train
+    import equalbits_cli.train.finetune as train
     from equalbits_cli.config import FinetuneConfig
 
     calls = []

@@ -51,6 +51,6 @@ def _main(
         warnings.filterwarnings("ignore")
 
 
-def _default_output(source: str, suffix: str) -> Path:
+def default_output(source: str, suffix: str) -> Path:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.split("/")[-1].removeprefix("hf-hub:"))
     return Path(f"{stem}{suffix}")

@@ -42,7 +42,7 @@ def quickstart(
 
     Uses the UCI handwritten digits that scikit-learn ships (32x32, 10 classes; nothing is downloaded).
     """
-    from ..quickstart import run_quickstart
+    from ..recipes.quickstart import run_quickstart
     from .progress import RichProgress
     from .render import human_bytes, kv_table, print_json, stdout
 
@@ -125,8 +125,8 @@ def sweep(
     from ..config import FinetuneConfig
     from ..errors import Interrupted
     from ..paths import check_distinct_paths, check_log_path, check_output_path
-    from ..sweep import parse_floats, run_sweep, sweep_settings
-    from .app import _default_output
+    from ..recipes.sweep import parse_floats, run_sweep, sweep_settings
+    from .app import default_output
     from .progress import RichProgress
 
     ratio_list = parse_floats(ratios, "ratios")
@@ -137,17 +137,13 @@ def sweep(
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
-        img_size=over.img_size,
-        crop_pct=over.crop_pct,
-        interpolation=over.interpolation,
-        mean=over.mean,
-        std=over.std,
+        **over.to_dict(),  # the data config's overrides: img_size, crop_pct, interpolation, mean, std
         workers=workers,
         seed=seed,
     )
     if not Path(model).is_file():
         sweep_settings(model, ratio_list, prune_list, method_list)  # every setting checked before any work
-    rows_file = rows if rows is not None else _default_output(model, ".sweep.jsonl")
+    rows_file = rows if rows is not None else default_output(model, ".sweep.jsonl")
     check_distinct_paths({"--plot": plot, "--rows": rows_file}, {"MODEL": model if Path(model).is_file() else None})
     check_log_path(rows_file)
     if plot is not None:
@@ -178,7 +174,7 @@ def _show_sweep(model: str, rows: list, plot: Path | None, json_out: bool, parti
     from .render import print_json, stdout
 
     if plot is not None:
-        from ..plots import plot_sweep
+        from ..report.plots import plot_sweep
 
         done = " (interrupted: finished settings only)" if partial else ""
         plot_sweep(rows, plot, title=f"{model}: accuracy and entropy vs +1 ratio{done}")

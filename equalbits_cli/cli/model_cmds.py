@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .app import _default_output, app
+from .app import app, default_output
 from .options import (
     ActivationsOpt,
     CheckpointOpt,
@@ -71,15 +71,15 @@ def binarize(
     """
     from .. import binarize_model, collect_stats, save_checkpoint
     from ..config import BinarizeConfig
-    from ..io import check_output_path
-    from ..policy import LayerPolicy
+    from ..model.policy import LayerPolicy
+    from ..paths import check_output_path
     from .render import print_json, show_stats, stderr
 
     config = BinarizeConfig(ratio=ratio, prune=prune, method=method, activations=activations)
     policy = LayerPolicy(
         depthwise=binarize_depthwise, gates=binarize_gates, include=tuple(include or ()), exclude=tuple(exclude or ())
     )
-    out = check_output_path(output or _default_output(model, ".binary.safetensors"), overwrite)
+    out = check_output_path(output or default_output(model, ".binary.safetensors"), overwrite)
     net = binarize_model(
         model, config, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes, policy=policy
     )
@@ -137,7 +137,7 @@ def inspect(
         check_distinct_paths({"--plot": plot}, {"FILE": file})
         check_output_path(plot, overwrite)
     if data is not None:
-        from ..io import read_metadata
+        from ..paths import read_metadata
 
         if file.suffix == ".onnx":
             raise ValueError(
@@ -148,22 +148,22 @@ def inspect(
             raise ValueError(f"--data applies to files equalbits wrote; {file} is a plain state dict")
     report = None
     if model is None and file.suffix == ".safetensors":
-        from ..inspect_packed import packed_report
+        from ..report.packed_report import packed_report
 
         report = packed_report(file)  # numpy only: no torch, no timm; None for other files
     if report is None:
-        from ..report import inspect_file
+        from ..report.inspect import inspect_file
 
         report = inspect_file(file, model, BinarizeConfig(ratio=ratio, prune=prune, method=method))
     if data is not None:
-        from ..evaluate import activation_batch
-        from ..io import load_model
-        from ..report import activation_shares, with_activation_shares
+        from ..formats.latent import load_model
+        from ..report.inspect import activation_shares, with_activation_shares
+        from ..train.evaluate import activation_batch
 
         net = load_model(file)
         report = with_activation_shares(report, activation_shares(net, activation_batch(net, data, over)))
     if plot is not None:
-        from ..plots import plot_layers
+        from ..report.plots import plot_layers
 
         plot_layers(report.stats, plot, title=f"{report.model} ({Path(report.path).name})", exclusive=not overwrite)
     if json_out:
@@ -212,6 +212,17 @@ def export(
     interpolation: InterpolationOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    bench: Annotated[
+        bool,
+        typer.Option(
+            "--bench/--no-bench",
+            help="ONNX formats: time the file against the float ONNX of the same model in onnxruntime, here.",
+        ),
+    ] = True,
+    threads: Annotated[
+        int, typer.Option(help="Threads onnxruntime runs the timing with (0: its own choice, as deployed).")
+    ] = 0,
+    bench_batch: Annotated[int, typer.Option(help="Images per call in the timing.")] = 1,
     output: OutOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -230,7 +241,7 @@ def export(
 
       equalbits export r18.safetensors --format onnx-int8 --data ./imagenet -o r18.int8.onnx
     """
-    from ..export import FORMATS, export_file
+    from ..export.write import FORMATS, export_file
     from .progress import RichProgress
     from .render import human_bytes, print_json, stderr
 
@@ -249,6 +260,9 @@ def export(
             overwrite=overwrite,
             data=data,
             calibrate_batches=calibrate_batches,
+            bench=bench,
+            threads=threads,
+            bench_batch=bench_batch,
             progress=progress,
         )
     if json_out:
@@ -265,9 +279,18 @@ def export(
         if result["float_ops"]:
             left = ", ".join(f"{k} x{v}" for k, v in result["float_ops"].items())
             err.print(f"float matrix ops left: {left}")
+    if result.get("speed") is not None:
+        s = result["speed"]
+        where = f"{s['threads']} threads" if s["threads"] else "onnxruntime's threads"
+        err.print(
+            f"speed here: {s['latency_ms']:.2f} ms against {s['float_latency_ms']:.2f} ms for the float ONNX "
+            f"({s['speedup']:.2f}x; batch {s['batch']}, {where}, median of {s['calls']})"
+        )
     if result.get("agreement") is not None:
         err.print(
             f"top-1 agreement with PyTorch: {result['agreement']:.2f}% of {result['agreement_images']} val images"
         )
     for note in result.get("notes", []):
         err.print(f"note: {note}")
+    for warning in result.get("warnings", []):
+        err.print(f"warning: {warning}")

@@ -143,12 +143,12 @@ def _channels(text: str | None, flag: str) -> tuple[float, ...] | None:
 def data_overrides(
     img_size: int | None, crop_pct: float | None, interpolation: str | None, mean: str | None, std: str | None
 ):
-    """The data-config options as a :class:`equalbits_cli.data_config.DataOverrides`, checked.
+    """The data-config options as a :class:`equalbits_cli.data.config.DataOverrides`, checked.
 
     Raises:
         ValueError: an option out of range, named by its flag.
     """
-    from ..data_config import INTERPOLATIONS, MAX_SIZE, MIN_SIZE, DataConfig, DataOverrides
+    from ..data.config import INTERPOLATIONS, MAX_SIZE, MIN_SIZE, DataConfig, DataOverrides
 
     if img_size is not None and not MIN_SIZE <= img_size <= MAX_SIZE:
         raise ValueError(f"--img-size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {img_size}")

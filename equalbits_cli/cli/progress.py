@@ -1,4 +1,4 @@
-"""Rich progress display implementing :class:`equalbits_cli.train.Progress` (on stderr)."""
+"""Rich progress display implementing :class:`equalbits_cli.progress.Progress` (on stderr)."""
 
 from __future__ import annotations
 

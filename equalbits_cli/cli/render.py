@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from ..report import ModelStats
+    from ..report.inspect import ModelStats
 
 
 def stdout() -> Console:

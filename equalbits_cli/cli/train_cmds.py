@@ -31,7 +31,8 @@ from .options import (
 
 def _find_student(directory: Path) -> Path:
     """The single binarized latent checkpoint in ``directory`` (for ``finetune`` without CKPT)."""
-    from ..io import LATENT_FORMAT, read_metadata
+    from ..formats.files import LATENT_FORMAT
+    from ..paths import read_metadata
 
     found = []
     for f in sorted(directory.glob("*.safetensors")):
@@ -153,8 +154,8 @@ def finetune(
     import os
 
     from ..config import FinetuneConfig
-    from ..io import check_output_path
-    from ..train import finetune as run_finetune
+    from ..paths import check_output_path
+    from ..train.finetune import finetune as run_finetune
     from .progress import RichProgress
     from .render import kv_table, print_json, stdout
 
@@ -163,11 +164,7 @@ def finetune(
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
-        img_size=over.img_size,
-        crop_pct=over.crop_pct,
-        interpolation=over.interpolation,
-        mean=over.mean,
-        std=over.std,
+        **over.to_dict(),  # the data config's overrides: img_size, crop_pct, interpolation, mean, std
         temperature=temperature,
         alpha=alpha,
         weight_decay=weight_decay,
@@ -192,7 +189,7 @@ def finetune(
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         from ..paths import check_distinct_paths, check_log_path
-        from ..state import state_path_for
+        from ..train.state import state_path_for
 
         teacher_file = teacher if teacher is not None and Path(teacher).is_file() else None
         check_distinct_paths(
@@ -212,13 +209,13 @@ def finetune(
     if result is None:
         return
     if plot is not None:
-        from ..plots import plot_history
+        from ..report.plots import plot_history
 
         plot_history(result.history, plot, title=f"fine-tune of {student.name}", exclusive=not overwrite)
     if json_out:
         print_json({**result.to_dict(), "output": str(out)})
         return
-    from ..data_config import DataConfig
+    from ..data.config import DataConfig
 
     rows = [("data", DataConfig.from_dict(result.data_config).describe())]
     rows.append(("teacher top-1", "-" if result.teacher_top1 is None else f"{result.teacher_top1:.2f}%"))
@@ -267,8 +264,8 @@ def eval_(
 
       equalbits eval resnet18 --checkpoint r18_fp.safetensors --data ./imagenet --json
     """
-    from ..data_config import DataConfig
-    from ..train import evaluate_source
+    from ..data.config import DataConfig
+    from ..train.evaluate import evaluate_source
     from .progress import RichProgress
     from .render import print_json, stdout
 

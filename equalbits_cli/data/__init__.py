@@ -1,0 +1,1 @@
+"""Image folders, transforms and loaders, and the data config every file records."""

@@ -1,0 +1,1 @@
+"""Export and verification: packed safetensors, ONNX and int8 ONNX."""

@@ -1,0 +1,106 @@
+"""How fast an exported ONNX file runs against the float ONNX of the same network, on this machine.
+
+``export`` measures it after every ONNX export, so that nobody ships an int8 model believing it faster
+when, for their network and machine, it is not (issue 26: MobileNetV3 int8 ran 0.89x float at 2 threads).
+Both files run in the same onnxruntime, the same session options, on the same random batch, interleaved
+call by call so that a change in the machine's load hits both; the median of the calls is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+__all__ = ["SpeedResult", "compare_speed"]
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    """Latencies of the exported file and of its float ONNX baseline, measured in the same run.
+
+    Attributes:
+        latency_ms: Median latency of the exported file.
+        float_latency_ms: Median latency of the float ONNX of the same model.
+        speedup: ``float_latency_ms / latency_ms`` (above 1: the export is faster).
+        batch: Images per call.
+        threads: onnxruntime's intra-op threads (0: onnxruntime's own choice).
+        calls: Timed calls of each file.
+    """
+
+    latency_ms: float
+    float_latency_ms: float
+    speedup: float
+    batch: int
+    threads: int
+    calls: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _session(path: str | os.PathLike, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def compare_speed(
+    model: nn.Module,
+    exported: str | os.PathLike,
+    *,
+    threads: int = 0,
+    batch: int = 1,
+    seconds: float = 1.0,
+    min_calls: int = 5,
+    max_calls: int = 200,
+) -> SpeedResult:
+    """Time ``exported`` against a float ONNX export of ``model`` (written to a temporary folder).
+
+    Args:
+        model: The binarized model ``exported`` was made from.
+        exported: An ONNX file ``export`` wrote.
+        threads: onnxruntime's intra-op threads; 0 lets onnxruntime choose, as a deployment would.
+        batch: Images per call.
+        seconds: About how long to time, both files together, after one warm-up call each.
+        min_calls: At least this many timed calls of each.
+        max_calls: At most this many.
+
+    Raises:
+        ValueError: ``threads`` or ``batch`` out of range.
+    """
+    from ..data.config import resolve_data_config
+    from .onnx import export_onnx
+
+    if not isinstance(threads, int) or not 0 <= threads <= 1024:
+        raise ValueError(f"--threads must be between 0 (onnxruntime's choice) and 1024, got {threads}")
+    if not isinstance(batch, int) or not 1 <= batch <= 1024:
+        raise ValueError(f"--bench-batch must be between 1 and 1024, got {batch}")
+    size = resolve_data_config(model).input_size
+    x = np.random.default_rng(0).standard_normal((batch, *size)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = Path(tmp) / "float.onnx"
+        export_onnx(model, float_path, weights="float")
+        sessions = {"export": _session(exported, threads), "float": _session(float_path, threads)}
+        times: dict[str, list[float]] = {k: [] for k in sessions}
+        for s in sessions.values():
+            s.run(None, {"input": x})  # warm-up: onnxruntime finishes preparing on the first call
+        started = time.perf_counter()
+        while len(times["export"]) < max_calls and (
+            len(times["export"]) < min_calls or time.perf_counter() - started < seconds
+        ):
+            for name, s in sessions.items():
+                t0 = time.perf_counter()
+                s.run(None, {"input": x})
+                times[name].append(time.perf_counter() - t0)
+    mine, base = statistics.median(times["export"]) * 1e3, statistics.median(times["float"]) * 1e3
+    return SpeedResult(mine, base, base / mine, batch, threads, len(times["export"]))

@@ -1,0 +1,160 @@
+"""``export``: packed safetensors or ONNX from a binarized checkpoint, verified after writing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.config import DataOverrides, resolve_data_config
+
+__all__ = ["FORMATS", "export_file", "verify_packed"]
+
+FORMATS = ("packed", "onnx", "onnx-int8")
+
+
+def verify_packed(model: torch.nn.Module, packed_path: str | os.PathLike) -> float:
+    """Max |difference| between ``model`` and ``load_model(packed_path)`` on a random batch (0 expected:
+    the codes are bit-identical and the scales stored exactly).
+
+    Raises:
+        ValueError: if the outputs differ.
+    """
+    from ..formats.latent import load_model
+    from .onnx import export_data_config
+
+    c, h, w = export_data_config(model).input_size
+    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
+    loaded = load_model(packed_path)
+    model.eval()
+    with torch.no_grad():
+        diff = float((model(x) - loaded(x)).abs().max())
+    if diff != 0:
+        raise ValueError(f"{packed_path}: reloaded packed model differs from the checkpoint by {diff:.3g}")
+    return diff
+
+
+def export_file(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    format: str = "packed",
+    onnx_weights: str = "packed",
+    data_overrides: DataOverrides | None = None,
+    overwrite: bool = False,
+    data: str | os.PathLike | None = None,
+    calibrate_batches: int | None = None,
+    bench: bool = False,
+    threads: int = 0,
+    bench_batch: int = 1,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Export ``checkpoint`` to ``output`` and verify it; returns a JSON-ready summary.
+
+    ``format`` is ``packed`` (1-bit safetensors), ``onnx`` (float graph, weights packed or float) or
+    ``onnx-int8`` (static int8 for stock onnxruntime, calibrated on the images of ``data``). The
+    output records the checkpoint's data config with ``data_overrides`` on top (the ONNX input size).
+    With ``bench``, an ONNX export is timed against the float ONNX of the same model in onnxruntime
+    (:func:`equalbits_cli.export.speed.compare_speed`, ``threads`` and ``bench_batch``); a file slower
+    than float gets a warning saying so (``warnings`` in the summary).
+
+    Raises:
+        ValueError: bad arguments, a damaged checkpoint, or a failed verification (then nothing is kept).
+    """
+    from ..formats.latent import load_model
+    from ..formats.packed import save_packed
+    from ..paths import atomic_write, check_distinct_paths, check_output_path, read_metadata
+    from ..report.inspect import collect_stats
+    from .onnx import export_onnx
+
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "onnx-int8" and data is None:
+        raise ValueError("--format onnx-int8 calibrates activations on images: pass --data DIR (an image folder)")
+    if format == "packed" and data is not None:
+        raise ValueError("--data is used by the ONNX formats only (a packed file reproduces PyTorch exactly)")
+    if format != "onnx-int8" and calibrate_batches is not None:
+        raise ValueError("--calibrate-batches applies to --format onnx-int8 only")
+    calibrate_batches = 8 if calibrate_batches is None else calibrate_batches
+    if format == "packed" and (threads != 0 or bench_batch != 1):
+        raise ValueError("--threads and --bench-batch apply to the ONNX formats (a packed file is not timed)")
+    if not isinstance(threads, int) or not 0 <= threads <= 1024:
+        raise ValueError(f"--threads must be between 0 (onnxruntime's choice) and 1024, got {threads}")
+    if not isinstance(bench_batch, int) or not 1 <= bench_batch <= 1024:
+        raise ValueError(f"--bench-batch must be between 1 and 1024, got {bench_batch}")
+    out = check_output_path(output, overwrite)
+    check_distinct_paths({"-o": out}, {"CHECKPOINT": checkpoint})
+    meta = read_metadata(checkpoint) if Path(checkpoint).suffix == ".safetensors" else {}
+    if not str(meta.get("format", "")).startswith("equalbits."):
+        raise ValueError(
+            f"{checkpoint} is not a binarized checkpoint; make one first: equalbits binarize MODEL --checkpoint "
+            f"{checkpoint}"
+        )
+    model = load_model(checkpoint)
+    model.equalbits_meta["data_config"] = resolve_data_config(model, data_overrides)
+    stats = collect_stats(model)
+    if format == "packed":
+        # Written and verified under a temporary name; only a verified file takes the final name.
+        with atomic_write(out, exclusive=not overwrite) as tmp:
+            save_packed(model, tmp)
+            diff = verify_packed(model, tmp)
+        extra: dict[str, Any] = {}
+    elif format == "onnx":
+        val_set = None
+        if data is not None:  # bad data is refused before the export, not after
+            from .int8 import image_sets
+
+            val_set = image_sets(model, data)[1]
+        result = export_onnx(model, out, weights=onnx_weights, exclusive=not overwrite)
+        diff = result.max_abs_diff
+        extra = {"onnx_weights": onnx_weights, "rel_diff": result.rel_diff}
+        if val_set is not None:
+            import onnxruntime as ort
+
+            from .int8 import top1_agreement
+
+            session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            extra["agreement"], extra["agreement_images"] = top1_agreement(session, model, val_set)
+    else:
+        from dataclasses import asdict
+
+        from .int8 import export_onnx_int8
+
+        assert data is not None
+        r = export_onnx_int8(
+            model,
+            out,
+            data,
+            calibrate_batches=calibrate_batches,
+            exclusive=not overwrite,
+            progress=progress,
+        )
+        diff = r.max_abs_diff
+        extra = {k: v for k, v in asdict(r).items() if k not in ("path", "bytes", "max_abs_diff")}
+    if bench and format != "packed":
+        from .speed import compare_speed
+
+        if progress is not None:
+            progress.phase("timing against the float ONNX", None)
+        speed = compare_speed(model, out, threads=threads, batch=bench_batch)
+        extra["speed"] = speed.to_dict()
+        if speed.speedup < 1.0:
+            extra["warnings"] = [
+                f"this file runs at {speed.speedup:.2f}x the speed of the float ONNX here ({speed.latency_ms:.2f} "
+                f"against {speed.float_latency_ms:.2f} ms a batch of {speed.batch}): slower than float on this "
+                "machine; keep the float ONNX for speed, or try other --threads"
+            ]
+    size = Path(out).stat().st_size
+    return {
+        "output": str(out),
+        "format": format,
+        "bytes": size,
+        "fp32_bytes": stats.fp32_bytes,
+        "theoretical_bytes": stats.packed_bytes,
+        "compression": stats.fp32_bytes / size,
+        "max_abs_diff": diff,
+        "data_config": model.equalbits_meta["data_config"].to_dict(),
+        **extra,
+    }

@@ -1,0 +1,1 @@
+"""Which layers to binarize (the layer policy), ``binarize_`` and loading models from timm, the hub or a file."""

@@ -1,0 +1,208 @@
+"""Which layers to binarize: the default layer policy, name patterns, and why each kept layer is kept.
+
+Every Conv2d and Linear is a candidate. The default policy keeps full precision:
+
+- ``stem``: the first convolution (timm's ``pretrained_cfg["first_conv"]``). It sees raw pixels with
+  three input channels and holds a tiny share of the weights.
+- ``classifier``: the final classifier (``pretrained_cfg["classifier"]``). It decides the logits.
+- ``depthwise``: depthwise convolutions (``groups == in_channels > 1``). A 3x3 depthwise filter has
+  only 9 weights: at equal bits that is 4 or 5 of each sign, almost no freedom, and the layers hold 2-5%
+  of a MobileNet's or EfficientNet's parameters.
+- ``gate`` (only with ``gates=False``): the convolutions and linears inside squeeze-excite and other
+  gating modules. They are binarized by default: measured on mobilenetv3_small_100 (digits, 5
+  epochs), keeping them full precision gave 84.4% against 83.8% binarized, for a packed file of
+  2.26 MiB instead of 0.57 MiB; the accuracy is within noise, the size is 4x.
+- ``excluded``: anything matched by an ``exclude`` pattern.
+- ``custom forward``: a Conv2d/Linear subclass with its own forward (timm's ``Conv2dSame``,
+  ``ScaledStdConv2d``), which cannot be swapped for a binary layer without changing what it computes.
+
+``include`` patterns override every rule but ``exclude`` and ``custom forward``: ``--include conv1``
+binarizes the stem too. Patterns are shell-style globs on module names (``blocks.*.se.*``).
+The benchmark ``benchmarks/recipe.py`` measures what each rule is worth in accuracy and size.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported where modules are examined, so that reading files needs none
+    from torch import nn
+
+__all__ = ["LayerPolicy", "LayerPlan", "plan_layers", "KEEP_REASONS"]
+
+KEEP_REASONS = ("stem", "classifier", "depthwise", "gate", "excluded", "custom forward")
+
+# Class names of timm's gating modules (squeeze-excite and relatives); their Conv2d/Linear children
+# compute channel gates. Matched as substrings so that variants (EffectiveSEModule, SqueezeExciteCl)
+# are covered without a table per architecture.
+_GATE_CLASS_HINTS = ("SqueezeExcite", "SEModule", "SqueezeExcitation", "GatherExcite", "Cbam", "Gate", "EcaModule")
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """Which Conv2d/Linear layers ``binarize_`` turns binary.
+
+    Attributes:
+        depthwise: Binarize depthwise convolutions too (default: keep them full precision).
+        gates: Binarize squeeze-excite and other gating layers (default: yes; ``False`` keeps them).
+        include: Globs of module names to binarize whatever the rules say (stem and classifier too).
+        exclude: Globs of module names to keep full precision; wins over ``include``.
+
+    Example:
+        >>> LayerPolicy(exclude=("layer4.*",)).exclude
+        ('layer4.*',)
+        >>> LayerPolicy(include=("",))
+        Traceback (most recent call last):
+        ...
+        ValueError: include patterns must be non-empty strings, got ''
+    """
+
+    depthwise: bool = False
+    gates: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for field in ("include", "exclude"):
+            value = getattr(self, field)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise ValueError(f"{field} must be a list of glob patterns, got {value!r}")
+            for p in value:
+                if not isinstance(p, str) or not p.strip():
+                    raise ValueError(f"{field} patterns must be non-empty strings, got {p!r}")
+            object.__setattr__(self, field, tuple(value))
+        for field in ("depthwise", "gates"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be true or false, got {getattr(self, field)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LayerPolicy:
+        """Build from a dict (file metadata), rejecting unknown keys.
+
+        Raises:
+            ValueError: unknown keys or bad values.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("layer policy must be a JSON object")
+        unknown = set(data) - {"depthwise", "gates", "include", "exclude"}
+        if unknown:
+            raise ValueError(f"unknown layer policy keys: {', '.join(sorted(unknown))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The decision for one Conv2d/Linear: binarize it, or keep it and why."""
+
+    name: str
+    binarize: bool
+    reason: str | None  # one of KEEP_REASONS when kept
+
+
+def module_names(entry: object) -> list[str]:
+    if isinstance(entry, str):
+        return [entry]
+    if isinstance(entry, (list, tuple)):
+        return [str(e) for e in entry]
+    return []
+
+
+def special_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """``(stem, classifier)`` module names, from timm's ``pretrained_cfg`` where present, else the first
+    Conv2d and the last Linear in module order."""
+    from torch import nn
+
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    modules = dict(model.named_modules())
+    stem = [n for n in module_names(cfg.get("first_conv")) if n in modules]
+    head = [n for n in module_names(cfg.get("classifier")) if n in modules]
+    if not stem and not head:
+        convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+        linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        stem, head = convs[:1], linears[-1:]
+    return stem, head
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    from torch import nn
+
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _gate_parents(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if n and any(h in type(m).__name__ for h in _GATE_CLASS_HINTS)]
+
+
+def _under(fqn: str, prefixes: list[str]) -> bool:
+    return any(fqn == p or fqn.startswith(p + ".") for p in prefixes)
+
+
+def _check_patterns(patterns: tuple[str, ...], names: list[str], option: str) -> None:
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            close = difflib.get_close_matches(p, names, n=3, cutoff=0.4)
+            hint = f"; closest module names: {', '.join(close)}" if close else ""
+            raise ValueError(f"--{option} {p!r} matches no Conv2d/Linear module{hint}")
+
+
+def plan_layers(
+    model: nn.Module, policy: LayerPolicy | None = None, is_swappable: Callable[[nn.Module], bool] | None = None
+) -> list[LayerPlan]:
+    """Decide, for every Conv2d/Linear of ``model`` in module order, whether to binarize it.
+
+    Args:
+        model: The full-precision model.
+        policy: The rules; default ``LayerPolicy()``.
+        is_swappable: Whether a module can be replaced by a binary layer (default: always).
+
+    Raises:
+        ValueError: an include/exclude pattern matches no Conv2d/Linear module.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10)
+        >>> plans = {p.name: p.reason for p in plan_layers(m)}
+        >>> plans["conv_stem"], plans["blocks.0.0.conv_dw"], plans["blocks.0.0.se.conv_reduce"]
+        ('stem', 'depthwise', None)
+        >>> {p.name: p.reason for p in plan_layers(m, LayerPolicy(gates=False))}["blocks.0.0.se.conv_reduce"]
+        'gate'
+        >>> plans["blocks.0.0.conv_pw"] is None
+        True
+    """
+    from torch import nn
+
+    policy = policy or LayerPolicy()
+    candidates = [(n, m) for n, m in model.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Linear))]
+    names = [n for n, _ in candidates]
+    _check_patterns(policy.include, names, "include")
+    _check_patterns(policy.exclude, names, "exclude")
+    stem, head = special_names(model)
+    gates = _gate_parents(model)
+    plans = []
+    for fqn, module in candidates:
+        reason = None
+        if is_swappable is not None and not is_swappable(module):
+            reason = "custom forward"
+        elif any(fnmatch.fnmatchcase(fqn, p) for p in policy.exclude):
+            reason = "excluded"
+        elif any(fnmatch.fnmatchcase(fqn, p) for p in policy.include):
+            reason = None
+        elif _under(fqn, stem):
+            reason = "stem"
+        elif _under(fqn, head):
+            reason = "classifier"
+        elif not policy.depthwise and is_depthwise(module):
+            reason = "depthwise"
+        elif not policy.gates and _under(fqn, gates):
+            reason = "gate"
+        plans.append(LayerPlan(fqn, reason is None, reason))
+    return plans

@@ -1,0 +1,1 @@
+"""Whole workflows built from the library: ``quickstart`` and the ratio ``sweep``."""

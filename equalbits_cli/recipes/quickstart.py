@@ -1,0 +1,135 @@
+"""The whole path, offline, on real data: digits -> teacher -> binarize -> fine-tune -> export.
+
+It calls the same library functions as the individual commands (no separate code path) and writes
+every artifact into one folder.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import BinarizeConfig, FinetuneConfig
+from ..errors import Interrupted
+from ..progress import NullProgress, Progress
+from ..train.state import state_path_for
+
+__all__ = ["ARTIFACTS", "run_quickstart"]
+
+ARTIFACTS = {
+    "teacher": "teacher.safetensors",
+    "student": "student.safetensors",
+    "finetuned": "student.ft.safetensors",
+    "packed": "student.packed.safetensors",
+    "onnx": "student.onnx",
+}
+
+
+def run_quickstart(
+    out: str | os.PathLike,
+    *,
+    model: str = "resnet18",
+    ratio: float = 0.5,
+    teacher_epochs: int = 4,
+    epochs: int = 4,
+    batch_size: int = 64,
+    lr: float = 5e-3,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the quickstart and return its summary (the fields of ``equalbits quickstart --json``).
+
+    Raises:
+        ValueError: an artifact exists and ``overwrite`` is False, or a bad setting.
+    """
+    import timm
+
+    from ..data.config import DataOverrides, resolve_data_config
+    from ..data.folders import make_digits_imagefolder
+    from ..export.write import export_file
+    from ..formats.latent import load_model, save_checkpoint
+    from ..model.convert import binarize_model, save_full_precision
+    from ..report.inspect import collect_stats
+    from ..train.finetune import finetune, train_classifier
+
+    progress = progress or NullProgress()
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / v for k, v in ARTIFACTS.items()}
+    existing = [p.name for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{out} already holds {', '.join(existing)}; pass --overwrite or another --out")
+    for p in paths.values():
+        p.unlink(missing_ok=True)
+    # Every setting is checked before any work: a bad one must not cost minutes and leave files behind.
+    config = BinarizeConfig(ratio=ratio)
+    ft_config = FinetuneConfig(
+        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, workers=0, warmup_steps=20, augment="none"
+    )
+    if not isinstance(teacher_epochs, int) or teacher_epochs < 1:
+        raise ValueError(
+            f"--teacher-epochs must be at least 1 (an untrained teacher teaches noise), got {teacher_epochs}"
+        )
+    from ..model.convert import check_model_name
+
+    check_model_name(model)
+    progress.phase("writing the digits ImageFolder (scikit-learn's UCI digits, 32x32)", 1)
+    data = make_digits_imagefolder(out / "digits")
+    progress.advance(1)
+
+    torch.manual_seed(seed)
+    teacher = timm.create_model(model, pretrained=False, num_classes=10)
+    # The digits fill their 32x32 frame: the whole image, no centre crop. The teacher file records this
+    # (and its accuracy), and every later step reads it from there.
+    digits = DataOverrides(img_size=32, crop_pct=1.0)
+    teacher_eval = train_classifier(
+        teacher, data, epochs=teacher_epochs, lr=2e-3, batch_size=batch_size, data=digits, seed=seed, progress=progress
+    )
+    save_full_precision(
+        teacher, paths["teacher"], data_config=resolve_data_config(teacher, digits), top1=teacher_eval["top1"]
+    )
+
+    student = binarize_model(model, config, checkpoint=paths["teacher"])
+    save_checkpoint(student, paths["student"])
+    try:
+        # No augmentation: random flips and crops change what a digit is.
+        ft = finetune(paths["student"], data, ft_config, output=paths["finetuned"], progress=progress)
+    except Interrupted as exc:
+        state_path_for(paths["finetuned"]).unlink(missing_ok=True)  # quickstart has no --resume
+        raise Interrupted(
+            f"quickstart interrupted while fine-tuning; {out} holds the data, teacher and student so far; "
+            "rerun with --overwrite to start again",
+            exc.signum,
+        ) from None
+    assert ft is not None
+    progress.phase("exporting packed safetensors and ONNX", 2)
+    packed = export_file(paths["finetuned"], paths["packed"], format="packed")
+    progress.advance(1)
+    onnx = export_file(paths["finetuned"], paths["onnx"], format="onnx")
+    progress.advance(1)
+    stats = collect_stats(load_model(paths["finetuned"]))
+    progress.done()
+    return {
+        "model": model,
+        "ratio": ratio,
+        "out": str(out),
+        "teacher_top1": teacher_eval["top1"],
+        "student_top1_before": ft.student_top1_before,
+        "student_top1_calibrated": ft.student_top1_calibrated,
+        "student_top1": ft.student_top1,
+        "student_top5": ft.student_top5,
+        "entropy_bits": stats.entropy_bits,
+        "fp32_bytes": stats.fp32_bytes,
+        "packed_bytes": packed["bytes"],
+        "onnx_bytes": onnx["bytes"],
+        "compression": stats.fp32_bytes / packed["bytes"],
+        "onnx_max_abs_diff": onnx["max_abs_diff"],
+        "artifacts": {k: str(p) for k, p in paths.items()},
+        "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,1 @@
+"""Statistics records, ``inspect`` reports and plots."""

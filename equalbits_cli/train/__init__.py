@@ -1,0 +1,1 @@
+"""Distillation fine-tune, evaluation, BatchNorm re-estimation, the training state, distributed runs."""
