@@ -84,5 +84,6 @@ def test_uncalibrated_mobilenetv3_1w1a_exports(tmp_path, binarize_depthwise):
 
     policy = LayerPolicy(depthwise=binarize_depthwise)
     model = binarize_model("mobilenetv3_small_100", BinarizeConfig(activations="sign"), num_classes=10, policy=policy)
-    result = export_onnx(model.eval(), tmp_path / "m.onnx", img_size=64)
-    assert result.matched == 1.0
+    for weights in ("packed", "float"):
+        result = export_onnx(model.eval(), tmp_path / f"{weights}.onnx", weights=weights, img_size=64)
+        assert result.matched == 1.0, weights

@@ -112,6 +112,7 @@ def test_files_from_before_0_5_use_the_size_they_were_fine_tuned_at(tmp_path, di
     from equalbits_cli import load_model
 
     meta = {k: v for k, v in _meta(digits_student).items() if k != "data_config"}
+    meta["format_version"] = "1"  # equalbits 0.1-0.4
     meta["finetune"] = json.dumps({"img_size": 32, "epochs": 1})
     old = tmp_path / "old.safetensors"
     save_file(load_file(str(digits_student)), str(old), metadata=meta)

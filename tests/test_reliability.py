@@ -286,6 +286,12 @@ def test_one_line_messages(tmp_path, binary_ckpt, resnet18_state, digits_small):
         runner.invoke(app, ["export", str(binary_ckpt), "--calibrate-batches", "4", "-o", str(tmp_path / "p")]),
         "--calibrate-batches applies to --format onnx-int8 only",
     )
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"not read: --data is refused first")
+    _one_error(
+        runner.invoke(app, ["inspect", str(onnx_file), "--data", str(digits_small)]),
+        "--data measures the activation bits of a PyTorch model",
+    )
     _one_error(runner.invoke(app, ["inspect", str(resnet18_state), "--model", "resnet18", "--data",
                                    str(digits_small)]), "plain state dict")  # fmt: skip
     state = state_path_for(tmp_path / "o.safetensors")
