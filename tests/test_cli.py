@@ -44,7 +44,9 @@ def test_export_and_inspect_each_format(tmp_path, binary_ckpt):
     summary = json.loads(res.stdout)
     assert summary["max_abs_diff"] == 0 and summary["compression"] >= 12
     onnx_path = tmp_path / "m.onnx"
-    res = runner.invoke(app, ["export", str(binary_ckpt), "-f", "onnx", "--img-size", "32", "-o", str(onnx_path)])
+    res = runner.invoke(
+        app, ["export", str(binary_ckpt), "-f", "onnx", "--img-size", "32", "--no-bench", "-o", str(onnx_path)]
+    )
     assert res.exit_code == 0, res.output
     reports = []
     for f in (binary_ckpt, packed, onnx_path):

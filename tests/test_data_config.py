@@ -93,7 +93,9 @@ def test_a_fine_tuned_file_scores_the_same_in_every_format(tmp_path, digits_smal
     assert "data: 32x32, crop 1 (center)" in res.stderr
     assert json.loads(_meta(ft)["data_config"]) == tuned["data_config"]
     for fmt, name in (("packed", "s.packed.safetensors"), ("onnx", "s.onnx")):
-        res = run_cli("export", ft, "--format", fmt, "-o", tmp_path / name, "--json")
+        res = run_cli(
+            "export", ft, "--format", fmt, "-o", tmp_path / name, "--json", *(["--no-bench"] * (fmt == "onnx"))
+        )
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["data_config"] == tuned["data_config"]
     for target in (ft, tmp_path / "s.packed.safetensors", tmp_path / "s.onnx"):
@@ -161,7 +163,7 @@ def test_val_only_data_works_where_no_training_happens(tmp_path, digits_small, d
     res = run_cli("eval", digits_student, "--data", data, "--workers", "0", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["n"] == 120
-    res = run_cli("export", digits_student, "--format", "onnx", "--data", data, "-o", tmp_path / "m.onnx", "--json")
+    res = run_cli("export", digits_student, "-f", "onnx", "--data", data, "-o", tmp_path / "m.onnx", "--no-bench")
     assert res.returncode == 0, res.stderr
     res = run_cli("eval", tmp_path / "m.onnx", "--data", data, "--workers", "0", "--json")
     assert res.returncode == 0, res.stderr

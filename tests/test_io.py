@@ -146,6 +146,7 @@ def test_concurrent_exports_never_lose_a_file(tmp_path, binary_ckpt):
             "--img-size",
             "32",
             "--json",
+            *(["--no-bench"] if fmt != "packed" else []),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

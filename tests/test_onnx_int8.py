@@ -25,8 +25,9 @@ from equalbits_cli.nn.layers import BinaryLayer
 def int8_file(tmp_path_factory, digits_student, digits_small) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("int8") / "student.int8.onnx"
     r = run_cli(
-        "export", digits_student, "-f", "onnx-int8", "--data", digits_small, "--img-size", "32", "-o", out, "--json"
-    )
+        "export", digits_student, "-f", "onnx-int8", "--data", digits_small, "--img-size", "32", "-o", out, "--json",
+        "--no-bench",
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     return out, json.loads(r.stdout)
 
@@ -145,7 +146,7 @@ def test_eval_scores_every_onnx_export_like_its_checkpoint(int8_file, digits_stu
         out = tmp_path / f"{weights}.onnx"
         r = run_cli(
             "export", digits_student, "-f", "onnx", "--onnx-weights", weights, "--img-size", "32", "-o", out,
-            "--data", digits_small, "--json",
+            "--data", digits_small, "--json", "--no-bench",
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["agreement"] == 100.0  # float ONNX: the same top-1 on every val image

@@ -202,7 +202,8 @@ def test_forged_onnx_initializers_are_refused(tmp_path, binary_ckpt):
     import onnx
 
     res = runner.invoke(
-        app, ["export", str(binary_ckpt), "-f", "onnx", "--img-size", "32", "-o", str(tmp_path / "m.onnx")]
+        app,
+        ["export", str(binary_ckpt), "-f", "onnx", "--img-size", "32", "--no-bench", "-o", str(tmp_path / "m.onnx")],
     )
     assert res.exit_code == 0, res.stderr
     m = onnx.load(str(tmp_path / "m.onnx"))

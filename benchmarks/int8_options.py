@@ -1,0 +1,119 @@
+"""Which int8 quantization makes each family faster than its float ONNX (issue 26), measured.
+
+For each model (random init, ratio 0.5, default layer policy, 1000 classes, 224x224) it traces the float
+inference graph once, quantizes it with onnxruntime's ``quantize_static`` in several ways, and times every
+variant against the float ONNX in the same onnxruntime session options, interleaved call by call (median).
+Calibration uses random images: timing does not depend on the ranges.
+
+Variants:
+  all        onnxruntime's defaults, what ``export --format onnx-int8`` does today (QDQ on every op type
+             it quantizes: Conv, Gemm, MatMul, Add, Mul, pooling, activations ...)
+  matmul     only Conv, Gemm and MatMul quantized: element-wise ops stay float (fewer Q/DQ pairs)
+  matmul-dw  as ``matmul``, with depthwise convolutions left float too
+
+    python benchmarks/int8_options.py [--models mobilenetv3_large_100,efficientnet_b0,resnet18] [--threads 2]
+        [--batch 8] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from equalbits_cli import BinarizeConfig, binarize_model
+from equalbits_cli.export.onnx import trace_graph
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def depthwise_nodes(model: onnx.ModelProto) -> list[str]:
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group > 1:
+                names.append(node.name)
+    return names
+
+
+def quantize(pre: Path, out: Path, variant: str, size: int) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.items = iter([{"input": rng.standard_normal((4, 3, size, size)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    kwargs = {}
+    if variant in ("matmul", "matmul-dw"):
+        kwargs["op_types_to_quantize"] = ["Conv", "Gemm", "MatMul"]
+    if variant == "matmul-dw":
+        kwargs["nodes_to_exclude"] = depthwise_nodes(onnx.load(str(pre)))
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        **kwargs,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="mobilenetv3_large_100,efficientnet_b0,resnet18")
+    ap.add_argument("--variants", default="all,matmul,matmul-dw")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args()
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    print(f"# onnxruntime {ort.__version__}, torch {torch.__version__}, {args.threads} threads, batch {args.batch}")
+    print("| model | variant | float ONNX | int8 | int8 vs float |")
+    print("|---|---|---|---|---|")
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = binarize_model(name, BinarizeConfig(), num_classes=1000).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            graph, _, _, _ = trace_graph(model, 224)
+            onnx.save(graph, str(tmp / "float.onnx"))
+            quant_pre_process(str(tmp / "float.onnx"), str(tmp / "pre.onnx"))
+            x = np.random.default_rng(1).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
+            for variant in args.variants.split(","):
+                quantize(tmp / "pre.onnx", tmp / f"{variant}.onnx", variant, 224)
+                sessions = {"float": session(tmp / "float.onnx", args.threads),
+                            "int8": session(tmp / f"{variant}.onnx", args.threads)}  # fmt: skip
+                times = {k: [] for k in sessions}
+                for s in sessions.values():
+                    s.run(None, {"input": x})
+                start = time.perf_counter()
+                while time.perf_counter() - start < args.seconds or len(times["int8"]) < 5:
+                    for k, s in sessions.items():
+                        t0 = time.perf_counter()
+                        s.run(None, {"input": x})
+                        times[k].append(time.perf_counter() - t0)
+                f, q = (statistics.median(times[k]) * 1e3 for k in ("float", "int8"))
+                print(f"| {name} | {variant} | {f:.1f} ms | {q:.1f} ms | {f / q:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
