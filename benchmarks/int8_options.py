@@ -10,6 +10,8 @@ Variants:
              it quantizes: Conv, Gemm, MatMul, Add, Mul, pooling, activations ...)
   matmul     only Conv, Gemm and MatMul quantized: element-wise ops stay float (fewer Q/DQ pairs)
   matmul-dw  as ``matmul``, with depthwise convolutions left float too
+  qop        every op type, QOperator format (QLinearConv ... written out, not fused from Q/DQ pairs)
+  tensor     as ``all``, with per-tensor instead of per-channel weight scales
 
     python benchmarks/int8_options.py [--models mobilenetv3_large_100,efficientnet_b0,resnet18] [--threads 2]
         [--batch 8] [--seconds 3]
@@ -60,6 +62,11 @@ def quantize(pre: Path, out: Path, variant: str, size: int) -> None:
             return next(self.items, None)
 
     kwargs = {}
+    fmt, per_channel = QuantFormat.QDQ, True
+    if variant == "qop":
+        fmt = QuantFormat.QOperator
+    if variant == "tensor":
+        per_channel = False
     if variant in ("matmul", "matmul-dw"):
         kwargs["op_types_to_quantize"] = ["Conv", "Gemm", "MatMul"]
     if variant == "matmul-dw":
@@ -68,8 +75,8 @@ def quantize(pre: Path, out: Path, variant: str, size: int) -> None:
         str(pre),
         str(out),
         Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
+        quant_format=fmt,
+        per_channel=per_channel,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         **kwargs,
