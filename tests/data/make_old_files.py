@@ -20,21 +20,26 @@ from safetensors.torch import save_file
 import equalbits_cli as eb
 from equalbits_cli import BinarizeConfig, binarize_model, save_checkpoint, save_packed
 
-out = Path(sys.argv[1])
-out.mkdir(parents=True, exist_ok=True)
-x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-settings = {"w1": {"ratio": 0.3, "prune": 0.2}, "w1a1": {"activations": "sign"}}
-for name, kwargs in settings.items():
-    torch.manual_seed(0)
-    model = binarize_model("test_efficientnet", BinarizeConfig(**kwargs), num_classes=10)
-    for m in model.modules():  # BatchNorm statistics other than the defaults, as after training
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    model.eval()
-    save_checkpoint(model, out / f"{name}.safetensors", extra={"finetune": json.dumps({"img_size": 32})})
-    save_packed(model, out / f"{name}.packed.safetensors")
-    with torch.no_grad():
-        logits = model(x)
-    save_file({"logits": logits.contiguous()}, str(out / f"{name}.logits.safetensors"))
-print(eb.__version__, "->", out)
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    settings = {"w1": {"ratio": 0.3, "prune": 0.2}, "w1a1": {"activations": "sign"}}
+    for name, kwargs in settings.items():
+        torch.manual_seed(0)
+        model = binarize_model("test_efficientnet", BinarizeConfig(**kwargs), num_classes=10)
+        for m in model.modules():  # BatchNorm statistics other than the defaults, as after training
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        model.eval()
+        save_checkpoint(model, out / f"{name}.safetensors", extra={"finetune": json.dumps({"img_size": 32})})
+        save_packed(model, out / f"{name}.packed.safetensors")
+        with torch.no_grad():
+            logits = model(x)
+        save_file({"logits": logits.contiguous()}, str(out / f"{name}.logits.safetensors"))
+    print(eb.__version__, "->", out)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
