@@ -520,8 +520,9 @@ def export_onnx_int8(
     notes = []
     if exact < packed:
         notes.append(
-            f"{packed - exact} of {packed} binarized layers have centred levels (ratio != 0.5): their smaller "
-            "weight level is rounded to the int8 grid"
+            f"{packed - exact} of {packed} binarized layers have two weight levels of different size (centred "
+            "levels where a filter's +1 and -1 counts differ: a ratio other than 0.5, or an odd filter size): "
+            "their smaller level is rounded to the int8 grid"
         )
     path = Path(path)
     with atomic_write(path, exclusive=exclusive) as tmp_file:
