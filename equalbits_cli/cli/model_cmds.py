@@ -57,7 +57,7 @@ def binarize(
     Kept full precision by default, each with its reason in the table: the stem, the classifier and
     depthwise convolutions (they cost accuracy for little size; see the README's recipe table);
     --keep-gates keeps squeeze-excite gates too. --include / --exclude (shell globs on module names)
-    override that.
+    override that. A setting known to fail on the family (1W/1A on MobileNetV3) is a warning before any work.
 
     [b]Examples[/b]
 
@@ -80,6 +80,11 @@ def binarize(
         depthwise=binarize_depthwise, gates=binarize_gates, include=tuple(include or ()), exclude=tuple(exclude or ())
     )
     out = check_output_path(output or default_output(model, ".binary.safetensors"), overwrite)
+    from ..model.limits import known_shortfalls
+
+    warnings = known_shortfalls(model.removeprefix("hf-hub:"), config)
+    for warning in warnings:  # before any work: the user may stop here
+        stderr().print(f"warning: {warning}")
     net = binarize_model(
         model, config, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes, policy=policy
     )
@@ -94,6 +99,7 @@ def binarize(
                 "output": str(out),
                 "layers": [s.to_dict() for s in stats.layers],
                 "totals": stats.totals(),
+                "warnings": warnings,
             }
         )
     else:
