@@ -125,7 +125,7 @@ def sweep(
     from ..config import FinetuneConfig
     from ..errors import Interrupted
     from ..paths import check_distinct_paths, check_log_path, check_output_path
-    from ..recipes.sweep import parse_floats, run_sweep, sweep_settings
+    from ..recipes.sweep import parse_floats, run_sweep
     from .app import default_output
     from .progress import RichProgress
 
@@ -141,8 +141,6 @@ def sweep(
         workers=workers,
         seed=seed,
     )
-    if not Path(model).is_file():
-        sweep_settings(model, ratio_list, prune_list, method_list)  # every setting checked before any work
     rows_file = rows if rows is not None else default_output(model, ".sweep.jsonl")
     check_distinct_paths({"--plot": plot, "--rows": rows_file}, {"MODEL": model if Path(model).is_file() else None})
     check_log_path(rows_file)

@@ -69,8 +69,6 @@ def sweep_settings(name: str, ratios: list[float], prunes: list[float], methods:
         ValueError: an unknown method, a ratio or prune out of range or leaving a layer one sign only,
             or prune shares with no ``ot`` method to use them.
     """
-    import copy
-
     import timm
     import torch
 
@@ -92,7 +90,7 @@ def sweep_settings(name: str, ratios: list[float], prunes: list[float], methods:
         with torch.device("meta"):  # shapes only: no memory, no weights
             model = timm.create_model(name, pretrained=False)
         for cfg in settings:
-            check_fits(copy.deepcopy(model), cfg)
+            check_fits(model, cfg)  # reads the layers' shapes only: one model serves every setting
     return settings
 
 
