@@ -71,6 +71,8 @@ def test_sweep_small(tmp_path, digits_small, digits_teacher):
             "32",
             "--plot",
             str(png),
+            "--rows",
+            str(tmp_path / "rows.jsonl"),
             "--json",
         ],
     )
