@@ -30,7 +30,8 @@ from _timing import best_ms
 
 from equalbits_cli import BinarizeConfig, binarize_model, save_packed
 from equalbits_cli.export.int8 import export_onnx_int8
-from equalbits_cli.export.onnx import export_onnx, inference_model
+from equalbits_cli.export.onnx import export_onnx
+from equalbits_cli.nn.packed import pack_model
 
 MODELS = "resnet18,resnet50,mobilenetv3_large_100,vit_small_patch16_224"
 
@@ -54,7 +55,7 @@ def speed(names: list[str], reps: int, tmp: Path) -> tuple[list[dict], list[dict
     for name in names:
         torch.manual_seed(0)
         model = binarize_model(name, BinarizeConfig(), num_classes=1000).eval()
-        plain = inference_model(model)
+        plain = pack_model(model)
         files = {
             "packed": save_packed(model, tmp / f"{name}.packed.safetensors"),
             "onnx_fp32": Path(export_onnx(model, tmp / f"{name}.fp32.onnx", weights="float", img_size=224).path),

@@ -101,8 +101,7 @@ def main() -> None:
         model = binarize_model(name, BinarizeConfig(), num_classes=1000).eval()
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            graph, _, _, _ = trace_graph(model, 224)
-            onnx.save(graph, str(tmp / "float.onnx"))
+            onnx.save(trace_graph(model, 224, weights="float").graph, str(tmp / "float.onnx"))
             quant_pre_process(str(tmp / "float.onnx"), str(tmp / "pre.onnx"))
             x = np.random.default_rng(1).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
             for variant in args.variants.split(","):

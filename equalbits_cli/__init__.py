@@ -34,8 +34,8 @@ _EXPORTS = {
     "entropy_bits": "quant.quantize",
     "ot_codes": "quant.quantize",
     "ot_counts": "quant.quantize",
-    "LayerStats": "report.inspect",
-    "ModelStats": "report.inspect",
+    "LayerStats": "report.stats",
+    "ModelStats": "report.stats",
     "collect_stats": "report.inspect",
 }
 
@@ -88,4 +88,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .model.policy import LayerPolicy
     from .nn.layers import BinaryConv2d, BinaryLinear
     from .quant.quantize import binary_weight, entropy_bits, ot_codes, ot_counts
-    from .report.inspect import LayerStats, ModelStats, collect_stats
+    from .report.inspect import collect_stats
+    from .report.stats import LayerStats, ModelStats

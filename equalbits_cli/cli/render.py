@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from ..report.inspect import ModelStats
+    from ..report.stats import ModelStats
 
 
 def stdout() -> Console:

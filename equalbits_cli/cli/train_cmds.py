@@ -31,7 +31,7 @@ from .options import (
 
 def _find_student(directory: Path) -> Path:
     """The single binarized latent checkpoint in ``directory`` (for ``finetune`` without CKPT)."""
-    from ..formats.files import LATENT_FORMAT
+    from ..formats import LATENT_FORMAT
     from ..paths import read_metadata
 
     found = []

@@ -5,12 +5,15 @@ A binary weight ``factor * codes`` is exactly an int8 tensor with a per-output-c
 activations are quantized (uint8, static ranges from calibration images). The work is done by
 onnxruntime's own tooling:
 
-1. the float graph (:func:`equalbits_cli.export.onnx.trace_graph`) goes through ``quant_pre_process``
+1. the float graph (:func:`equalbits_cli.export.onnx.trace_graph` with ``weights="float"``: each binarized
+   weight is the initializer ``<layer>.weight``) goes through ``quant_pre_process``
    (shape inference, Conv+BatchNorm fusion: without it the QDQ pairs are not fused and int8 runs slower
    than float);
 2. ``quantize_static`` writes a QDQ model: per-channel int8 weights, uint8 activations calibrated on the
    images of ``--data`` by onnxruntime's calibrator;
-3. each binarized layer's int8 weight initializer is replaced by its packed bit planes, two int8 levels
+3. each binarized layer's int8 weight initializer (found by name: ``<layer>.weight`` as onnxruntime's tools
+   rename it, see :func:`weight_name`, and checked against the layer's codes) is replaced by its packed
+   bit planes, two int8 levels
    per output channel and a small unpack subgraph ending in a Cast to int8. onnxruntime folds the
    subgraph into an int8 constant when the session is created, before it fuses the QDQ pairs into
    QLinearConv / QLinearMatMul / QGemm; :func:`int8_ops` reads the optimized graph to prove it.
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..nn.packed import PackedBinary
 from ..progress import Progress
 from .onnx import export_data_config
 
@@ -138,9 +142,9 @@ def paired_logits(session, plain: nn.Module, dataset, images: int, progress: Pro
 
 def top1_agreement(session, model: nn.Module, dataset, images: int = 256) -> tuple[float | None, int]:
     """``(percent of images where onnxruntime's top-1 equals PyTorch's, images compared)``."""
-    from .onnx import inference_model
+    from ..nn.packed import pack_model
 
-    pair = paired_logits(session, inference_model(model), dataset, images)
+    pair = paired_logits(session, pack_model(model), dataset, images)
     if pair is None:
         return None, 0
     got, want = pair
@@ -167,37 +171,68 @@ def _int8_levels(q: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return levels[0], levels[1]
 
 
+def _unpack_constants(prefix: str, shape: tuple[int, ...]) -> list:
+    """The constant initializers :func:`_plane_nodes` reads (one set per layer, under ``prefix``)."""
+    from onnx import numpy_helper
+
+    count = int(np.prod(shape))
+    return [
+        numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8), prefix + "bit_shifts"),
+        numpy_helper.from_array(np.ones((1, 1), dtype=np.uint8), prefix + "bit_one"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), prefix + "flat"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), prefix + "start"),
+        numpy_helper.from_array(np.array([count], dtype=np.int64), prefix + "count"),
+        numpy_helper.from_array(np.array(shape, dtype=np.int64), prefix + "shape"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), prefix + "axis1"),
+    ]
+
+
+def _plane_nodes(prefix: str, name: str) -> list:
+    """Nodes unpacking the bit plane initializer ``prefix + name`` (uint8, LSB first) into a flat float
+    tensor ``prefix + name + "_f"`` of 0/1 values, one per code."""
+    from onnx import helper
+
+    p = prefix + name
+    return [
+        helper.make_node("Unsqueeze", [p, prefix + "axis1"], [p + "_col"]),
+        helper.make_node("BitShift", [p + "_col", prefix + "bit_shifts"], [p + "_shift"], direction="RIGHT"),
+        helper.make_node("BitwiseAnd", [p + "_shift", prefix + "bit_one"], [p + "_bits"]),
+        helper.make_node("Reshape", [p + "_bits", prefix + "flat"], [p + "_flat"]),
+        helper.make_node("Slice", [p + "_flat", prefix + "start", prefix + "count"], [p + "_cut"]),
+        helper.make_node("Cast", [p + "_cut"], [p + "_f"], to=1),
+    ]
+
+
 def _int8_unpack(
-    prefix: str, codes_t: torch.Tensor, pos: np.ndarray, neg: np.ndarray, out_name: str, transposed: bool
+    prefix: str, codes: np.ndarray, pos: np.ndarray, neg: np.ndarray, out_name: str, transposed: bool
 ) -> tuple[list, list]:
     """Nodes and initializers computing the int8 tensor ``out_name`` (``pos``/``neg`` per output channel
     where the code is +1/-1, 0 where it is 0; transposed to ``[in, out]`` if asked) from the packed bit
-    planes of ``codes_t``: ``q = (pos + sign * (neg - pos)) [* nonzero]``, all small integers, exact in
+    planes of ``codes``: ``q = (pos + sign * (neg - pos)) [* nonzero]``, all small integers, exact in
     float32, then a Cast to int8. onnxruntime folds it into an int8 constant at session creation."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from ..formats.packed import pack_codes
-    from .onnx import plane_nodes, unpack_constants
+    from ..formats.planes import pack_codes
 
-    shape = tuple(codes_t.shape)
+    shape = tuple(codes.shape)
     rows = shape[0]
-    sign, nonzero = pack_codes(codes_t)
-    inits = [numpy_helper.from_array(sign.numpy(), prefix + "sign")]
+    sign, nonzero = pack_codes(codes)
+    inits = [numpy_helper.from_array(sign, prefix + "sign")]
     if nonzero is not None:
-        inits.append(numpy_helper.from_array(nonzero.numpy(), prefix + "nonzero"))
+        inits.append(numpy_helper.from_array(nonzero, prefix + "nonzero"))
     inits += [
         numpy_helper.from_array(pos.astype(np.float32).reshape(rows, 1), prefix + "qpos"),
         numpy_helper.from_array((neg - pos).astype(np.float32).reshape(rows, 1), prefix + "qdelta"),
         numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), prefix + "rows"),
-    ] + unpack_constants(prefix, shape)
-    nodes = plane_nodes(prefix, "sign") + [
+    ] + _unpack_constants(prefix, shape)
+    nodes = _plane_nodes(prefix, "sign") + [
         helper.make_node("Reshape", [prefix + "sign_f", prefix + "rows"], [prefix + "sign_rows"]),
         helper.make_node("Mul", [prefix + "sign_rows", prefix + "qdelta"], [prefix + "delta"]),
         helper.make_node("Add", [prefix + "delta", prefix + "qpos"], [prefix + "qf"]),
     ]
     qf = prefix + "qf"
     if nonzero is not None:
-        nodes += plane_nodes(prefix, "nonzero") + [
+        nodes += _plane_nodes(prefix, "nonzero") + [
             helper.make_node("Reshape", [prefix + "nonzero_f", prefix + "rows"], [prefix + "nz_rows"]),
             helper.make_node("Mul", [qf, prefix + "nz_rows"], [prefix + "qf_nz"]),
         ]
@@ -218,46 +253,68 @@ def _prepend(graph, nodes: list) -> None:
     graph.node.extend(nodes + old)
 
 
-def _pack_int8_weights(q_model, layers: dict[str, tuple[torch.Tensor, bool]]) -> tuple[int, int]:
+def weight_name(names, layer: str, suffix: str = "") -> str:
+    """The initializer that holds binarized ``layer``'s weight after onnxruntime's tools: the float graph
+    names it ``<layer>.weight``; ``quant_pre_process`` renames a weight it folds BatchNorm into
+    ``ConvBnFusion_W_<layer>.weight``; ``quantize_static`` adds ``_quantized`` (``suffix``).
+
+    Raises:
+        ValueError: neither name is in ``names`` (a tool renamed it in a way this does not know).
+    """
+    for name in (f"{layer}.weight{suffix}", f"ConvBnFusion_W_{layer}.weight{suffix}"):
+        if name in names:
+            return name
+    raise ValueError(f"int8 export: onnxruntime's tools renamed the weight of binarized layer {layer!r}")
+
+
+def _pack_int8_weights(q_model, layers: dict[str, PackedBinary]) -> tuple[int, int]:
     """Replace each binarized layer's int8 weight initializer (from the quantizer) by its bit planes, two
     int8 levels per output channel and an unpack subgraph. Returns ``(layers packed, layers whose
     levels are exactly +-127, so exact)``."""
     from onnx import TensorProto, numpy_helper
 
-    from .onnx import shape_candidates
-
     graph = q_model.graph
     int8 = {i.name: i for i in graph.initializer if i.data_type == TensorProto.INT8}
-    by_shape: dict[tuple[int, ...], list[str]] = {}
-    for name, init in int8.items():
-        by_shape.setdefault(tuple(init.dims), []).append(name)
-    used: set[str] = set()
     new_nodes, exact = [], 0
-    for name, (codes_t, _) in layers.items():
-        codes = codes_t.numpy()
-        match = None
-        for cand, transposed in shape_candidates(by_shape, codes.shape, name):
-            if cand in used:
-                continue
-            q = numpy_helper.to_array(int8[cand])
-            levels = _int8_levels(q.T if transposed else q, codes)
-            if levels is not None:
-                match = (cand, transposed, levels)
-                break
-        if match is None:
-            raise ValueError(f"int8 export: cannot find the int8 weight of binarized layer {name!r}")
-        cand, transposed, (pos, neg) = match
-        used.add(cand)
+    for name, layer in layers.items():
+        codes = layer.codes().numpy()
+        transposed = layer.conv is None  # a Linear's float weight is [in, out]: see float_model
+        init = int8[weight_name(int8, name, "_quantized")]
+        q = numpy_helper.to_array(init)
+        levels = _int8_levels(q.T if transposed else q, codes)
+        if levels is None:
+            raise ValueError(f"int8 export: the int8 weight of binarized layer {name!r} does not hold its codes")
+        pos, neg = levels
         exact += bool(np.all(np.abs(pos[pos != 0]) == 127) and np.all(np.abs(neg[neg != 0]) == 127))
-        graph.initializer.remove(int8[cand])
-        nodes, inits = _int8_unpack(f"eb::{name}::", codes_t, pos, neg, cand, transposed)
+        graph.initializer.remove(init)
+        nodes, inits = _int8_unpack(f"eb::{name}::", codes, pos, neg, init.name, transposed)
         graph.initializer.extend(inits)
         new_nodes.extend(nodes)
     _prepend(graph, new_nodes)
     return len(layers), exact
 
 
-def _integer_binary_layers(pre_model, layers: dict[str, tuple[torch.Tensor, bool]]) -> int:
+def _factor(w: np.ndarray, codes: np.ndarray, mu: np.ndarray | None, layer: str) -> np.ndarray:
+    """Per-row ``f`` with ``w == f * (codes - mu * |codes|)`` (float rounding allowed): the layer's scale,
+    times the BatchNorm factor where onnxruntime folded one in.
+
+    Raises:
+        ValueError: ``w`` does not hold ``codes``.
+    """
+    rows = codes.shape[0]
+    c = codes.reshape(rows, -1).astype(np.float32)
+    if mu is not None:
+        c = c - mu.reshape(rows, 1) * np.abs(c)
+    w2 = w.reshape(rows, -1).astype(np.float32)
+    first = np.argmax(c != 0, axis=1)  # a non-zero level per row (a filter has at least one non-zero code)
+    f = (w2[np.arange(rows), first] / np.where(c[np.arange(rows), first] != 0, c[np.arange(rows), first], 1))
+    f = np.where(c[np.arange(rows), first] != 0, f, 0).astype(np.float32)
+    if not np.all(np.abs(f[:, None] * c - w2) <= 1e-5 * np.maximum(np.abs(f), 1e-30)[:, None]):
+        raise ValueError(f"int8 export: the float weight of binarized layer {layer!r} does not hold its codes")
+    return f
+
+
+def _integer_binary_layers(pre_model, layers: dict[str, PackedBinary]) -> int:
     """1W/1A: rewrite each binarized layer (Conv, Gemm or MatMul fed by +-1 activations) as an integer
     convolution or product on its packed codes, with float output:
 
@@ -271,18 +328,19 @@ def _integer_binary_layers(pre_model, layers: dict[str, tuple[torch.Tensor, bool
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    from .onnx import find_weights
-
     graph = pre_model.graph
     inits = {i.name: i for i in graph.initializer}
-    found = find_weights(pre_model, layers)
     consumers: dict[str, list] = {}
     for node in graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
     new_nodes, replaced = [], {}
-    for name, (init_name, factor, _transposed, mu) in found.items():
-        codes_t = layers[name][0]
+    for name, layer in layers.items():
+        codes = layer.codes().numpy()
+        mu = None if layer.mu is None else layer.mu.numpy()
+        init_name = weight_name(inits, name)
+        w = numpy_helper.to_array(inits[init_name])
+        factor = _factor(w if layer.conv is not None else w.T, codes, mu, name)
         prefix = f"eb::{name}::"
         users = consumers.get(init_name, [])
         node = users[0] if len(users) == 1 else None
@@ -295,11 +353,11 @@ def _integer_binary_layers(pre_model, layers: dict[str, tuple[torch.Tensor, bool
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0):
             raise ValueError(f"int8 export: binarized layer {name!r} is a Gemm with transA or alpha; not supported")
-        rows = codes_t.shape[0]
+        rows = codes.shape[0]
         ones = np.ones(rows, dtype=np.float32)
         # The integer weight in the layout the op wants: Conv [out, in, k, k]; MatMulInteger [in, out].
         as_in_out = node.op_type != "Conv"
-        w_nodes, w_inits = _int8_unpack(prefix + "w_", codes_t, ones, -ones, prefix + "wq", as_in_out)
+        w_nodes, w_inits = _int8_unpack(prefix + "w_", codes, ones, -ones, prefix + "wq", as_in_out)
         new_nodes += w_nodes
         graph.initializer.extend(w_inits)
         consts = [
@@ -321,7 +379,6 @@ def _integer_binary_layers(pre_model, layers: dict[str, tuple[torch.Tensor, bool
         ]
         y = prefix + "y0"
         if mu is not None:
-            codes = codes_t.numpy()
             box = not (codes == 0).any() and attrs.get("group", 1) == 1
             if box:  # every output channel sums the same window of +-1 inputs
                 absw = np.ones((1,) + codes.shape[1:], dtype=np.int8)
@@ -368,7 +425,7 @@ def _integer_binary_layers(pre_model, layers: dict[str, tuple[torch.Tensor, bool
     del graph.node[:]
     graph.node.extend(new_nodes + rebuilt)
     _drop_unused_initializers(graph)
-    return len(found)
+    return len(layers)
 
 
 def _drop_unused_initializers(graph) -> None:
@@ -448,6 +505,7 @@ def export_onnx_int8(
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from ..formats import ONNX_FORMAT
     from ..formats.files import base_metadata
     from ..paths import atomic_write
     from .onnx import captured_stdout, check_outputs, export_data_config, has_binary_activations, trace_graph
@@ -457,9 +515,10 @@ def export_onnx_int8(
     if not 1 <= batch_size <= 4096:
         raise ValueError(f"--batch-size must be between 1 and 4096, got {batch_size}")
     calib_set, val_set = image_sets(model, data_dir, img_size)
-    meta = base_metadata(model, "equalbits.onnx")
+    meta = base_metadata(model, ONNX_FORMAT)
     meta["data_config"] = json.dumps(export_data_config(model, img_size).to_dict())
-    onnx_model, plain, layers, x = trace_graph(model, img_size)
+    traced = trace_graph(model, img_size, weights="float")
+    onnx_model, plain, layers, x = traced.graph, traced.module, traced.layers, traced.x
     sign_acts = has_binary_activations(model)
     calib = [] if sign_acts else [b for b, _ in _batches(calib_set, calibrate_batches, batch_size)]
     if not sign_acts and not calib:

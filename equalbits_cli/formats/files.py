@@ -22,26 +22,12 @@ from ..config import BinarizeConfig
 from ..data.config import DataConfig, resolve_data_config
 from ..model.convert import binarize_, binarized_names
 from ..model.policy import KEEP_REASONS, LayerPolicy
-from ..paths import atomic_write, check_output_path, mismatch_detail, read_metadata, require_file
+from ..paths import mismatch_detail, read_metadata
+from . import LATENT_FORMAT, PACKED_FORMAT
 from .migrate import FORMAT_VERSION, READS, migrate_metadata, migrate_state
 
-__all__ = [
-    "FORMAT_VERSION",
-    "LATENT_FORMAT",
-    "PACKED_FORMAT",
-    "FileInfo",
-    "atomic_write",
-    "base_metadata",
-    "build_model",
-    "check_output_path",
-    "file_info",
-    "load_state_into",
-    "read_metadata",
-    "require_file",
-]
+__all__ = ["FileInfo", "base_metadata", "build_model", "file_info", "load_state_into"]
 
-LATENT_FORMAT = "equalbits.latent"
-PACKED_FORMAT = "equalbits.packed"
 
 
 @dataclass(frozen=True)

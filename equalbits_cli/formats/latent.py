@@ -12,10 +12,8 @@ from pathlib import Path
 from torch import nn
 
 from ..paths import atomic_write
+from . import LATENT_FORMAT, PACKED_FORMAT
 from .files import (
-    LATENT_FORMAT,
-    PACKED_FORMAT,
-    _fail,
     base_metadata,
     build_model,
     file_info,
@@ -72,7 +70,7 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise _fail(path, f"cannot read tensors ({exc})") from None
+        raise ValueError(f"{path}: cannot read tensors ({exc})") from None
     if info.format == PACKED_FORMAT:
         load_packed_into(model, state, path, info.version)
     else:

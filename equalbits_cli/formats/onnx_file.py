@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.config import DataConfig
-from .files import PACKED_FORMAT, FileInfo, file_info
+from . import ONNX_FORMAT, PACKED_FORMAT
+from .files import FileInfo, file_info
 
 __all__ = ["OnnxInfo", "read_equalbits_onnx", "read_onnx_info"]
 
@@ -29,7 +30,7 @@ def read_equalbits_onnx(path: str | os.PathLike):
     except Exception as exc:
         raise ValueError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
     meta = {p.key: p.value for p in m.metadata_props}
-    if meta.get("format") != "equalbits.onnx":
+    if meta.get("format") != ONNX_FORMAT:
         raise ValueError(f"{path}: not an ONNX file written by equalbits export (no equalbits metadata)")
     for init in m.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:

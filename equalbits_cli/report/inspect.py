@@ -9,68 +9,14 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..quant.quantize import code_counts, dequantize, entropy_bits, sqnr_db
-from .stats import FileReport, LayerStats, ModelStats, packed_layer_bytes
+from ..quant.quantize import dequantize, sqnr_db
+from .stats import FileReport, LayerStats, ModelStats, binary_layer_stats, packed_layer_bytes, packed_model_stats
 
-__all__ = [
-    "FileReport",
-    "LayerStats",
-    "ModelStats",
-    "collect_stats",
-    "inspect_file",
-    "layer_stats",
-    "packed_layer_bytes",
-]
-
-
-def layer_stats(
-    name: str,
-    kind: str,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    latent: torch.Tensor | None = None,
-    expected: tuple[int, int, int] | None = None,
-    center: bool = False,
-) -> LayerStats:
-    """Statistics of one binarized layer from its codes, scales and (optionally) latent weights.
-
-    Args:
-        expected: ``(n_minus, n_zero, n_plus)`` every filter should have; sets ``exact_filters``.
-    """
-    n_minus, n_zero, n_plus = code_counts(codes)
-    unpruned = n_plus + n_minus
-    exact = None
-    if expected is not None:
-        flat = codes.reshape(codes.shape[0], -1)
-        exact = bool(
-            ((flat == -1).sum(1) == expected[0]).all()
-            and ((flat == 0).sum(1) == expected[1]).all()
-            and ((flat == 1).sum(1) == expected[2]).all()
-        )
-    sqnr = None
-    if latent is not None:
-        sqnr = sqnr_db(latent, dequantize(codes, scale, center))
-    s = scale.detach().double()
-    return LayerStats(
-        name=name,
-        kind=kind,
-        binarized=True,
-        shape=tuple(codes.shape),
-        params=codes.numel(),
-        n_plus=n_plus,
-        n_minus=n_minus,
-        n_zero=n_zero,
-        ratio=n_plus / unpruned if unpruned else None,
-        entropy_bits=entropy_bits(codes),
-        scale_min=float(s.min()),
-        scale_mean=float(s.mean()),
-        scale_max=float(s.max()),
-        sqnr_db=sqnr,
-        exact_filters=exact,
-    )
+__all__ = ["activation_shares", "collect_stats", "inspect_file", "with_activation_shares"]
 
 
 def _kind(module: nn.Module) -> str:
@@ -90,7 +36,6 @@ def collect_stats(model: nn.Module) -> ModelStats:
         ('layer1.0.conv1', 1.0)
     """
     from ..nn.layers import BinaryLayer
-    from ..quant.quantize import ot_counts
 
     layers = []
     binary_weight_keys: dict[str, int] = {}
@@ -99,8 +44,8 @@ def collect_stats(model: nn.Module) -> ModelStats:
         if isinstance(module, BinaryLayer):
             codes, scale = module.quantize()
             cfg = module.config
-            expected = ot_counts(codes[0].numel(), cfg.ratio, cfg.prune) if cfg.method == "ot" else None
-            st = layer_stats(name, _kind(module), codes, scale, module.weight, expected, bool(cfg.center))
+            sqnr = sqnr_db(module.weight, dequantize(codes, scale, bool(cfg.center)))
+            st = binary_layer_stats(name, codes.cpu().numpy(), scale.detach().float().cpu().numpy(), cfg, sqnr)
             layers.append(st)
             binary_weight_keys[name + ".weight"] = packed_layer_bytes(codes.numel(), codes.shape[0], bool(st.n_zero))
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -128,98 +73,81 @@ def _totals(
     )
 
 
-def _packed_stats(model: nn.Module, state: dict[str, torch.Tensor], binarized: set[str], path: Any) -> ModelStats:
-    """Statistics read straight from a packed file's bit planes (no latent weights: SQNR is None)."""
-    from ..formats.packed import NONZERO_SUFFIX, SCALE_SUFFIX, SHAPE_SUFFIX, SIGN_SUFFIX, read_packed_layer
-    from ..quant.quantize import ot_counts
+def _file_stats(model: nn.Module, tensors: dict[str, Any], binarized: set[str], path: Any) -> ModelStats:
+    """Statistics of a file's tensors (packed fields of the binarized layers as numpy arrays, the rest
+    as stored), with the layer list and parameter count of the model the file describes."""
+    from ..formats.planes import SUFFIXES, decode_layer
 
-    layers = []
-    sizes: dict[str, int] = {}
-    fp32_extra: dict[str, int] = {}
-    kept = (getattr(model, "equalbits_meta", None) or {}).get("kept", {})
-    for name, module in model.named_modules():
-        if name in binarized:
-            codes, scale = read_packed_layer(state, name, path)
-            cfg = module.config  # type: ignore[union-attr]
-            expected = ot_counts(codes[0].numel(), cfg.ratio, cfg.prune) if cfg.method == "ot" else None
-            st = layer_stats(name, _kind(module), codes, scale, None, expected)
-            layers.append(st)
-            sizes[name + ".weight"] = packed_layer_bytes(codes.numel(), codes.shape[0], bool(st.n_zero))
-            fp32_extra[name + ".weight"] = 4 * codes.numel()
-        elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            w = module.weight
-            layers.append(
-                LayerStats(name, _kind(module), False, tuple(w.shape), w.numel(), kept_because=kept.get(name))
-            )
-    suffixes = (SIGN_SUFFIX, NONZERO_SUFFIX, SCALE_SUFFIX, SHAPE_SUFFIX)
-    plain = {k: v for k, v in state.items() if not any(k.endswith(s) and k[: -len(s)] in binarized for s in suffixes)}
-    fp32 = sum(v.numel() * v.element_size() for v in plain.values()) + sum(fp32_extra.values())
-    packed = sum(v.numel() * v.element_size() for v in plain.values()) + sum(sizes.values())
+    decoded = {name: decode_layer(tensors, name, path) for name in binarized}
+    plain = {k: v for k, v in tensors.items() if not (k.endswith(SUFFIXES) and k.rsplit(".", 2)[0] in binarized)}
+    meta = getattr(model, "equalbits_meta", None) or {}
+    layers = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     params = sum(p.numel() for p in model.parameters())
-    return ModelStats(layers, params, sum(s.params for s in layers if s.binarized), fp32, packed)
+    return packed_model_stats(layers, decoded, plain, params, meta.get("config"), meta.get("kept", {}))
+
+
+def _onnx_fields(name: str, binarized: set[str], path: Any) -> tuple[str, str] | None:
+    """``(layer, field)`` of an initializer holding a binarized layer's packed data, else None. Exports
+    since 0.6 name them as the packed module's buffers (``<layer>.sign``, ``.nonzero``, ``.scale``,
+    ``.mu``); 0.5 exports and int8 files ``eb::<layer>::sign`` (``w_sign`` in 1W/1A int8 files) and
+    ``eb::<layer>::factor``."""
+    if name.startswith("eb::"):
+        parts = name.split("::", 2)
+        if len(parts) != 3 or parts[1] not in binarized:
+            raise ValueError(f"{path}: initializer {name[:100]!r} names no binarized layer of the model")
+        field = parts[2].removeprefix("w_")
+        return parts[1], "scale" if field == "factor" else field
+    layer, _, field = name.rpartition(".")
+    return (layer, field) if layer in binarized and field in ("sign", "nonzero", "scale", "mu") else None
 
 
 def _onnx_report(path: Any) -> FileReport:
+    import json
     import os
 
     from onnx import numpy_helper
 
+    from ..formats import ONNX_FORMAT
     from ..formats.files import build_model
     from ..formats.onnx_file import read_onnx_info
-    from ..formats.packed import pack_bits
+    from ..formats.planes import pack_codes
 
     onnx_info = read_onnx_info(path)  # the checks eval makes too
     m, meta, info = onnx_info.graph, onnx_info.meta, onnx_info.info
     model = build_model(info)
-    state: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}
     binarized = set(info.binarized)
     for init in m.graph.initializer:
-        if init.name.startswith("eb::"):
-            parts = init.name.split("::", 2)
-            if len(parts) != 3 or parts[1] not in binarized:
-                raise ValueError(f"{path}: initializer {init.name[:100]!r} names no binarized layer of the model")
-            _, layer, field = parts
-            field = field.removeprefix("w_")  # int8 files of 1W/1A models: the weight's planes
-            arr = numpy_helper.to_array(init)
-            if field in ("sign", "nonzero"):
-                state[f"{layer}.weight.{field}"] = torch.from_numpy(arr.copy())
-            elif field == "factor":
-                state[f"{layer}.weight.scale"] = torch.from_numpy(arr.reshape(-1).copy())
-                state[f"{layer}.weight.shape"] = torch.tensor(list(model.get_submodule(layer).weight.shape))
-        else:
-            state[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy())
-    for layer in binarized:  # int8 files keep the scale in the quantizer's DequantizeLinear, BatchNorm folded in
-        if f"{layer}.weight.sign" in state and f"{layer}.weight.scale" not in state:
-            shape = model.get_submodule(layer).weight.shape
-            state[f"{layer}.weight.scale"] = torch.ones(shape[0])
-            state[f"{layer}.weight.shape"] = torch.tensor(list(shape))
+        arr = numpy_helper.to_array(init)
+        where = _onnx_fields(init.name, binarized, path)
+        if where is None:
+            tensors[init.name] = arr
+        elif where[1] in ("sign", "nonzero", "scale"):
+            tensors[f"{where[0]}.weight.{where[1]}"] = arr.reshape(-1) if where[1] == "scale" else arr
     if meta.get("onnx_weights") == "float":
         # Float weights are factor * levels: recover codes as their signs, factors as the row maxima.
-        # Transformer Linear weights sit under generated names, transposed; the file says where.
-        import json
-
         try:
-            where = json.loads(meta.get("float_weights") or "{}")
-            where = {k: (str(v[0]), bool(v[1])) for k, v in where.items()}
+            found = json.loads(meta.get("float_weights") or "{}")
+            found = {k: (str(v[0]), bool(v[1])) for k, v in found.items()}
         except (json.JSONDecodeError, TypeError, IndexError, AttributeError):
             raise ValueError(f"{path}: metadata 'float_weights' is not valid") from None
-        for layer, (init_name, transposed) in where.items():
-            if layer in binarized and init_name in state and f"{layer}.weight" not in state:
-                w = state.pop(init_name)
-                state[f"{layer}.weight"] = w.T if transposed and w.dim() == 2 else w
         for layer in binarized:
-            w = state.get(f"{layer}.weight")
+            init_name, transposed = found.get(layer, (f"{layer}.weight", False))
+            w = tensors.pop(init_name, None)
             if w is None:
-                raise ValueError(f"{path}: initializer {layer}.weight of a binarized layer is missing")
-            codes = torch.sign(w).to(torch.int8)
-            state[f"{layer}.weight.sign"] = pack_bits(codes == -1)
-            if bool((codes == 0).any()):
-                state[f"{layer}.weight.nonzero"] = pack_bits(codes != 0)
-            state[f"{layer}.weight.scale"] = w.reshape(w.shape[0], -1).abs().amax(dim=1).float()
-            state[f"{layer}.weight.shape"] = torch.tensor(list(w.shape))
-            del state[f"{layer}.weight"]
-    stats = _packed_stats(model, state, binarized, path)
-    return FileReport(str(path), "equalbits.onnx", info.model, asdict(info.config), stats, os.path.getsize(path))
+                raise ValueError(f"{path}: initializer {init_name} of a binarized layer is missing")
+            w = w.T if transposed and w.ndim == 2 else w
+            sign, nonzero = pack_codes(np.sign(w))
+            tensors[f"{layer}.weight.sign"] = sign
+            if nonzero is not None:
+                tensors[f"{layer}.weight.nonzero"] = nonzero
+            tensors[f"{layer}.weight.scale"] = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float32)
+    for layer in binarized:  # int8 files keep the scale in the quantizer's DequantizeLinear, BatchNorm folded in
+        shape = model.get_submodule(layer).weight.shape
+        tensors[f"{layer}.weight.shape"] = np.array(list(shape), dtype=np.int64)
+        tensors.setdefault(f"{layer}.weight.scale", np.ones(shape[0], dtype=np.float32))
+    stats = _file_stats(model, tensors, binarized, path)
+    return FileReport(str(path), ONNX_FORMAT, info.model, asdict(info.config), stats, os.path.getsize(path))
 
 
 def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -> FileReport:
@@ -236,8 +164,10 @@ def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -
     from safetensors.torch import load_file
 
     from ..config import BinarizeConfig
-    from ..formats.files import LATENT_FORMAT, PACKED_FORMAT, build_model, file_info
+    from ..formats import LATENT_FORMAT, PACKED_FORMAT
+    from ..formats.files import build_model, file_info
     from ..formats.latent import load_model
+    from ..formats.planes import SUFFIXES
     from ..model.convert import binarize_, create_model
     from ..paths import read_metadata, require_file
 
@@ -255,10 +185,13 @@ def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -
         info = file_info(path, meta)
         model = build_model(info)
         try:
-            state = load_file(str(path))
+            state: dict[str, Any] = load_file(str(path))
         except Exception as exc:
             raise ValueError(f"{path}: cannot read tensors ({exc})") from None
-        stats = _packed_stats(model, state, set(info.binarized), path)
+        for k, v in state.items():  # the packed fields as numpy arrays (numpy has no bfloat16)
+            if k.endswith(SUFFIXES):
+                state[k] = v.numpy() if v.dtype in (torch.uint8, torch.int64, torch.float32) else v.double().numpy()
+        stats = _file_stats(model, state, set(info.binarized), path)
         return FileReport(str(path), fmt, info.model, asdict(info.config), stats, size)
     if fmt is not None:
         file_info(path, meta)  # raises the precise error for an unknown format or version

@@ -9,10 +9,15 @@ tensor as stored. It excludes the file header.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["FileReport", "LayerStats", "ModelStats", "packed_layer_bytes"]
+import numpy as np
+
+from ..quant.counts import entropy_of_counts, ot_counts
+
+__all__ = ["FileReport", "LayerStats", "ModelStats", "binary_layer_stats", "packed_layer_bytes", "packed_model_stats"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,96 @@ class ModelStats:
 def packed_layer_bytes(numel: int, out_channels: int, ternary: bool) -> int:
     """Bytes a packed binarized layer needs: its bit planes plus fp32 per-filter scales."""
     return (2 if ternary else 1) * ((numel + 7) // 8) + 4 * out_channels
+
+
+def _kind(shape: tuple[int, ...]) -> str:
+    return "Conv2d" if len(shape) == 4 else "Linear"
+
+
+def binary_layer_stats(
+    name: str,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    config: Any = None,
+    sqnr_db: float | None = None,
+) -> LayerStats:
+    """Statistics of one binarized layer from its codes and per-filter scales: every reader's one builder.
+
+    Args:
+        config: The layer's :class:`equalbits_cli.BinarizeConfig`; with method ``ot`` it sets
+            ``exact_filters``: whether every filter has exactly the counts :func:`ot_counts` promises.
+        sqnr_db: The quantization's signal-to-noise ratio, where the latent weights are known.
+
+    Example:
+        >>> from equalbits_cli import BinarizeConfig
+        >>> st = binary_layer_stats("fc", np.array([[1, -1], [-1, 1]]), np.ones(2), BinarizeConfig())
+        >>> st.ratio, st.entropy_bits, st.exact_filters
+        (0.5, 1.0, True)
+    """
+    flat = np.asarray(codes).reshape(codes.shape[0], -1)
+    per_filter = [(flat == c).sum(axis=1) for c in (-1, 0, 1)]
+    n_minus, n_zero, n_plus = (int(c.sum()) for c in per_filter)
+    exact = None
+    if config is not None and config.method == "ot":
+        want = ot_counts(flat.shape[1], config.ratio, config.prune)
+        exact = all(bool((got == w).all()) for got, w in zip(per_filter, want))
+    s = np.asarray(scale, dtype=np.float64)
+    unpruned = n_plus + n_minus
+    return LayerStats(
+        name=name,
+        kind=_kind(tuple(codes.shape)),
+        binarized=True,
+        shape=tuple(int(d) for d in codes.shape),
+        params=int(flat.size),
+        n_plus=n_plus,
+        n_minus=n_minus,
+        n_zero=n_zero,
+        ratio=n_plus / unpruned if unpruned else None,
+        entropy_bits=entropy_of_counts((n_minus, n_zero, n_plus)),
+        scale_min=float(s.min()),
+        scale_mean=float(s.mean()),
+        scale_max=float(s.max()),
+        sqnr_db=sqnr_db,
+        exact_filters=exact,
+    )
+
+
+def packed_model_stats(
+    layers: Mapping[str, tuple[int, ...] | None],
+    binarized: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    tensors: Mapping[str, Any],
+    params: int,
+    config: Any = None,
+    kept: Mapping[str, str] | None = None,
+) -> ModelStats:
+    """Statistics of a model read from a file: one builder for packed files and ONNX exports.
+
+    Args:
+        layers: Every Conv2d/Linear module name, in module order, with its weight's shape (None for the
+            binarized ones: their codes have it).
+        binarized: ``(codes, scale)`` of each binarized layer, decoded.
+        tensors: Every other stored tensor by name (arrays, or anything with ``nbytes``).
+        params: The model's parameter count.
+        config: The binarization config (for the exact-count check).
+        kept: Why each full-precision layer was kept (stem, classifier, ...).
+
+    """
+    kept = kept or {}
+    stats, plain, binary_bytes, fp32_binary = [], 0, 0, 0
+    for name, shape in layers.items():
+        if name in binarized:
+            codes, scale = binarized[name]
+            st = binary_layer_stats(name, codes, scale, config)
+            binary_bytes += packed_layer_bytes(codes.size, codes.shape[0], bool(st.n_zero))
+            fp32_binary += 4 * codes.size
+        else:
+            shape = tuple(int(d) for d in shape or ())
+            st = LayerStats(name, _kind(shape), False, shape, math.prod(shape), kept_because=kept.get(name))
+        stats.append(st)
+    plain = sum(int(v.nbytes) for v in tensors.values())
+    return ModelStats(
+        stats, params, sum(s.params for s in stats if s.binarized), plain + fp32_binary, plain + binary_bytes
+    )
 
 
 @dataclass(frozen=True)

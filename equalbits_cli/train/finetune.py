@@ -185,7 +185,7 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
         find_splits,
         make_loader,
     )
-    from ..formats.files import LATENT_FORMAT
+    from ..formats import LATENT_FORMAT
     from ..formats.latent import load_model
     from ..paths import read_metadata
 

@@ -1,0 +1,171 @@
+"""The packed inference form of a binarized layer: bit planes, per-filter scales, centring and activation
+thresholds as buffers, and a forward that unpacks them.
+
+Every export starts from it (:func:`pack_model`): the ONNX graph gets its unpack subgraph by tracing
+:meth:`PackedBinary.weight` with torch's exporter, and float exports materialize the same weight
+(:func:`float_model`). Decoding follows docs/format.md: codes flattened in C order, 8 per byte, least
+significant bit first; sign bit 1 = code -1, nonzero bit 1 = code != 0.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.planes import pack_codes
+from ..quant.quantize import code_offsets
+from .layers import BinaryLayer, conv_kwargs
+
+__all__ = ["PackedBinary", "float_model", "pack_model"]
+
+
+class PackedBinary(nn.Module):
+    """A binarized Conv2d or Linear in its packed form: ``y = op(sign(x - t)?, scale * levels) + bias``.
+
+    ``levels`` are the codes, or with centring ``codes - mu * |codes|`` (``mu`` per filter, see
+    :func:`equalbits_cli.quant.quantize.code_offsets`). Buffers: ``sign`` and ``nonzero`` (uint8 bit planes,
+    ``nonzero`` only for pruned layers), ``scale`` (float32 per output channel), ``mu`` (float32 per
+    output channel, only where a filter's levels are centred away from 0), ``bias`` and ``act_threshold``
+    (1W/1A layers) where the layer has them.
+
+    Example:
+        >>> from equalbits_cli import BinarizeConfig, BinaryConv2d
+        >>> layer = BinaryConv2d(4, 8, 3, config=BinarizeConfig()).eval()
+        >>> packed = PackedBinary.from_layer(layer)
+        >>> torch.equal(packed.weight(), layer.quantized_weight())
+        True
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        *,
+        center: bool,
+        bias: torch.Tensor | None = None,
+        act_threshold: torch.Tensor | None = None,
+        conv: dict | None = None,
+    ) -> None:
+        super().__init__()
+        sign, nonzero = pack_codes(codes.cpu().numpy())
+        self.shape = tuple(codes.shape)
+        self.count = codes.numel()
+        self.conv = None if conv is None else {k: conv[k] for k in ("stride", "padding", "dilation", "groups")}
+        mu = code_offsets(codes).cpu() if center else None
+        self.register_buffer("sign", torch.from_numpy(sign))
+        self.register_buffer("nonzero", None if nonzero is None else torch.from_numpy(nonzero))
+        self.register_buffer("scale", scale.detach().float().cpu().clone())
+        self.register_buffer("mu", mu if mu is not None and bool(mu.any()) else None)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().cpu().clone())
+        self.register_buffer("act_threshold", None if act_threshold is None else act_threshold.detach().float().clone())
+        self.register_buffer("bit_masks", torch.tensor([1 << i for i in range(8)], dtype=torch.uint8), persistent=False)
+
+    @classmethod
+    def from_layer(cls, layer: BinaryLayer) -> PackedBinary:
+        """The packed form of a binarized layer (its current codes, or the codes it was loaded with)."""
+        codes, scale = layer.quantize()
+        conv = conv_kwargs(layer) if isinstance(layer, nn.Conv2d) else None
+        if conv is not None and conv["padding_mode"] != "zeros":
+            raise ValueError(f"padding mode {conv['padding_mode']!r} has no packed form; only 'zeros' padding")
+        thresholds = layer.act_threshold if layer.config.activations == "sign" else None
+        return cls(codes, scale, center=bool(layer.config.center), bias=layer.bias, act_threshold=thresholds, conv=conv)
+
+    def _plane(self, plane: torch.Tensor) -> torch.Tensor:
+        """The plane's bits as a flat float tensor of 0/1, one per code."""
+        bits = torch.bitwise_and(plane.unsqueeze(1), self.bit_masks).ne(0)
+        return bits.reshape(-1)[: self.count].to(self.scale.dtype)
+
+    def weight(self) -> torch.Tensor:
+        """``scale * levels``, float32, of the layer's weight shape."""
+        codes = 1.0 - 2.0 * self._plane(self.sign)
+        if self.nonzero is not None:
+            codes = codes * self._plane(self.nonzero)
+        levels = codes.reshape(self.shape[0], -1)
+        if self.mu is not None:
+            levels = levels - self.mu.unsqueeze(1) * levels.abs()
+        return (levels * self.scale.unsqueeze(1)).reshape(self.shape)
+
+    def codes(self) -> torch.Tensor:
+        """The int8 codes in {-1, 0, +1}."""
+        codes = 1 - 2 * self._plane(self.sign).to(torch.int8)
+        if self.nonzero is not None:
+            codes = codes * self._plane(self.nonzero).to(torch.int8)
+        return codes.reshape(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _binarize_input(x, self.act_threshold, self.conv is not None)
+        w = self.weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.conv is None:
+            return F.linear(x, w, bias)
+        c = self.conv
+        return F.conv2d(x, w, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+
+    def extra_repr(self) -> str:
+        kind = "conv" if self.conv is not None else "linear"
+        return f"{kind}, shape={self.shape}, ternary={self.nonzero is not None}, centred={self.mu is not None}"
+
+
+def _binarize_input(x: torch.Tensor, threshold: torch.Tensor | None, conv: bool) -> torch.Tensor:
+    """``sign(x - t)`` with sign(0) = +1 and ``t`` per channel (1W/1A layers), else ``x``."""
+    if threshold is None:
+        return x
+    shape = (1, -1) + (1,) * (x.dim() - 2) if conv else (-1,)
+    return torch.where(x - threshold.view(shape) >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class _FloatBinary(nn.Module):
+    """A packed layer with its weight materialized as the float parameter ``weight`` (float exports and
+    the input of int8 quantization). A Linear holds it transposed, ``[in, out]``, and computes
+    ``x @ weight``: the graph then has no Transpose of the weight for an optimizer to fold into a
+    constant under a generated name, so the weight keeps its name through onnxruntime's tools."""
+
+    def __init__(self, packed: PackedBinary) -> None:
+        super().__init__()
+        self.conv = packed.conv
+        w = packed.weight().detach()
+        self.weight = nn.Parameter(w if self.conv is not None else w.T.contiguous(), requires_grad=False)
+        self.register_buffer("bias", packed.bias)
+        self.register_buffer("act_threshold", packed.act_threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _binarize_input(x, self.act_threshold, self.conv is not None)
+        if self.conv is None:
+            y = torch.matmul(x, self.weight)
+            return y if self.bias is None else y + self.bias
+        c = self.conv
+        return F.conv2d(x, self.weight, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+
+
+def _replace(model: nn.Module, kind: type, make) -> nn.Module:
+    model = copy.deepcopy(model).eval()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, kind):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, make(module))
+    return model
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """A copy of a binarized ``model`` in eval mode with each binarized layer in its packed form
+    (:class:`PackedBinary`); the model itself is left as it is.
+
+    Example:
+        >>> import timm
+        >>> from equalbits_cli import BinarizeConfig, binarize_
+        >>> m = timm.create_model("resnet18", pretrained=False, num_classes=10)
+        >>> binarize_(m, BinarizeConfig())
+        >>> type(pack_model(m).layer1[0].conv1).__name__
+        'PackedBinary'
+    """
+    return _replace(model, BinaryLayer, PackedBinary.from_layer)
+
+
+def float_model(packed: nn.Module) -> nn.Module:
+    """A copy of a packed model (:func:`pack_model`) whose binarized layers hold their weight
+    ``scale * levels`` as a float parameter named ``weight`` (``[in, out]`` for a Linear): what float
+    and int8 exports trace."""
+    return _replace(packed, PackedBinary, _FloatBinary)
