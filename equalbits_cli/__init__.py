@@ -27,6 +27,8 @@ _EXPORTS = {
     "save_checkpoint": "formats.latent",
     "BinaryConv2d": "nn.layers",
     "BinaryLinear": "nn.layers",
+    "PackedBinary": "nn.packed",
+    "pack_model": "nn.packed",
     "save_packed": "formats.packed",
     "export_onnx": "export.onnx",
     "export_onnx_int8": "export.int8",
@@ -48,6 +50,7 @@ __all__ = [
     "LayerPolicy",
     "LayerStats",
     "ModelStats",
+    "PackedBinary",
     "binarize_",
     "binarize_model",
     "binary_weight",
@@ -60,6 +63,7 @@ __all__ = [
     "load_model",
     "ot_codes",
     "ot_counts",
+    "pack_model",
     "save_checkpoint",
     "save_packed",
 ]
@@ -87,6 +91,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .model.convert import binarize_, binarize_model, create_model, default_filter
     from .model.policy import LayerPolicy
     from .nn.layers import BinaryConv2d, BinaryLinear
+    from .nn.packed import PackedBinary, pack_model
     from .quant.quantize import binary_weight, entropy_bits, ot_codes, ot_counts
     from .report.inspect import collect_stats
     from .report.stats import LayerStats, ModelStats

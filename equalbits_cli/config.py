@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .data.config import DataOverrides
+from .errors import SettingError
 
 METHODS = ("ot", "sign", "irnet")
 ACTIVATIONS = ("none", "sign")
@@ -58,9 +59,9 @@ class BinarizeConfig:
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         if self.method != "ot" and self.prune != 0:
-            raise ValueError(f"prune applies to --method ot only; method {self.method!r} has no pruning")
+            raise SettingError(f"prune applies to `method` ot only; method {self.method!r} has no pruning")
         if self.method != "ot" and self.ratio != 0.5:
-            raise ValueError(f"ratio applies to --method ot only; method {self.method!r} cannot enforce a ratio")
+            raise SettingError(f"ratio applies to `method` ot only; method {self.method!r} cannot enforce a ratio")
         if self.center is None:
             object.__setattr__(self, "center", self.method == "ot")
         if not isinstance(self.center, bool):

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["ExportMismatch", "Interrupted"]
+__all__ = ["ExportMismatch", "Interrupted", "SettingError"]
+
+
+class SettingError(ValueError):
+    """A setting (an argument of a library call) out of range or inconsistent with another. Messages
+    name settings as Python parameters in backquotes (`` `img_size` ``); the CLI shows its flag instead
+    (``--img-size``) and exits 2."""
 
 
 class ExportMismatch(RuntimeError):

@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import SettingError
+
 __all__ = [
     "atomic_write",
     "check_distinct_paths",
@@ -72,7 +74,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if _exists(path) and not (path.is_file() or path.is_symlink()):
         raise ValueError(f"output {path} exists and is not a regular file; choose another path")
     if _exists(path) and not overwrite:
-        raise ValueError(f"output {path} exists; pass --overwrite to replace it")
+        raise SettingError(f"output {path} exists; pass `overwrite` to replace it")
     return path
 
 
@@ -143,9 +145,9 @@ def _publish(tmp_path: Path, path: Path, exclusive: bool) -> None:
     try:
         os.link(tmp_path, path)
     except FileExistsError:
-        raise ValueError(
+        raise SettingError(
             f"output {path} appeared while this command ran (another process?); nothing was written; "
-            "pass --overwrite or another -o path"
+            "pass `overwrite` or another `output` path"
         ) from None
     except OSError:  # a file system without hard links: claim the name exclusively, then replace it
         try:

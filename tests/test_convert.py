@@ -78,7 +78,7 @@ def test_non_timm_model_falls_back_to_first_conv_last_linear():
 def test_create_model_from_checkpoint_infers_classes(resnet18_state):
     model = create_model("resnet18", checkpoint=resnet18_state)
     assert model.fc.out_features == 10
-    with pytest.raises(ValueError, match="--num-classes 10"):
+    with pytest.raises(ValueError, match="pass `num_classes` 10"):
         create_model("resnet18", checkpoint=resnet18_state, num_classes=7)
 
 

@@ -213,7 +213,7 @@ def test_memory_errors_name_the_size_and_batch():
     from equalbits_cli.train.evaluate import memory_errors
 
     cfg = DataConfig((3, 4096, 4096), "bicubic", (0.5,) * 3, (0.5,) * 3, 1.0)
-    with pytest.raises(ValueError, match="out of memory at 4096x4096 images in batches of 64; lower --batch-size"):
+    with pytest.raises(ValueError, match="out of memory at 4096x4096 images in batches of 64; lower `batch_size`"):
         with memory_errors(cfg, 64):
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 26 GB")
     with pytest.raises(ValueError, match="out of memory"), memory_errors(cfg, 64):

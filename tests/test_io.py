@@ -48,7 +48,7 @@ def test_check_output_path(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         check_output_path(tmp_path / "nope" / "f.safetensors")
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ValueError, match="--overwrite"):
+    with pytest.raises(ValueError, match="pass `overwrite`"):
         check_output_path(tmp_path / "f")
     assert check_output_path(tmp_path / "f", overwrite=True) == tmp_path / "f"
 

@@ -61,23 +61,9 @@ def test_sign_activations():
     torch.testing.assert_close(lin(x.detach()[None]), y.detach()[None] @ (codes.float() * scale[:, None]).T + lin.bias)
 
 
-def test_pin_codes_until_trained():
-    lin = BinaryLinear.from_float(nn.Linear(4, 2), BinarizeConfig()).eval()
-    codes = torch.tensor([[1, 1, -1, -1], [1, -1, 1, -1]], dtype=torch.int8)
-    lin.pin_codes(codes, torch.ones(2))
-    assert torch.equal(lin.quantize()[0], codes)
-    lin.double()
-    assert torch.equal(lin.quantize()[0], codes), "a dtype move keeps the pinned codes"
-    assert lin.quantize()[1].dtype == torch.float64
-    lin.train()
-    assert lin.pinned_codes is None, "training drops the pin: the latent weight moves from now on"
-    with pytest.raises(ValueError):
-        lin.pin_codes(codes[:1], torch.ones(1))
-
-
 @pytest.mark.parametrize("method", ["ot", "sign", "irnet"])
-def test_eval_cache_follows_writes_through_data(method):
-    """A write through .data leaves the version counter alone; the cache must still see it."""
+def test_eval_follows_writes_through_data(method):
+    """A write through .data leaves the version counter alone; evaluation must still see it (no stale codes)."""
     cfg = BinarizeConfig(method=method)
     lin = BinaryLinear.from_float(nn.Linear(8, 3), cfg).eval()
     x = torch.randn(2, 8)

@@ -47,8 +47,10 @@ def test_packed_round_trip_and_size(tmp_path, resnet18_state, config):
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     for (name, m), (_, lm) in zip(model.named_modules(), loaded.named_modules(), strict=True):
-        if hasattr(m, "quantize"):
-            assert torch.equal(m.quantize()[0], lm.quantize()[0]), name
+        if hasattr(m, "quantize"):  # the packed form holds exactly the codes and scales the model computes
+            assert type(lm).__name__ == "PackedBinary", name
+            codes, scale = m.quantize()
+            assert torch.equal(codes, lm.codes()) and torch.equal(scale.float(), lm.scale), name
     stats = collect_stats(model)
     size = path.stat().st_size
     header = 32 * 1024  # fixed allowance for the safetensors JSON header

@@ -206,12 +206,16 @@ def test_forged_onnx_initializers_are_refused(tmp_path, binary_ckpt):
         ["export", str(binary_ckpt), "-f", "onnx", "--img-size", "32", "--no-bench", "-o", str(tmp_path / "m.onnx")],
     )
     assert res.exit_code == 0, res.stderr
-    m = onnx.load(str(tmp_path / "m.onnx"))
-    init = next(i for i in m.graph.initializer if i.name.endswith("::factor"))
-    init.name = "eb::no.such.layer::factor"
-    onnx.save(m, str(tmp_path / "forged.onnx"))
-    res = runner.invoke(app, ["inspect", str(tmp_path / "forged.onnx")])
-    assert res.exit_code == 2 and "names no binarized layer" in res.stderr
+    for new_name, message in (
+        ("eb::no.such.layer::factor", "names no binarized layer"),  # the naming of 0.5 exports
+        ("no.such.layer.scale", "layer 'layer1.0.conv1': missing tensor"),
+    ):
+        m = onnx.load(str(tmp_path / "m.onnx"))
+        init = next(i for i in m.graph.initializer if i.name == "layer1.0.conv1.scale")
+        init.name = new_name
+        onnx.save(m, str(tmp_path / "forged.onnx"))
+        res = runner.invoke(app, ["inspect", str(tmp_path / "forged.onnx")])
+        assert res.exit_code == 2 and message in res.stderr, res.stderr
     m = onnx.load(str(tmp_path / "m.onnx"))
     onnx.save(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="ext.data", size_threshold=0)  # fmt: skip

@@ -196,7 +196,7 @@ def test_pretrained_teacher_with_another_head_is_refused():
     from equalbits_cli.train.distill import teacher_for as _teacher_for
 
     meta = {"model": "resnet18", "source": {"model": "resnet18", "pretrained": True, "checkpoint": None}}
-    with pytest.raises(ValueError, match="1000 classes, not this data's 10.*--teacher.*--alpha 1"):
+    with pytest.raises(ValueError, match="1000 classes, not this data's 10.*`teacher`.*`alpha` 1"):
         _teacher_for(meta, None, 10)
     with pytest.raises(ValueError, match="head would be random"):
         _teacher_for(meta, "resnet18", 10)
@@ -223,7 +223,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     from equalbits_cli.train.state import check_resume_config
 
     saved = {"config": FinetuneConfig(epochs=1000).to_json()}
-    with pytest.raises(ValueError, match="--epochs 1000 \\(now 2\\)"):
+    with pytest.raises(ValueError, match="`epochs` 1000 \\(now 2\\)"):
         check_resume_config(tmp_path / "s", saved, FinetuneConfig(epochs=2).to_json())
     check_resume_config(tmp_path / "s", saved, FinetuneConfig(epochs=1000, workers=0, device="cpu").to_json())
 
@@ -329,9 +329,10 @@ def plain_finetune(tmp_path_factory, digits_small, digits_student):
 
 
 # The same steps as without the flag. Compiled kernels round differently, and channels-last
-# convolutions sum in another order; over an epoch a few codes flip on such differences: the losses
-# agree closely (0.2% seen for channels-last), not exactly.
-@pytest.mark.parametrize("flag,tolerance", [("--compile", 0.05), ("--channels-last", 0.02)])
+# convolutions sum in another order; over an epoch a few codes flip on such differences, and a flipped
+# code moves the rest of the run: the losses agree closely, not exactly (channels-last: 0.2% on one CPU,
+# 2.5% on another, with 0.5.0's code as with today's).
+@pytest.mark.parametrize("flag,tolerance", [("--compile", 0.05), ("--channels-last", 0.05)])
 def test_compile_and_channels_last_train_the_same_steps(tmp_path, plain_finetune, flag, tolerance):
     args, plain = plain_finetune
     out = tmp_path / "flagged.safetensors"
@@ -406,6 +407,6 @@ def test_a_non_finite_loss_is_reported_with_its_step(tmp_path, digits_small, dig
 
     monkeypatch.setattr(train, "distillation_loss", poisoned)
     cfg = FinetuneConfig(epochs=1, batch_size=32, workers=0, calibrate_batches=0, warmup_steps=2)
-    with pytest.raises(ValueError, match="became NaN or infinite at step 3; lower --lr"):
+    with pytest.raises(ValueError, match="became NaN or infinite at step 3; lower `lr`"):
         train.finetune(digits_student, digits_small, cfg, output=tmp_path / "o.safetensors")
     assert len(calls) == train.LOG_EVERY

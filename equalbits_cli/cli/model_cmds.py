@@ -30,6 +30,7 @@ from .options import (
     StdOpt,
     data_overrides,
     user_errors,
+    with_flags,
 )
 
 
@@ -82,7 +83,7 @@ def binarize(
     out = check_output_path(output or default_output(model, ".binary.safetensors"), overwrite)
     from ..model.limits import known_shortfalls
 
-    warnings = known_shortfalls(model.removeprefix("hf-hub:"), config)
+    warnings = [with_flags(w) for w in known_shortfalls(model.removeprefix("hf-hub:"), config)]
     for warning in warnings:  # before any work: the user may stop here
         stderr().print(f"warning: {warning}")
     net = binarize_model(
@@ -299,4 +300,4 @@ def export(
     for note in result.get("notes", []):
         err.print(f"note: {note}")
     for warning in result.get("warnings", []):
-        err.print(f"warning: {warning}")
+        err.print(f"warning: {with_flags(warning)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -166,10 +167,34 @@ def data_overrides(
     return DataOverrides(img_size, crop_pct, interpolation, means, stds)
 
 
+# Library messages name settings as Python parameters in backquotes (see errors.SettingError); on the
+# command line they are these flags and arguments, else ``--`` and the name with dashes.
+_FLAGS = {
+    "data_dir": "--data",
+    "output": "-o",
+    "model_name": "--model",
+    "name": "MODEL",
+    "model_or_file": "MODEL",
+    "model_or_ckpt": "MODEL",
+    "pretrained=False": "--no-pretrained",
+}
+_SETTING = re.compile(r"`([a-z][a-z0-9_]*(?:=False)?)`")
+
+
+def with_flags(message: str) -> str:
+    """A library message as the command line says it: `` `img_size` `` becomes ``--img-size``.
+
+    Example:
+        >>> with_flags("`img_size` must be at least 8; or pass `data_dir`")
+        '--img-size must be at least 8; or pass --data'
+    """
+    return _SETTING.sub(lambda m: _FLAGS.get(m.group(1), "--" + m.group(1).replace("_", "-")), message)
+
+
 def fail(message: str, code: int = 2) -> None:
     """One line on stderr, then exit with ``code`` (no traceback). Long messages are cut."""
     # A file name that is not UTF-8 arrives with surrogate escapes: show its bytes (\xff), not \udcff.
-    message = message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    message = with_flags(message).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     line = " ".join(message.split())
     if len(line) > 2000:
         line = line[:2000] + " ... (cut)"

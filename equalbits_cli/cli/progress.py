@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .options import with_flags
 from .render import stderr
 
 
@@ -62,6 +63,7 @@ class RichProgress:
         """A line above the bars (the data config, warnings), on stderr."""
         if not self.enabled:
             return
+        text = with_flags(text)
         if self._progress is not None:
             self._progress.console.print(text)
         else:

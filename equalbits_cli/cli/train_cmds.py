@@ -26,6 +26,7 @@ from .options import (
     WorkersOpt,
     data_overrides,
     user_errors,
+    with_flags,
 )
 
 
@@ -232,7 +233,7 @@ def finetune(
         ("processes", str(result.world_size)),
         ("time", f"{result.seconds:.1f} s"),
     ]
-    rows += [("warning", w) for w in result.warnings]
+    rows += [("warning", with_flags(w)) for w in result.warnings]
     stdout().print(kv_table(f"fine-tuned {student.name} -> {out}", rows))
 
 

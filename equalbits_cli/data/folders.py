@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import SettingError
 from .config import DataConfig
 
 __all__ = [
@@ -96,7 +97,7 @@ def find_splits(root: str | os.PathLike, need_train: bool = True, classes: list[
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise ValueError(f"--data {root} is a file; pass a folder holding val/<class>/<images> (and train/)")
+        raise SettingError(f"`data_dir` {root} is a file; pass a folder holding val/<class>/<images> (and train/)")
     if not root.is_dir():
         raise FileNotFoundError(f"data directory not found: {root}")
     val = next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)

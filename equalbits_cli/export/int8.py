@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import SettingError
 from ..nn.packed import PackedBinary
 from ..progress import Progress
 from .onnx import export_data_config
@@ -307,7 +308,7 @@ def _factor(w: np.ndarray, codes: np.ndarray, mu: np.ndarray | None, layer: str)
         c = c - mu.reshape(rows, 1) * np.abs(c)
     w2 = w.reshape(rows, -1).astype(np.float32)
     first = np.argmax(c != 0, axis=1)  # a non-zero level per row (a filter has at least one non-zero code)
-    f = (w2[np.arange(rows), first] / np.where(c[np.arange(rows), first] != 0, c[np.arange(rows), first], 1))
+    f = w2[np.arange(rows), first] / np.where(c[np.arange(rows), first] != 0, c[np.arange(rows), first], 1)
     f = np.where(c[np.arange(rows), first] != 0, f, 0).astype(np.float32)
     if not np.all(np.abs(f[:, None] * c - w2) <= 1e-5 * np.maximum(np.abs(f), 1e-30)[:, None]):
         raise ValueError(f"int8 export: the float weight of binarized layer {layer!r} does not hold its codes")
@@ -511,9 +512,9 @@ def export_onnx_int8(
     from .onnx import captured_stdout, check_outputs, export_data_config, has_binary_activations, trace_graph
 
     if not 1 <= calibrate_batches <= 10_000:
-        raise ValueError(f"--calibrate-batches must be between 1 and 10000, got {calibrate_batches}")
+        raise SettingError(f"`calibrate_batches` must be between 1 and 10000, got {calibrate_batches}")
     if not 1 <= batch_size <= 4096:
-        raise ValueError(f"--batch-size must be between 1 and 4096, got {batch_size}")
+        raise SettingError(f"`batch_size` must be between 1 and 4096, got {batch_size}")
     calib_set, val_set = image_sets(model, data_dir, img_size)
     meta = base_metadata(model, ONNX_FORMAT)
     meta["data_config"] = json.dumps(export_data_config(model, img_size).to_dict())
@@ -522,9 +523,9 @@ def export_onnx_int8(
     sign_acts = has_binary_activations(model)
     calib = [] if sign_acts else [b for b, _ in _batches(calib_set, calibrate_batches, batch_size)]
     if not sign_acts and not calib:
-        raise ValueError(
+        raise SettingError(
             f"no images to calibrate on: {data_dir}/train (else val/) holds no images of the model's classes; "
-            "add some, or pass another --data"
+            "add some, or pass another `data_dir`"
         )
 
     class Reader(CalibrationDataReader):

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..errors import SettingError
+
 __all__ = ["SpeedResult", "compare_speed"]
 
 
@@ -82,9 +84,9 @@ def compare_speed(
     from .onnx import export_onnx
 
     if not isinstance(threads, int) or not 0 <= threads <= 1024:
-        raise ValueError(f"--threads must be between 0 (onnxruntime's choice) and 1024, got {threads}")
+        raise SettingError(f"`threads` must be between 0 (onnxruntime's choice) and 1024, got {threads}")
     if not isinstance(batch, int) or not 1 <= batch <= 1024:
-        raise ValueError(f"--bench-batch must be between 1 and 1024, got {batch}")
+        raise SettingError(f"`bench_batch` must be between 1 and 1024, got {batch}")
     size = resolve_data_config(model).input_size
     x = np.random.default_rng(0).standard_normal((batch, *size)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..data.config import DataOverrides, resolve_data_config
+from ..errors import SettingError
 
 __all__ = ["FORMATS", "export_file", "verify_packed"]
 
@@ -70,27 +71,27 @@ def export_file(
     from .onnx import export_onnx
 
     if format not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+        raise SettingError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
     if format == "onnx-int8" and data is None:
-        raise ValueError("--format onnx-int8 calibrates activations on images: pass --data DIR (an image folder)")
+        raise SettingError("`format` onnx-int8 calibrates activations on images: pass `data` DIR (an image folder)")
     if format == "packed" and data is not None:
-        raise ValueError("--data is used by the ONNX formats only (a packed file reproduces PyTorch exactly)")
+        raise SettingError("`data` is used by the ONNX formats only (a packed file reproduces PyTorch exactly)")
     if format != "onnx-int8" and calibrate_batches is not None:
-        raise ValueError("--calibrate-batches applies to --format onnx-int8 only")
+        raise SettingError("`calibrate_batches` applies to `format` onnx-int8 only")
     calibrate_batches = 8 if calibrate_batches is None else calibrate_batches
     if format == "packed" and (threads != 0 or bench_batch != 1):
-        raise ValueError("--threads and --bench-batch apply to the ONNX formats (a packed file is not timed)")
+        raise SettingError("`threads` and `bench_batch` apply to the ONNX formats (a packed file is not timed)")
     if not isinstance(threads, int) or not 0 <= threads <= 1024:
-        raise ValueError(f"--threads must be between 0 (onnxruntime's choice) and 1024, got {threads}")
+        raise SettingError(f"`threads` must be between 0 (onnxruntime's choice) and 1024, got {threads}")
     if not isinstance(bench_batch, int) or not 1 <= bench_batch <= 1024:
-        raise ValueError(f"--bench-batch must be between 1 and 1024, got {bench_batch}")
+        raise SettingError(f"`bench_batch` must be between 1 and 1024, got {bench_batch}")
     out = check_output_path(output, overwrite)
     check_distinct_paths({"-o": out}, {"CHECKPOINT": checkpoint})
     meta = read_metadata(checkpoint) if Path(checkpoint).suffix == ".safetensors" else {}
     if not str(meta.get("format", "")).startswith("equalbits."):
         raise ValueError(
-            f"{checkpoint} is not a binarized checkpoint; make one first: equalbits binarize MODEL --checkpoint "
-            f"{checkpoint}"
+            f"{checkpoint} is not a binarized checkpoint; make one first (binarize_model and save_checkpoint; on the "
+            f"command line: equalbits binarize MODEL --checkpoint {checkpoint})"
         )
     model = load_model(checkpoint)
     model.equalbits_meta["data_config"] = resolve_data_config(model, data_overrides)
@@ -144,7 +145,7 @@ def export_file(
             extra["warnings"] = [
                 f"this file runs at {speed.speedup:.2f}x the speed of the float ONNX here ({speed.latency_ms:.2f} "
                 f"against {speed.float_latency_ms:.2f} ms a batch of {speed.batch}): slower than float on this "
-                "machine; keep the float ONNX for speed, or try other --threads"
+                "machine; keep the float ONNX for speed, or try other `threads`"
             ]
     size = Path(out).stat().st_size
     return {

@@ -29,7 +29,6 @@ from .migrate import FORMAT_VERSION, READS, migrate_metadata, migrate_state
 __all__ = ["FileInfo", "base_metadata", "build_model", "file_info", "load_state_into"]
 
 
-
 @dataclass(frozen=True)
 class FileInfo:
     """What an equalbits file's metadata says about the model it holds."""
@@ -141,7 +140,7 @@ def file_info(
     meta = read_metadata(path) if meta is None else meta
     fmt = meta.get("format")
     if fmt not in (LATENT_FORMAT, PACKED_FORMAT):
-        raise _fail(path, f"not an equalbits file (format {fmt!r}); for a plain timm state dict pass --model NAME")
+        raise _fail(path, f"not an equalbits file (format {fmt!r}); for a plain timm state dict pass `model_name` NAME")
     stored_version = meta.get("format_version")
     meta, version = migrate_metadata(meta, input_size)
     if version is None:

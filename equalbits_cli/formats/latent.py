@@ -20,7 +20,7 @@ from .files import (
     load_state_into,
     tensors_for_saving,
 )
-from .packed import load_packed_into
+from .packed import load_packed
 
 __all__ = ["load_model", "save_checkpoint"]
 
@@ -56,7 +56,11 @@ def load_model(path: str | os.PathLike) -> nn.Module:
         path: A file written by :func:`save_checkpoint` or :func:`equalbits_cli.save_packed`.
 
     Returns:
-        The model, in eval mode, with ``model.equalbits_meta`` describing it.
+        The model, in eval mode, with ``model.equalbits_meta`` describing it: from a latent checkpoint in
+        the training form (:class:`equalbits_cli.BinaryConv2d` / ``BinaryLinear`` layers with latent
+        weights); from a packed file in the packed inference form
+        (:class:`equalbits_cli.nn.packed.PackedBinary` layers holding the file's bit planes: they
+        evaluate and export, but do not train).
 
     Raises:
         FileNotFoundError: no such file.
@@ -72,7 +76,7 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     except Exception as exc:
         raise ValueError(f"{path}: cannot read tensors ({exc})") from None
     if info.format == PACKED_FORMAT:
-        load_packed_into(model, state, path, info.version)
+        model = load_packed(model, state, path, info.version)
     else:
         load_state_into(model, state, path, info.version)
     model.eval()

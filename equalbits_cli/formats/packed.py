@@ -16,7 +16,7 @@ from torch import nn
 
 from .planes import NONZERO, SCALE, SHAPE, SIGN, SUFFIXES, decode_layer, pack_codes
 
-__all__ = ["save_packed", "load_packed_into"]
+__all__ = ["save_packed", "load_packed"]
 
 
 def save_packed(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -32,6 +32,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     from ..nn.layers import BinaryLayer
+    from ..nn.packed import PackedBinary
     from ..paths import atomic_write
     from . import PACKED_FORMAT
     from .files import base_metadata, tensors_for_saving
@@ -40,8 +41,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> Path:
     ternary = []
     binary_weights = set()
     for name, module in model.named_modules():
-        if isinstance(module, BinaryLayer):
-            codes, scale = module.quantize()
+        if isinstance(module, (BinaryLayer, PackedBinary)):
+            codes, scale = module.quantize() if isinstance(module, BinaryLayer) else (module.codes(), module.scale)
             sign, nonzero = pack_codes(codes.cpu().numpy())
             tensors[name + SIGN] = torch.from_numpy(sign)
             if nonzero is not None:
@@ -49,7 +50,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> Path:
                 ternary.append(name)
             tensors[name + SCALE] = scale.detach().float().cpu().contiguous()
             tensors[name + SHAPE] = torch.tensor(list(codes.shape), dtype=torch.int64)
-            binary_weights.add(name + ".weight")
+            # the training form's latent weight, the packed form's own fields
+            binary_weights.update(f"{name}.{field}" for field in ("weight", "sign", "nonzero", "scale", "mu"))
     for k, v in tensors_for_saving(model.state_dict()).items():
         if k not in binary_weights:
             tensors[k] = v
@@ -63,10 +65,16 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_packed_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, version: str | None = None) -> None:
-    """Fill a freshly built binarized ``model`` from a packed file's tensors (codes pinned exactly);
-    ``version`` is the format version the file was written in."""
+def load_packed(model: nn.Module, state: dict[str, torch.Tensor], path: Path, version: str | None = None) -> nn.Module:
+    """The packed inference form of a freshly built binarized ``model``, filled from a packed file's
+    tensors: each binarized layer a :class:`equalbits_cli.nn.packed.PackedBinary` with exactly the
+    file's codes and scales. ``version`` is the format version the file was written in.
+
+    Raises:
+        ValueError: a damaged field, or a layer of another shape than the model's.
+    """
     from ..nn.layers import BinaryLayer
+    from ..nn.packed import PackedBinary
     from ..quant.quantize import dequantize
     from .files import load_state_into
 
@@ -88,9 +96,13 @@ def load_packed_into(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
             plain[k] = v
     for name, (codes, scale) in decoded.items():
         plain[name + ".weight"] = dequantize(codes, scale.float(), bool(binary[name].config.center))
-    load_state_into(model, plain, path, version)
+    load_state_into(model, plain, path, version)  # biases, thresholds and every full-precision tensor
     for name, (codes, scale) in decoded.items():
-        binary[name].pin_codes(codes, scale)
+        parent, _, child = name.rpartition(".")
+        setattr(
+            model.get_submodule(parent) if parent else model, child, PackedBinary.from_layer(binary[name], codes, scale)
+        )
+    return model
 
 
 def _array(t: torch.Tensor) -> np.ndarray:

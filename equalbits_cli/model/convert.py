@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import BinarizeConfig
 from ..data.config import DataConfig
+from ..errors import SettingError
 from ..nn.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from ..nn.step_weights import StepWeights
 from .policy import LayerPlan, LayerPolicy, module_names, plan_layers, special_names
@@ -105,13 +106,13 @@ def _check_counts(fqn: str, module: nn.Module, config: BinarizeConfig) -> None:
     n = module.weight[0].numel()
     n_minus, n_zero, n_plus = ot_counts(n, config.ratio, config.prune)
     if n_minus + n_plus == 0:
-        raise ValueError(
-            f"--prune {config.prune} sets all {n} weights of each filter of {fqn} to 0; use a smaller --prune"
+        raise SettingError(
+            f"`prune` {config.prune} sets all {n} weights of each filter of {fqn} to 0; use a smaller `prune`"
         )
     if n_minus + n_plus > 1 and (n_minus == 0 or n_plus == 0):
         sign = "+1" if n_minus == 0 else "-1"
-        raise ValueError(
-            f"--ratio {config.ratio} gives each filter of {fqn} ({n_minus + n_plus} unpruned weights) only {sign} "
+        raise SettingError(
+            f"`ratio` {config.ratio} gives each filter of {fqn} ({n_minus + n_plus} unpruned weights) only {sign} "
             "codes, which carry no information; choose a ratio nearer 0.5"
         )
 
@@ -176,7 +177,9 @@ def binarize_(
                 f"nothing to binarize: every selected layer has a custom forward ({', '.join(custom)}), "
                 "which a binary layer cannot replace; choose another model"
             )
-        raise ValueError("nothing to binarize: the layer policy keeps every Conv2d/Linear; loosen --exclude/--include")
+        raise SettingError(
+            "nothing to binarize: the layer policy keeps every Conv2d/Linear; loosen `exclude`/`include`"
+        )
     if config.method == "ot":
         for fqn in chosen:
             _check_counts(fqn, modules[fqn], config)
@@ -200,8 +203,10 @@ def binarize_(
 
 
 def binarized_names(model: nn.Module) -> list[str]:
-    """Names of the binarized modules of ``model``, in module order."""
-    return [n for n, m in model.named_modules() if isinstance(m, BinaryLayer)]
+    """Names of the binarized modules of ``model`` (training or packed form), in module order."""
+    from ..nn.packed import PackedBinary
+
+    return [n for n, m in model.named_modules() if isinstance(m, (BinaryLayer, PackedBinary))]
 
 
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
@@ -422,10 +427,10 @@ def create_model(
     import timm
 
     if num_classes is not None and not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"--num-classes must be between 1 and {MAX_CLASSES:,}, got {num_classes}")
+        raise SettingError(f"`num_classes` must be between 1 and {MAX_CLASSES:,}, got {num_classes}")
     if Path(name).suffix in (".safetensors", ".pth", ".pt", ".onnx") or Path(name).is_file():
-        raise ValueError(
-            f"MODEL is the timm architecture, not a file: pass e.g. 'resnet18' as MODEL and {name} as --checkpoint"
+        raise SettingError(
+            f"`name` is the timm architecture, not a file: pass e.g. 'resnet18' as `name` and {name} as `checkpoint`"
         )
     check_model_name(name)
     state = None
@@ -444,9 +449,9 @@ def create_model(
     except (OSError, RuntimeError, ValueError) as exc:
         cause = (str(exc).strip().splitlines() or [""])[0][:300]
         if pretrained or name.startswith("hf-hub:"):
-            raise ValueError(
+            raise SettingError(
                 f"could not download pretrained weights for {name!r} ({type(exc).__name__}: {cause}); pass "
-                "--checkpoint PATH with a local state dict, or --no-pretrained"
+                "`checkpoint` PATH with a local state dict, or `pretrained=False`"
             ) from exc
         raise ValueError(f"could not build timm model {name!r}: {cause}") from exc
     if state is not None:
@@ -456,9 +461,9 @@ def create_model(
                 model_kwargs["num_classes"] = ckpt_classes
                 model = timm.create_model(name, pretrained=False, **model_kwargs)
         elif num_classes is not None and ckpt_classes is not None and ckpt_classes != num_classes:
-            raise ValueError(
-                f"{checkpoint}: its classifier has {ckpt_classes} classes but --num-classes is {num_classes}; "
-                f"pass --num-classes {ckpt_classes} or leave it out"
+            raise SettingError(
+                f"{checkpoint}: its classifier has {ckpt_classes} classes but `num_classes` is {num_classes}; "
+                f"pass `num_classes` {ckpt_classes} or leave it out"
             )
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)

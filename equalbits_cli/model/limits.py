@@ -11,7 +11,7 @@ _ONE_BIT_ACTIVATIONS = {
     "mobilenetv3": (
         "1-bit activations on MobileNetV3 are known to fail: mobilenetv3_small_100 at 1W/1A fine-tuned to "
         "12.0% on the 10-class digits (chance; its teacher 92.5%, equalbits 0.3-0.4); expect a model at "
-        "chance, or keep --activations none"
+        "chance, or keep `activations` none"
     ),
 }
 

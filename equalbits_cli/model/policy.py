@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..errors import SettingError
+
 if TYPE_CHECKING:  # torch is imported where modules are examined, so that reading files needs none
     from torch import nn
 
@@ -151,7 +153,7 @@ def _check_patterns(patterns: tuple[str, ...], names: list[str], option: str) ->
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
             close = difflib.get_close_matches(p, names, n=3, cutoff=0.4)
             hint = f"; closest module names: {', '.join(close)}" if close else ""
-            raise ValueError(f"--{option} {p!r} matches no Conv2d/Linear module{hint}")
+            raise SettingError(f"`{option}` {p!r} matches no Conv2d/Linear module{hint}")
 
 
 def plan_layers(

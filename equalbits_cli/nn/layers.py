@@ -7,14 +7,13 @@ through the quantizer to the latent weight (STE, Bengio et al. 2013; Courbariaux
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import BinarizeConfig
-from ..quant.quantize import OTCache, binary_weight, dequantize, ot_codes, ot_offset
+from ..quant.ops import binary_weight_op
+from ..quant.quantize import OTCache, binary_weight, dequantize, ot_codes
 from .step_weights import StepWeights
 
 __all__ = ["BinaryConv2d", "BinaryLinear", "BinaryLayer", "binarize_input", "calibrate_thresholds", "conv_kwargs"]
@@ -51,16 +50,6 @@ def _training_weight(layer: BinaryLayer, dtype: torch.dtype, grad: bool) -> torc
             layer.weight, cfg.ratio, cfg.prune, cfg.method, center=bool(cfg.center), cache=layer._ot_cache, dtype=dtype
         )
     return _StraightThrough.apply(layer.weight, q) if grad else q
-
-
-@functools.cache
-def _eager_training_weight():
-    """``_training_weight`` excluded from torch.compile's tracing (a graph break per binary layer): its
-    CPU path selects with numpy in a thread pool and keeps buffers in Python, which dynamo cannot trace; on
-    CUDA it is a lookup or a grouped Triton launch either way. The convolutions and the rest of the
-    network still compile. Made on first use: ``torch.compiler.disable`` imports torch._dynamo, a second
-    of start-up that only compiled runs should pay."""
-    return torch.compiler.disable(_training_weight)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -124,19 +113,10 @@ class BinaryLayer:
             self.act_threshold = uncalibrated_thresholds(in_features, device)
         else:
             self.register_parameter("act_threshold", None)
-        # Codes a packed file pinned: buffers, so .to(device/dtype) moves them with the layer. They are
-        # dropped when the layer is switched to training (the latent weight then moves every step).
-        self.register_buffer("pinned_codes", None, persistent=False)
-        self.register_buffer("pinned_scale", None, persistent=False)
-        # Eval-mode cache: (codes, scale, scale * codes) and a copy of the latent weight they came from.
-        # It is checked against the weight itself, not a version counter: a write through .data or a
-        # .to() leaves the counter as it was.
-        self._eval_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._ot_cache = OTCache()  # numpy buffers kept between steps (CPU): same codes, less work
         self._step_weights: StepWeights | None = None  # set by binarize_: the model's grouped weights
 
     def _forget(self) -> None:
-        self._eval_cache = None
         cache = getattr(self, "_ot_cache", None)
         if cache is not None:
             cache.clear()
@@ -145,9 +125,6 @@ class BinaryLayer:
             group.clear()
 
     def train(self, mode: bool = True):  # type: ignore[override]
-        if mode:
-            self.pinned_codes = None
-            self.pinned_scale = None
         self._forget()
         return super().train(mode)  # type: ignore[misc]
 
@@ -156,70 +133,42 @@ class BinaryLayer:
         return super()._apply(fn, recurse)  # type: ignore[misc]
 
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
-        self.pinned_codes = None
-        self.pinned_scale = None
         self._forget()
         return super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
 
-    def _cached(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        c = self._eval_cache
-        if c is None or self.training:
-            return None
-        w = self.weight.detach()
-        if c[3].dtype != w.dtype or c[3].device != w.device or not torch.equal(c[3], w):
-            self._eval_cache = None
-            return None
-        return c[0], c[1], c[2]
-
     def quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes, scale)`` of the current latent weight (see :func:`equalbits_cli.quant.quantize.ot_codes`),
-        or the pinned codes of a packed file."""
-        if self.pinned_codes is not None and self.pinned_scale is not None:
-            return self.pinned_codes, self.pinned_scale.to(self.weight.dtype)
-        cached = self._cached()
-        if cached is not None:
-            return cached[0], cached[1]
+        """``(codes, scale)`` of the current latent weight (see :func:`equalbits_cli.quant.quantize.ot_codes`).
+        Evaluation and export compute them once, in the packed form (:func:`equalbits_cli.nn.packed.pack_model`)."""
         cfg = self.config
-        # No cache: codes are computed once per latent (evaluation, export), and the CPU selection's
-        # buffers are worth keeping only for training steps.
         return ot_codes(self.weight.detach(), cfg.ratio, cfg.prune, cfg.method, center=cfg.center)
 
-    def pin_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
-        """Use exactly these codes and scales until the layer is trained or loaded again (packed files)."""
-        if tuple(codes.shape) != tuple(self.weight.shape) or tuple(scale.shape) != (self.weight.shape[0],):
-            raise ValueError(f"codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit the weight")
-        self.pinned_codes = codes.to(device=self.weight.device, dtype=torch.int8)
-        self.pinned_scale = scale.to(device=self.weight.device, dtype=self.weight.dtype)
-        self._forget()
-
     def quantized_weight(self) -> torch.Tensor:
-        """The weight the layer computes with: ``scale * codes`` (no gradient attached)."""
-        cached = self._cached()
-        if cached is not None:
-            return cached[2]
+        """The weight the layer computes with, ``scale * levels`` (no gradient attached)."""
         codes, scale = self.quantize()
-        cfg = self.config
-        offset = None
-        if cfg.center and cfg.method == "ot" and self.pinned_codes is None:
-            offset = ot_offset(codes[0].numel(), cfg.ratio, cfg.prune)
-        q = dequantize(codes, scale.to(self.weight.dtype), bool(cfg.center), offset)
-        if not self.training:  # repeated inference reuses it; training changes the weight every step
-            self._eval_cache = (codes, scale, q, self.weight.detach().clone())
-        return q
+        return dequantize(codes, scale.to(self.weight.dtype), bool(self.config.center))
 
     def _effective_weight(self) -> torch.Tensor:
         # Runs once per binary layer per forward: a launch-bound GPU step feels every attribute lookup.
         w = self.weight
         grad = w.requires_grad and torch.is_grad_enabled()
-        if self.training and self.pinned_codes is None:
+        if torch.compiler.is_compiling():
+            return self._compiled_weight()
+        if self.training:
             # Built once per step, in the dtype the convolution runs in (autocast's, else the weight's),
             # without materializing codes: what a training step needs and nothing more.
             device = w.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
-            build = _eager_training_weight() if torch.compiler.is_compiling() else _training_weight
-            return build(self, dtype, grad)
+            return _training_weight(self, dtype, grad)
         q = self.quantized_weight()
         return _StraightThrough.apply(w, q) if grad else q
+
+    def _compiled_weight(self) -> torch.Tensor:
+        """The weight under ``torch.compile``: the quantizer as one custom op (no graph break); the
+        Python-side caches and groups are eager-mode only."""
+        cfg = self.config
+        device = self.weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
+        return binary_weight_op(self.weight, cfg.ratio, cfg.prune, cfg.method, bool(cfg.center), dtype)
 
     def _maybe_binarize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.activations != "sign":

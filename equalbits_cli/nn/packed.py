@@ -64,14 +64,21 @@ class PackedBinary(nn.Module):
         self.register_buffer("bit_masks", torch.tensor([1 << i for i in range(8)], dtype=torch.uint8), persistent=False)
 
     @classmethod
-    def from_layer(cls, layer: BinaryLayer) -> PackedBinary:
-        """The packed form of a binarized layer (its current codes, or the codes it was loaded with)."""
-        codes, scale = layer.quantize()
+    def from_layer(
+        cls, layer: BinaryLayer, codes: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> PackedBinary:
+        """The packed form of a binarized layer, on its device: its current codes and scales, or the
+        ``codes`` and ``scale`` given (those of a packed file)."""
+        if codes is None or scale is None:
+            codes, scale = layer.quantize()
         conv = conv_kwargs(layer) if isinstance(layer, nn.Conv2d) else None
         if conv is not None and conv["padding_mode"] != "zeros":
             raise ValueError(f"padding mode {conv['padding_mode']!r} has no packed form; only 'zeros' padding")
         thresholds = layer.act_threshold if layer.config.activations == "sign" else None
-        return cls(codes, scale, center=bool(layer.config.center), bias=layer.bias, act_threshold=thresholds, conv=conv)
+        packed = cls(
+            codes, scale, center=bool(layer.config.center), bias=layer.bias, act_threshold=thresholds, conv=conv
+        )
+        return packed.to(layer.weight.device)
 
     def _plane(self, plane: torch.Tensor) -> torch.Tensor:
         """The plane's bits as a flat float tensor of 0/1, one per code."""

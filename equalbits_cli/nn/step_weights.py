@@ -75,7 +75,7 @@ class StepWeights:
         """How ``layer``'s weight is built with the others: "triton" (grouped launches), "numpy" (the
         CPU's selection, all layers in one round of threads; ot only), or None (on its own)."""
         w = layer.weight
-        if not layer.training or layer.pinned_codes is not None or w.dim() < 2 or w.shape[0] == 0:
+        if not layer.training or w.dim() < 2 or w.shape[0] == 0:
             return None
         layout_ok = w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last))
         if layout_ok and quantize.use_triton(w.device, w.numel() // w.shape[0], w.dtype):

@@ -99,9 +99,7 @@ def centered_codes(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
     return (c - mu[:, None] * c.abs()).reshape(codes.shape)
 
 
-def dequantize(
-    codes: torch.Tensor, scale: torch.Tensor, center: bool = False, offset: float | None = None
-) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, center: bool = False) -> torch.Tensor:
     """The weight a binarized layer computes with: ``scale * codes``, or with ``center``
     ``scale * (codes - mu * |codes|)`` (:func:`centered_codes`), in ``scale``'s dtype.
 
@@ -117,13 +115,7 @@ def dequantize(
         [[1.0, 1.0, 1.0, -3.0]]
     """
     shape = (-1,) + (1,) * (codes.dim() - 1)
-    if not center or offset == 0:  # ``offset``: the filters' common mu when known (ot), saves a pass
-        c = codes.to(scale.dtype)
-    elif offset is not None:
-        c = codes.to(scale.dtype)
-        c = c - offset * c.abs() if bool(codes.eq(0).any()) else c - offset
-    else:
-        c = centered_codes(codes, scale.dtype)
+    c = centered_codes(codes, scale.dtype) if center else codes.to(scale.dtype)
     return c * scale.view(shape)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import BinarizeConfig, FinetuneConfig
-from ..errors import Interrupted
+from ..errors import Interrupted, SettingError
 from ..progress import NullProgress, Progress
 from ..train.state import state_path_for
 
@@ -64,7 +64,7 @@ def run_quickstart(
     paths = {k: out / v for k, v in ARTIFACTS.items()}
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
-        raise ValueError(f"{out} already holds {', '.join(existing)}; pass --overwrite or another --out")
+        raise SettingError(f"{out} already holds {', '.join(existing)}; pass `overwrite` or another `out`")
     for p in paths.values():
         p.unlink(missing_ok=True)
     # Every setting is checked before any work: a bad one must not cost minutes and leave files behind.
@@ -73,8 +73,8 @@ def run_quickstart(
         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, workers=0, warmup_steps=20, augment="none"
     )
     if not isinstance(teacher_epochs, int) or teacher_epochs < 1:
-        raise ValueError(
-            f"--teacher-epochs must be at least 1 (an untrained teacher teaches noise), got {teacher_epochs}"
+        raise SettingError(
+            f"`teacher_epochs` must be at least 1 (an untrained teacher teaches noise), got {teacher_epochs}"
         )
     from ..model.convert import check_model_name
 
@@ -104,7 +104,7 @@ def run_quickstart(
         state_path_for(paths["finetuned"]).unlink(missing_ok=True)  # quickstart has no --resume
         raise Interrupted(
             f"quickstart interrupted while fine-tuning; {out} holds the data, teacher and student so far; "
-            "rerun with --overwrite to start again",
+            "rerun with `overwrite` to start again",
             exc.signum,
         ) from None
     assert ft is not None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import BinarizeConfig, FinetuneConfig
-from ..errors import Interrupted
+from ..errors import Interrupted, SettingError
 from ..progress import NullProgress, Progress
 
 __all__ = ["parse_floats", "read_rows", "run_sweep", "sweep_settings"]
@@ -35,16 +35,16 @@ def parse_floats(text: str, name: str) -> list[float]:
     """
     parts = [v.strip() for v in text.split(",")]
     if not any(parts):
-        raise ValueError(f"--{name} is empty")
+        raise SettingError(f"`{name}` is empty")
     if not all(parts):
-        raise ValueError(f"--{name} has an empty entry in {text!r}; separate numbers by single commas")
+        raise SettingError(f"`{name}` has an empty entry in {text!r}; separate numbers by single commas")
     try:
         values = [float(v) for v in parts]
     except ValueError:
-        raise ValueError(f"--{name} must be comma-separated numbers, got {text!r}") from None
+        raise SettingError(f"`{name}` must be comma-separated numbers, got {text!r}") from None
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
-        raise ValueError(f"--{name} lists {repeated[0]:g} more than once; each setting runs once")
+        raise SettingError(f"`{name}` lists {repeated[0]:g} more than once; each setting runs once")
     return values
 
 
@@ -57,7 +57,7 @@ def _source(model_or_ckpt: str, checkpoint: str | None) -> tuple[str, str | None
         info = file_info(path)
         src = info.source or {}
         if not src.get("checkpoint") and not src.get("pretrained"):
-            raise ValueError(f"{path} does not record a full-precision source; pass a timm name and --checkpoint")
+            raise SettingError(f"{path} does not record a full-precision source; pass a timm name and `checkpoint`")
         return src.get("model") or info.model, src.get("checkpoint"), bool(src.get("pretrained"))
     return model_or_ckpt, checkpoint, checkpoint is None
 
@@ -77,9 +77,9 @@ def sweep_settings(name: str, ratios: list[float], prunes: list[float], methods:
     for m in methods:
         BinarizeConfig(method=m)  # validates the name
     if len(set(methods)) != len(methods):
-        raise ValueError("--methods lists a method more than once")
+        raise SettingError("`methods` lists a method more than once")
     if "ot" not in methods and any(p != 0 for p in prunes):
-        raise ValueError("--prune applies to --methods ot only; add ot or leave --prune out")
+        raise SettingError("`prune` applies to `methods` ot only; add ot or leave `prune` out")
     settings: list[BinarizeConfig] = []
     for method in methods:
         if method == "ot":

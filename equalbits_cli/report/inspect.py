@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import SettingError
 from ..quant.quantize import dequantize, sqnr_db
 from .stats import FileReport, LayerStats, ModelStats, binary_layer_stats, packed_layer_bytes, packed_model_stats
 
@@ -36,34 +37,47 @@ def collect_stats(model: nn.Module) -> ModelStats:
         ('layer1.0.conv1', 1.0)
     """
     from ..nn.layers import BinaryLayer
+    from ..nn.packed import PackedBinary
 
     layers = []
-    binary_weight_keys: dict[str, int] = {}
-    kept = (getattr(model, "equalbits_meta", None) or {}).get("kept", {})
+    binary_keys: dict[str, tuple[int, int]] = {}  # state key -> (fp32 bytes, packed bytes) it stands for
+    packed_params = 0
+    meta = getattr(model, "equalbits_meta", None) or {}
+    kept = meta.get("kept", {})
     for name, module in model.named_modules():
-        if isinstance(module, BinaryLayer):
-            codes, scale = module.quantize()
-            cfg = module.config
-            sqnr = sqnr_db(module.weight, dequantize(codes, scale, bool(cfg.center)))
+        if isinstance(module, (BinaryLayer, PackedBinary)):
+            if isinstance(module, BinaryLayer):
+                codes, scale = module.quantize()
+                cfg = module.config
+                sqnr = sqnr_db(module.weight, dequantize(codes, scale, bool(cfg.center)))
+                fields = ["weight"]
+            else:  # a packed file's layer: no latent weights, so no SQNR
+                codes, scale, cfg, sqnr = module.codes(), module.scale, meta.get("config"), None
+                fields = ["sign", "nonzero", "scale", "mu"]
+                packed_params += codes.numel()
             st = binary_layer_stats(name, codes.cpu().numpy(), scale.detach().float().cpu().numpy(), cfg, sqnr)
             layers.append(st)
-            binary_weight_keys[name + ".weight"] = packed_layer_bytes(codes.numel(), codes.shape[0], bool(st.n_zero))
+            size = packed_layer_bytes(codes.numel(), codes.shape[0], bool(st.n_zero))
+            binary_keys.update({f"{name}.{f}": (0, 0) for f in fields[1:]})
+            binary_keys[f"{name}.{fields[0]}"] = (4 * codes.numel(), size)
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             w = module.weight
             layers.append(
                 LayerStats(name, _kind(module), False, tuple(w.shape), w.numel(), kept_because=kept.get(name))
             )
-    return _totals(layers, model.state_dict(), binary_weight_keys, sum(p.numel() for p in model.parameters()))
+    params = sum(p.numel() for p in model.parameters()) + packed_params
+    return _totals(layers, model.state_dict(), binary_keys, params)
 
 
 def _totals(
-    layers: list[LayerStats], state: dict[str, torch.Tensor], binary_bytes: dict[str, int], params: int
+    layers: list[LayerStats], state: dict[str, torch.Tensor], binary: dict[str, tuple[int, int]], params: int
 ) -> ModelStats:
     fp32 = packed = 0
     for k, v in state.items():
         stored = v.numel() * v.element_size()
-        fp32 += stored
-        packed += binary_bytes.get(k, stored)
+        fp32_bytes, packed_bytes = binary.get(k, (stored, stored))
+        fp32 += fp32_bytes
+        packed += packed_bytes
     return ModelStats(
         layers=layers,
         params=params,
@@ -142,10 +156,11 @@ def _onnx_report(path: Any) -> FileReport:
             if nonzero is not None:
                 tensors[f"{layer}.weight.nonzero"] = nonzero
             tensors[f"{layer}.weight.scale"] = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float32)
-    for layer in binarized:  # int8 files keep the scale in the quantizer's DequantizeLinear, BatchNorm folded in
+    for layer in binarized:
         shape = model.get_submodule(layer).weight.shape
         tensors[f"{layer}.weight.shape"] = np.array(list(shape), dtype=np.int64)
-        tensors.setdefault(f"{layer}.weight.scale", np.ones(shape[0], dtype=np.float32))
+        if meta.get("onnx_weights") == "int8":  # the scale is in the quantizer's DequantizeLinear, BatchNorm folded in
+            tensors.setdefault(f"{layer}.weight.scale", np.ones(shape[0], dtype=np.float32))
     stats = _file_stats(model, tensors, binarized, path)
     return FileReport(str(path), ONNX_FORMAT, info.model, asdict(info.config), stats, os.path.getsize(path))
 
@@ -196,7 +211,7 @@ def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -
     if fmt is not None:
         file_info(path, meta)  # raises the precise error for an unknown format or version
     if model_name is None:
-        raise ValueError(f"{path} is a plain state dict: pass --model NAME (the timm architecture) to inspect it")
+        raise SettingError(f"{path} is a plain state dict: pass `model_name` (the timm architecture) to inspect it")
     config = config or BinarizeConfig()
     model = create_model(model_name, checkpoint=path)
     binarize_(model, config)
@@ -223,14 +238,17 @@ def activation_shares(model: nn.Module, images: torch.Tensor) -> dict[str, float
         True
     """
     from ..nn.layers import BinaryLayer
+    from ..nn.packed import PackedBinary
 
     shares: dict[str, float] = {}
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, BinaryLayer) and module.act_threshold is not None:
+        if isinstance(module, (BinaryLayer, PackedBinary)) and module.act_threshold is not None:
 
             def hook(mod, args, name=name):
-                shares[name] = float((args[0] - mod.threshold_for(args[0]) >= 0).float().mean())
+                x = args[0]
+                t = mod.act_threshold.view((1, -1) + (1,) * (x.dim() - 2) if x.dim() > 2 else (-1,))
+                shares[name] = float((x - t.to(x.dtype) >= 0).float().mean())
 
             handles.append(module.register_forward_pre_hook(hook))
     was_training = model.training

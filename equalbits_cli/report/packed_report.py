@@ -23,6 +23,7 @@ from .stats import FileReport, packed_model_stats
 
 __all__ = ["packed_report"]
 
+
 def _json(path: Path, meta: dict[str, str], key: str, kind: type) -> Any:
     try:
         value = json.loads(meta[key])

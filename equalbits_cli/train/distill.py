@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.config import DataConfig
+from ..errors import SettingError
 
 __all__ = ["Teacher", "distillation_loss", "match_normalization", "teacher_for"]
 
@@ -71,10 +72,10 @@ def _pretrained_classes(name: str) -> int | None:
 def _refuse_random_head(name: str, num_classes: int) -> None:
     pretrained = _pretrained_classes(name)
     if pretrained is not None and pretrained != num_classes:
-        raise ValueError(
+        raise SettingError(
             f"the teacher would be pretrained {name}, whose classifier has {pretrained} classes, not this "
-            f"data's {num_classes}: its head would be random. Pass --teacher CHECKPOINT (a full-precision "
-            f"{name} fine-tuned on this data), or --alpha 1 to train on the labels alone"
+            f"data's {num_classes}: its head would be random. Pass `teacher` CHECKPOINT (a full-precision "
+            f"{name} fine-tuned on this data), or `alpha` 1 to train on the labels alone"
         )
 
 
@@ -123,18 +124,18 @@ def teacher_for(student_meta: dict[str, Any], teacher: str | None, num_classes: 
         name = source.get("model") or student_meta["model"]
         ckpt = source.get("checkpoint")
         if not isinstance(name, str) or not (ckpt is None or isinstance(ckpt, str)) or len(str(ckpt)) > 4096:
-            raise ValueError("the student's metadata names no usable teacher; pass --teacher NAME_OR_CHECKPOINT")
+            raise SettingError("the student's metadata names no usable teacher; pass `teacher` NAME_OR_CHECKPOINT")
         if ckpt is not None:
             if not Path(ckpt).is_file():
-                raise ValueError(
-                    f"the student's full-precision source {ckpt} is gone; pass --teacher NAME_OR_CHECKPOINT"
+                raise SettingError(
+                    f"the student's full-precision source {ckpt} is gone; pass `teacher` NAME_OR_CHECKPOINT"
                 )
             return _from_file(name, ckpt)
         if source.get("pretrained") is True:
             return _from_hub(name, num_classes)
-        raise ValueError(
+        raise SettingError(
             "the student was binarized from a randomly initialized model, which is no teacher; "
-            "pass --teacher NAME_OR_CHECKPOINT, or --alpha 1 to train on the labels alone"
+            "pass `teacher` NAME_OR_CHECKPOINT, or `alpha` 1 to train on the labels alone"
         )
     if Path(teacher).is_file():
         return _from_file(student_meta["model"], teacher)

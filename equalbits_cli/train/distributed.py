@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from ..errors import SettingError
+
 __all__ = ["device_for_rank", "resolve_device", "dist_setup", "all_equal", "barrier"]
 
 
@@ -31,9 +33,9 @@ def device_for_rank(name: str, local_rank: int, cuda_available: bool, cuda_count
     if name == "cpu":
         return torch.device("cpu")
     if not name.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise SettingError(f"`device` must be auto, cpu, cuda or cuda:N, got {name!r}")
     if not cuda_available:
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+        raise SettingError("`device` cuda asked for, but no CUDA device is available; use `device` cpu")
     if name == "cuda":
         if local_rank >= cuda_count:
             raise ValueError(

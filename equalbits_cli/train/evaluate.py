@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data.config import DataConfig, DataOverrides, resolve_data_config
 from ..data.folders import iterate
+from ..errors import SettingError
 from ..progress import Progress
 from .distributed import resolve_device
 
@@ -37,7 +38,9 @@ def autocast_for(device: torch.device, enabled: bool):
 def evaluate(
     model: nn.Module, loader, device: torch.device, amp: bool = False, progress: Progress | None = None
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) and the number of samples.
+    """Top-1 and top-5 accuracy (percent) and the number of samples. A binarized model in the training
+    form is evaluated in its packed form (:func:`equalbits_cli.nn.packed.pack_model`): codes computed
+    once, not once per batch; it is left in eval mode.
 
     Example:
         >>> model = nn.Linear(4, 3)
@@ -45,7 +48,12 @@ def evaluate(
         >>> sorted(evaluate(model, loader, torch.device("cpu")))
         ['n', 'top1', 'top5']
     """
+    from ..nn.layers import BinaryLayer
+    from ..nn.packed import pack_model
+
     model.eval()
+    if any(isinstance(m, BinaryLayer) for m in model.modules()):
+        model = pack_model(model)
     correct1 = correct5 = n = 0
     for images, targets in iterate(loader):
         images, targets = images.to(device), targets.to(device)
@@ -123,13 +131,13 @@ def evaluate_source(
     path = Path(model_or_file)
     if path.suffix == ".onnx" and path.is_file():
         if amp:
-            raise ValueError("--amp applies to PyTorch models; an ONNX file runs as it was exported")
+            raise SettingError("`amp` applies to PyTorch models; an ONNX file runs as it was exported")
         model: nn.Module = onnx_module(path, data.img_size)
     elif path.is_file():
         meta = read_metadata(path) if path.suffix == ".safetensors" else {}
         if not str(meta.get("format", "")).startswith("equalbits."):
-            raise ValueError(
-                f"{path} is a plain state dict: pass the timm model name as MODEL and the file as --checkpoint"
+            raise SettingError(
+                f"{path} is a plain state dict: pass the timm model name as `model_or_file`, the file as `checkpoint`"
             )
         model = load_model(path)
     elif path.exists():
@@ -175,7 +183,7 @@ def memory_errors(cfg: DataConfig, batch_size: int) -> Iterator[None]:
 
 
 def _out_of_memory(cfg: DataConfig, batch_size: int) -> str:
-    return f"out of memory at {cfg.size}x{cfg.size} images in batches of {batch_size}; lower --batch-size or --img-size"
+    return f"out of memory at {cfg.size}x{cfg.size} images in batches of {batch_size}; lower `batch_size` or `img_size`"
 
 
 class OnnxModule(nn.Module):
@@ -214,7 +222,7 @@ def onnx_module(path: Path, img_size: int | None = None) -> OnnxModule:
     onnx_info = read_onnx_info(path)
     cfg = onnx_info.data_config
     if img_size is not None and img_size != cfg.size:
-        raise ValueError(f"{path} takes {cfg.size}x{cfg.size} images; leave out --img-size or export at {img_size}")
+        raise SettingError(f"{path} takes {cfg.size}x{cfg.size} images; leave out `img_size` or export at {img_size}")
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:

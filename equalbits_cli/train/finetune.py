@@ -27,7 +27,7 @@ from torch import nn
 from ..config import FinetuneConfig
 from ..data.config import DataConfig, DataOverrides, resolve_data_config
 from ..data.folders import iterate
-from ..errors import Interrupted
+from ..errors import Interrupted, SettingError
 from ..paths import check_log_path
 from ..progress import NullProgress, Progress
 from .distill import distillation_loss, match_normalization, teacher_for
@@ -201,9 +201,9 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
     splits = find_splits(data_dir, classes=student.equalbits_meta.get("classes"))
     num_classes = int(student.equalbits_meta["model_kwargs"].get("num_classes", 0)) or None
     if num_classes is not None and len(splits.classes) > num_classes:
-        raise ValueError(
+        raise SettingError(
             f"the data has {len(splits.classes)} classes but the model's classifier has {num_classes}; "
-            f"binarize with --num-classes {len(splits.classes)}"
+            f"binarize with `num_classes` {len(splits.classes)}"
         )
     student.equalbits_meta["classes"] = list(splits.classes)
     data_config = resolve_data_config(student, config.data_overrides())
@@ -215,13 +215,13 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
         teacher_top1 = found.recorded_top1
     train_ds, val_ds = build_datasets(splits, data_config, config.augment, config.seed)
     if config.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
-        raise ValueError(
-            "--batch-size 1 cannot train BatchNorm layers (they need 2 or more images a batch); use 2 or more"
+        raise SettingError(
+            "`batch_size` 1 cannot train BatchNorm layers (they need 2 or more images a batch); use 2 or more"
         )
     if len(train_ds) < config.batch_size * world:
-        raise ValueError(
+        raise SettingError(
             f"train/ has {len(train_ds)} images, fewer than one batch ({config.batch_size} x {world} processes); "
-            "lower --batch-size"
+            "lower `batch_size`"
         )
     train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=config.seed, rank=rank, world=world)
     train_loader = make_loader(train_ds, train_sampler, config.batch_size, workers, drop_last=True)
@@ -320,7 +320,7 @@ def teacher_warnings(evals: dict[str, Any], recorded_top1: float | None, data_co
         return []
     cause = (
         f"the images are likely prepared unlike those it was trained on ({data_config.describe()}); "
-        "set --img-size, --crop-pct, --interpolation, --mean and --std to how it was trained"
+        "set `img_size`, `crop_pct`, `interpolation`, `mean` and `std` to how it was trained"
     )
     out = []
     if recorded_top1 is not None and recorded_top1 - teacher > TEACHER_SHORTFALL:
@@ -431,8 +431,8 @@ def _train_epoch(run: _Run) -> float:
         if run.step % LOG_EVERY == 0 or run.batch == run.steps_per_epoch:
             first_bad = int(bad_step)  # the one read of the device per log point
             if first_bad >= 0:
-                raise ValueError(
-                    f"the loss became NaN or infinite at step {first_bad + 1}; lower --lr or turn off --amp"
+                raise SettingError(
+                    f"the loss became NaN or infinite at step {first_bad + 1}; lower `lr` or turn off `amp`"
                 )
             shown["loss"] = float(loss.detach())
             run.write_log(
@@ -445,8 +445,8 @@ def _train_epoch(run: _Run) -> float:
 
 
 def _compile(run: _Run) -> None:
-    """``torch.compile`` the training forward of the student (and the teacher's). Binary layers compile
-    with a graph break around their quantizer, which runs eagerly (see ``layers._eager_training_weight``).
+    """``torch.compile`` the training forward of the student (and the teacher's). Binary layers trace
+    their quantizer as one custom op (:mod:`equalbits_cli.quant.ops`), without a graph break.
     Evaluation, saving and exports use the uncompiled modules."""
     run.model = torch.compile(run.model)
     if run.teacher is not None:
@@ -463,7 +463,7 @@ def _compile_error(exc: BaseException) -> ValueError | None:
         return None
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     return ValueError(
-        f"--compile: torch.compile failed on this model ({type(exc).__name__}: {first}); run without --compile"
+        f"`compile`: torch.compile failed on this model ({type(exc).__name__}: {first}); run without `compile`"
     )
 
 
@@ -568,7 +568,7 @@ def finetune(
         signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
         raise Interrupted(
             f"interrupted at step {run.step}; training state saved to {state_path}; continue with the same "
-            "command and --resume",
+            "command and `resume`",
             signum,
         ) from None
     finally:

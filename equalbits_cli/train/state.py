@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..errors import SettingError
+
 __all__ = [
     "STATE_FORMAT",
     "STATE_VERSION",
@@ -73,17 +75,17 @@ def load_state(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not a training state; move it away to resume or start afresh")
     if not path.is_file():
-        raise FileNotFoundError(f"no training state to resume at {path}; run without --resume to start afresh")
+        raise FileNotFoundError(f"no training state to resume at {path}; run without `resume` to start afresh")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc).strip()
         # torch's own advice (weights_only=False) would run code from the file: never right for us.
         first = "it holds objects other than tensors" if "weights only" in text.lower() else text.split("\n")[0][:200]
-        raise ValueError(f"{path}: corrupt training state ({first}); delete it and run without --resume") from None
+        raise ValueError(f"{path}: corrupt training state ({first}); delete it and run without `resume`") from None
     required = {"format", "version", "model", "optimizer", "scheduler", "step", "epoch", "batch", "rng"}
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not required <= set(state):
-        raise ValueError(f"{path}: not an equalbits training state; delete it and run without --resume")
+        raise ValueError(f"{path}: not an equalbits training state; delete it and run without `resume`")
     if state["version"] != STATE_VERSION:
         raise ValueError(f"{path}: training state version {state['version']!r} is not supported")
     bad = [k for k in ("model", "optimizer", "scheduler") if not isinstance(state[k], dict)]
@@ -93,7 +95,7 @@ def load_state(path: Path) -> dict[str, Any]:
     if not isinstance(state.get("history", []), list) or not isinstance(state.get("evals", {}), dict):
         bad.append("history")
     if bad:
-        raise ValueError(f"{path}: damaged training state (bad {', '.join(bad)}); delete it and run without --resume")
+        raise ValueError(f"{path}: damaged training state (bad {', '.join(bad)}); delete it and run without `resume`")
     return state
 
 
@@ -106,17 +108,13 @@ def check_resume_config(path: Path, state: dict[str, Any], config_json: str) -> 
     try:
         saved = json.loads(state.get("config") or "{}")
     except (TypeError, json.JSONDecodeError):
-        raise ValueError(f"{path}: damaged training state (bad config); delete it and run without --resume") from None
+        raise ValueError(f"{path}: damaged training state (bad config); delete it and run without `resume`") from None
     now = json.loads(config_json)
     if not isinstance(saved, dict):
-        raise ValueError(f"{path}: damaged training state (bad config); delete it and run without --resume")
-    differ = [
-        f"--{k.replace('_', '-')} {saved[k]} (now {now.get(k)})"
-        for k in RESUME_KEYS
-        if k in saved and saved[k] != now.get(k)
-    ]
+        raise ValueError(f"{path}: damaged training state (bad config); delete it and run without `resume`")
+    differ = [f"`{k}` {saved[k]} (now {now.get(k)})" for k in RESUME_KEYS if k in saved and saved[k] != now.get(k)]
     if differ:
-        raise ValueError(
+        raise SettingError(
             f"{path} was saved with other settings: {', '.join(differ)}; resume with the saved settings, "
             "or delete the state to start afresh"
         )
@@ -166,7 +164,7 @@ def check_resume_identity(path: Path, state: dict[str, Any], identity: dict[str,
     if saved is None:
         return
     if not isinstance(saved, dict):
-        raise ValueError(f"{path}: damaged training state (bad identity); delete it and run without --resume")
+        raise ValueError(f"{path}: damaged training state (bad identity); delete it and run without `resume`")
     differ = [what for key, what in IDENTITY_KEYS.items() if saved.get(key) != identity.get(key)]
     if not differ:
         return
