@@ -105,7 +105,7 @@ def test_pickled_code_is_refused(tmp_path):
     ("kwargs", "message"),
     [
         ({"name": "resnet_18"}, "unknown timm model 'resnet_18'; did you mean"),
-        ({"name": "resnet18", "pretrained": True}, "pass --checkpoint PATH"),
+        ({"name": "resnet18", "pretrained": True}, "pass `checkpoint` PATH"),
         ({"name": "resnet18", "checkpoint": "missing.safetensors"}, "checkpoint not found"),
         ({"name": "resnet50", "checkpoint": "R18"}, "does not fit timm model 'resnet50'"),
         ({"name": "resnet18", "num_classes": 0}, "between 1 and 1,000,000"),

@@ -73,7 +73,7 @@ def test_teacher_warnings_name_the_likely_cause():
     assert teacher_warnings({"teacher_top1": 92.0, "student_top1_before": 20.0}, 92.4, cfg) == []
     below_record = teacher_warnings({"teacher_top1": 68.3, "student_top1_before": 20.0}, 92.4, cfg)
     assert len(below_record) == 1 and "24.10 points under the 92.40% its file records" in below_record[0]
-    assert "--crop-pct" in below_record[0] and "32x32, crop 1" in below_record[0]
+    assert "`crop_pct`" in below_record[0] and "32x32, crop 1" in below_record[0]
     below_student = teacher_warnings({"teacher_top1": 30.0, "student_top1_calibrated": 50.0}, None, cfg)
     assert len(below_student) == 1 and "under the binarized student's 50.00%" in below_student[0]
 

@@ -94,7 +94,7 @@ def test_kernel_codes_are_the_reference(ot_rows, n, ratio, prune):
         assert torch.equal(codes, ref_codes)
         _, ref_scale = ot_codes(w, ratio, prune, center=center)
         torch.testing.assert_close(scale, ref_scale, rtol=2e-5, atol=1e-7)
-        want = dequantize(ref_codes, ref_scale, center, mu if center else None)
+        want = dequantize(ref_codes, ref_scale, center)
         torch.testing.assert_close(weight, want, rtol=2e-5, atol=1e-7)
 
 
@@ -120,7 +120,7 @@ def test_kernel_writes_the_weight_in_the_compute_dtype(ot_rows, dtype):
     w = torch.randn(6, 288, generator=torch.Generator().manual_seed(0))
     codes, scale, weight = ot_rows(w, *ot_counts(288, 0.3, 0.0)[:2], ot_offset(288, 0.3), out_dtype=dtype)
     assert weight.dtype == dtype
-    want = dequantize(codes, scale, True, ot_offset(288, 0.3))
+    want = dequantize(codes, scale, True)
     # the same float32 product, rounded once to dtype: at most one unit in the last place apart
     torch.testing.assert_close(weight.float(), want, rtol=torch.finfo(dtype).eps, atol=0)
     half = w.to(dtype)  # a half-precision latent is selected exactly too
@@ -291,13 +291,13 @@ def test_step_weights_follow_moves_modes_and_loads(monkeypatch):
         net[2].weight.mul_(-1)  # an in-place write (as optimizers do) bumps the version: rebuilt
     want = binary_weight(net[2].weight, 0.3, 0.1, center=True)
     net(x.double())
-    torch.testing.assert_close(group.entries[0][4], want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(group.entries[0].weight, want, rtol=1e-12, atol=1e-14)
     net.load_state_dict(_tiny_net().double().state_dict())
     assert all(e is None for e in group.entries)
     net.to(memory_format=torch.channels_last)  # channels-last latents stay in the grouped launches
     net(x.double())
     assert net[2].weight.is_contiguous(memory_format=torch.channels_last)
-    assert group.entries[0][4].is_contiguous(memory_format=torch.channels_last)
+    assert group.entries[0].weight.is_contiguous(memory_format=torch.channels_last)
     net.train()
     assert all(e is None for e in group.entries)
     net.eval()

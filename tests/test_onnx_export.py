@@ -10,6 +10,7 @@ import torch
 
 from equalbits_cli import BinarizeConfig, binarize_model, save_packed
 from equalbits_cli.export.onnx import export_onnx
+from equalbits_cli.nn.layers import BinaryLayer
 from equalbits_cli.nn.packed import PackedBinary, float_model, pack_model
 from equalbits_cli.quant.quantize import code_offsets
 
@@ -32,12 +33,12 @@ def test_onnx_packed_parity_and_size(tmp_path, resnet18_state, config):
     onnx.checker.check_model(m, full_check=True)
     ops = {n.op_type for n in m.graph.node}
     assert "BitwiseAnd" in ops
-    offsets = [code_offsets(m.quantize()[0]) for m in model.modules() if hasattr(m, "pin_codes")]
+    offsets = [code_offsets(m.quantize()[0]) for m in model.modules() if isinstance(m, BinaryLayer)]
     assert ("Abs" in ops) == (config.center and any(bool(o.any()) for o in offsets))
     if config.ratio != 0.5:
         assert "Abs" in ops or not config.center
     inits = {i.name: i for i in m.graph.initializer}
-    binary = [n for n, mod in model.named_modules() if hasattr(mod, "pin_codes")]
+    binary = [n for n, mod in model.named_modules() if isinstance(mod, BinaryLayer)]
     # Every binarized weight is on disk as its bit planes only: no float tensor of its size is left.
     for name in binary:
         assert inits[name + ".sign"].data_type == onnx.TensorProto.UINT8
@@ -70,8 +71,8 @@ def test_packed_form_computes_what_the_model_computes(resnet18_state, config):
     model = binarize_model("resnet18", config, checkpoint=resnet18_state).eval()
     packed = pack_model(model)
     layers = [m for m in packed.modules() if isinstance(m, PackedBinary)]
-    assert len(layers) == 19 and not any(hasattr(m, "pin_codes") for m in packed.modules())
-    for (name, layer), m in zip(((n, m) for n, m in model.named_modules() if hasattr(m, "pin_codes")), layers):
+    assert len(layers) == 19 and not any(isinstance(m, BinaryLayer) for m in packed.modules())
+    for (name, layer), m in zip(((n, m) for n, m in model.named_modules() if isinstance(m, BinaryLayer)), layers):
         assert torch.equal(m.codes(), layer.quantize()[0]), name
         assert torch.equal(m.weight(), layer.quantized_weight()), name
     x = torch.randn(2, 3, 32, 32)
@@ -86,7 +87,7 @@ def test_onnx_other_families(tmp_path, name):
     """Linear layers on 3-D input (transformers) export as MatMul with transposed weights."""
     torch.manual_seed(0)
     model = binarize_model(name, BinarizeConfig(prune=0.2), num_classes=10).eval()
-    n_binary = sum(1 for m in model.modules() if hasattr(m, "pin_codes"))
+    n_binary = sum(1 for m in model.modules() if isinstance(m, BinaryLayer))
     result = export_onnx(model, tmp_path / "m.onnx", img_size=None if name == "test_vit" else 64)
     assert result.packed_layers == n_binary and result.rel_diff <= 1e-4
 
@@ -114,5 +115,5 @@ def test_inspect_float_onnx_of_a_transformer(tmp_path):
     model = binarize_model("test_vit", BinarizeConfig(), num_classes=10).eval()
     result = export_onnx(model, tmp_path / "f.onnx", weights="float")
     report = inspect_file(result.path).to_dict()
-    n_binary = sum(1 for m in model.modules() if hasattr(m, "pin_codes"))
+    n_binary = sum(1 for m in model.modules() if isinstance(m, BinaryLayer))
     assert report["totals"]["binarized_layers"] == n_binary and report["totals"]["entropy_bits"] == 1.0

@@ -16,7 +16,8 @@ from helpers import run_cli
 from onnx import numpy_helper
 
 from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
-from equalbits_cli.export.int8 import _int8_levels, _pack_int8_weights, _quantize, export_onnx_int8, int8_ops
+from equalbits_cli.export.int8 import export_onnx_int8, int8_ops, quantize_qdq
+from equalbits_cli.export.int8_graph import int8_levels, pack_int8_weights
 from equalbits_cli.formats.planes import unpack_codes
 from equalbits_cli.nn.layers import BinaryLayer
 
@@ -89,10 +90,10 @@ def test_packed_int8_computes_what_onnxruntimes_own_int8_model_computes(digits_s
         def get_next(self):
             return next(self.batches, None)
 
-    _quantize(tmp_path / "pre.onnx", tmp_path / "q.onnx", Reader())
+    quantize_qdq(tmp_path / "pre.onnx", tmp_path / "q.onnx", Reader())
     reference = onnx.load(str(tmp_path / "q.onnx"))
     packed = onnx.load(str(tmp_path / "q.onnx"))
-    assert _pack_int8_weights(packed, layers) == (len(layers), len(layers))
+    assert pack_int8_weights(packed, layers) == (len(layers), len(layers))
     x = gen.standard_normal((3, 3, 32, 32)).astype(np.float32)
     outs = [
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
@@ -102,15 +103,15 @@ def test_packed_int8_computes_what_onnxruntimes_own_int8_model_computes(digits_s
     assert packed.ByteSize() < reference.ByteSize() / 3
 
 
-def test_int8_levels_reads_two_values_per_row():
+def testint8_levels_reads_two_values_per_row():
     codes = np.array([[1, -1, 0, 1], [-1, -1, 1, 0]], dtype=np.int8)
     q = np.array([[127, -40, 0, 127], [-127, -127, 90, 0]], dtype=np.int8)
-    pos, neg = _int8_levels(q, codes)
+    pos, neg = int8_levels(q, codes)
     assert pos.tolist() == [127, 90] and neg.tolist() == [-40, -127]
-    assert _int8_levels(np.where(codes == 0, 3, q).astype(np.int8), codes) is None  # zero code, non-zero value
+    assert int8_levels(np.where(codes == 0, 3, q).astype(np.int8), codes) is None  # zero code, non-zero value
     bad = q.copy()
     bad[0, 3] = 126  # two values for +1 codes in one row
-    assert _int8_levels(bad, codes) is None
+    assert int8_levels(bad, codes) is None
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,7 @@ def test_format_doc_decoder_gives_the_model_weights(tmp_path, resnet18_state, mo
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(example, scope)
-    want = load_model(tmp_path / "model.packed.safetensors").layer1[0].conv1.quantized_weight()
+    want = load_model(tmp_path / "model.packed.safetensors").layer1[0].conv1.weight()
     torch.testing.assert_close(torch.from_numpy(scope["weight"]).float(), want, rtol=0, atol=1e-7)
 
 

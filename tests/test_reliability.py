@@ -285,7 +285,8 @@ def test_one_line_messages(tmp_path, binary_ckpt, resnet18_state, digits_small):
     assert "Invalid value for '--ratio'" in res.stderr and "equalbits binarize --help" in res.stderr
     _one_error(
         runner.invoke(app, ["export", str(resnet18_state), "-o", str(tmp_path / "x.packed.safetensors")]),
-        "not a binarized checkpoint; make one first: equalbits binarize MODEL --checkpoint",
+        "not a binarized checkpoint; make one first (binarize_model and save_checkpoint; on the command line: "
+        "equalbits binarize MODEL --checkpoint",
     )
     _one_error(
         runner.invoke(app, ["export", str(binary_ckpt), "--calibrate-batches", "4", "-o", str(tmp_path / "p")]),

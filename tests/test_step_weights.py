@@ -62,7 +62,7 @@ def test_grouping_is_reused_while_the_latents_keep_their_storage(path_calls):
     net[1].weight.data = net[1].weight.data.clone()  # new storage behind the autograd's back
     net(x)
     assert len(path_calls) > first + 3 + 1  # worked out again
-    torch.testing.assert_close(group.entries[1][4], binary_weight(net[1].weight, 0.3, 0.1, center=True))
+    torch.testing.assert_close(group.entries[1].weight, binary_weight(net[1].weight, 0.3, 0.1, center=True))
 
 
 def test_a_latent_swapped_for_another_layout_leaves_the_triton_group(monkeypatch):
@@ -83,7 +83,7 @@ def test_a_latent_swapped_for_another_layout_leaves_the_triton_group(monkeypatch
     if DEVICE == "cpu":
         paths = {g.key[4]: g.members for g in group.groupings[torch.float32].groups}
         assert paths == {"numpy": (2,)}  # the others were fresh: only the swapped one was rebuilt
-        torch.testing.assert_close(group.entries[2][4], want)
+        torch.testing.assert_close(group.entries[2].weight, want)
     else:
         assert group.weight(net[3], torch.float32) is None  # no grouped path takes it on CUDA
     hidden = torch.flatten(net[1](net[0](x)), 1)
@@ -97,11 +97,11 @@ def test_frozen_layers_keep_their_weights_and_the_rest_regroup_once(path_calls):
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
     x = torch.randn(2, 3, 4, 4)
     _step(net, opt, x)
-    frozen = group.entries[0][4]
+    frozen = group.entries[0].weight
     _step(net, opt, x)  # only the trained layers are stale: a new grouping for them, made once
     calls = len(path_calls)
     _step(net, opt, x)
-    assert group.entries[0][4] is frozen
+    assert group.entries[0].weight is frozen
     assert len(path_calls) == calls + 1
     assert len(group.groupings[torch.float32].stale) == 2
 
@@ -201,3 +201,18 @@ def test_tied_weights_under_gradient_checkpointing(reentrant):
         grads.append([p.grad for p in net.parameters()])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stale_member_gets_no_tied_weight():
+    """tied() checks that the stored weight is still built from the latent as it is now: a latent
+    changed in place after the build gets None (its layer builds its own node), not its old weight."""
+    net = _net()
+    group = net[1]._step_weights
+    if group._path(net[1]) is None:
+        pytest.skip("no grouped path on this device")
+    assert group.weight(net[1], torch.float32) is not None
+    assert group.tied(net[1], torch.float32) is not None
+    with torch.no_grad():
+        net[1].weight.add_(1.0)  # bumps the version counter
+    assert group.tied(net[1], torch.float32) is None
+    assert group.tied(net[0], torch.float32) is not None  # the others are still fresh

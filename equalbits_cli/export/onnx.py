@@ -167,7 +167,7 @@ def trace_graph(model: nn.Module, img_size: int | None = None, seed: int = 0, we
                 optimize=False,
                 verbose=False,
             )
-            fields = ("sign", "nonzero") if weights == "packed" else ("weight",)
+            fields = ("sign", "nonzero", "scale", "mu") if weights == "packed" else ("weight",)
             # Float weights stay under their names, BatchNorm unfused, for onnxruntime's tools.
             _optimize(program, {f"{n}.{f}" for n in layers for f in fields}, rewrite=weights == "packed")
             onnx_model = onnx.load_from_string(program.model_proto.SerializeToString())

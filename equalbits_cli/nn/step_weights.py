@@ -20,6 +20,7 @@ builds its own weight.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -30,13 +31,29 @@ from ..quant.quantize import ot_spec
 __all__ = ["StepWeights"]
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """A stored training weight and the latent it was built from: the tensor, its storage address and
+    version counter, and the compute dtype. The cache key is all four: :meth:`fits`."""
+
+    latent: torch.Tensor
+    ptr: int
+    version: int
+    dtype: torch.dtype
+    weight: torch.Tensor
+
+    def fits(self, w: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether this weight was built from the latent ``w`` as it is now, in ``dtype``."""
+        return self.latent is w and self.ptr == w.data_ptr() and self.version == w._version and self.dtype == dtype
+
+
 class StepWeights:
     """Training weights of a fixed list of binary layers, built in grouped launches and reused until
     their latents change. Made by :func:`equalbits_cli.binarize_`; layers without one build their own."""
 
     def __init__(self, layers: Sequence) -> None:
         self.layers = list(layers)
-        self.entries: list[tuple | None] = [None] * len(self.layers)  # (latent, ptr, version, dtype, weight)
+        self.entries: list[_Entry | None] = [None] * len(self.layers)
         self.groupings: dict[torch.dtype, _Grouping] = {}  # how the last build split its layers, per dtype
         self.specs: dict[tuple[int, ...], list[tuple[int, int, float]]] = {}
         self.scratch: dict[int, dict] = {}  # CPU: numpy buffers per layer, kept between steps
@@ -61,14 +78,9 @@ class StepWeights:
         state.update(entries=[None] * len(self.layers), groupings={}, scratch={}, ties={})
         return state
 
-    @staticmethod
-    def _matches(entry: tuple | None, w: torch.Tensor, ptr: int, dtype: torch.dtype) -> bool:
-        """Whether ``entry`` was built from the latent ``w`` as it is now (storage ``ptr``), in ``dtype``."""
-        return entry is not None and entry[0] is w and entry[1] == ptr and entry[2] == w._version and entry[3] == dtype
-
     def _fresh(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
-        entry, w = self.entries[i], self.layers[i].weight
-        return entry[4] if self._matches(entry, w, w.data_ptr(), dtype) else None  # type: ignore[index]
+        entry = self.entries[i]
+        return entry.weight if entry is not None and entry.fits(self.layers[i].weight, dtype) else None
 
     @staticmethod
     def _path(layer) -> str | None:
@@ -99,23 +111,23 @@ class StepWeights:
         return self._fresh(i, dtype)
 
     def tied(self, layer, dtype: torch.dtype) -> torch.Tensor | None:
-        """``layer``'s stored weight (fresh: :meth:`weight` said so) with the straight-through gradient
-        to its latent, from one autograd node for all members: one Python call per step in the forward
-        and one in the backward, not one per layer. None in a distributed run, where each layer's own
-        node lets DDP reduce gradients while the backward goes on (the tied node gives all of them at
-        its end), and for a member whose latent has changed since the node was made."""
+        """``layer``'s stored weight with the straight-through gradient to its latent, from one autograd
+        node for all members: one Python call per step in the forward and one in the backward, not one
+        per layer. None in a distributed run, where each layer's own node lets DDP reduce gradients while
+        the backward goes on (the tied node gives all of them at its end), and where the stored weight
+        is not fresh (the layer then builds its own node)."""
+        if self._fresh(layer._step_index, dtype) is None:
+            return None
         ties = self.ties.get(dtype)
         if ties is None:  # the first call since the last build: made for all members at once
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 ties = self.ties[dtype] = {}
                 return None
-            # A member that went stale since the build keeps its stale weight here; the layer finds out in
-            # weight() before it asks for this one, and the rebuild that follows drops these ties.
-            members = [i for i, e in enumerate(self.entries) if e is not None and e[3] == dtype and e[0].requires_grad]
-            weights = _TiedWeights.apply(
-                [self.entries[i][4] for i in members],  # type: ignore[index]
-                *(self.entries[i][0] for i in members),  # type: ignore[index]
-            )
+            # Stale members are tied too (a tie of theirs is never handed out: the check above comes first,
+            # and the rebuild that refreshes them drops these ties).
+            entries = {i: e for i, e in enumerate(self.entries) if e is not None and e.dtype == dtype}
+            members = [i for i, e in entries.items() if e.latent.requires_grad]
+            weights = _TiedWeights.apply([entries[i].weight for i in members], *(entries[i].latent for i in members))
             ties = self.ties[dtype] = dict(zip(members, weights))
         return ties.get(layer._step_index)
 
@@ -157,11 +169,10 @@ class StepWeights:
         stale, latents, ptrs = [], [], []
         for i, (layer, entry) in enumerate(zip(self.layers, self.entries)):
             w = layer.weight
-            ptr = w.data_ptr()
-            if not self._matches(entry, w, ptr, dtype):
+            if entry is None or not entry.fits(w, dtype):
                 stale.append(i)
                 latents.append(w)
-                ptrs.append(ptr)
+                ptrs.append(w.data_ptr())
         self.ties.pop(dtype, None)  # made from the old weights
         grouping = self._grouping(dtype, tuple(stale), tuple(latents), tuple(ptrs))
         for group in grouping.groups:  # the old weights go first: their memory can serve the new ones
@@ -185,7 +196,7 @@ class StepWeights:
                 )
                 self.launches += len(group.plan.launches)
             for i, w, q in zip(group.members, latents, outs):
-                self.entries[i] = (params[i], w.data_ptr(), w._version, dtype, q)
+                self.entries[i] = _Entry(params[i], w.data_ptr(), w._version, dtype, q)
 
 
 class _Group:

@@ -31,7 +31,7 @@ def parse_floats(text: str, name: str) -> list[float]:
         >>> parse_floats("0.5,,0.5", "ratios")
         Traceback (most recent call last):
         ...
-        ValueError: --ratios has an empty entry in '0.5,,0.5'; separate numbers by single commas
+        equalbits_cli.errors.SettingError: `ratios` has an empty entry in '0.5,,0.5'; separate numbers by single commas
     """
     parts = [v.strip() for v in text.split(",")]
     if not any(parts):
