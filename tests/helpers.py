@@ -35,3 +35,14 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> b
     while not path.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     return path.exists()
+
+
+def invoke_cli(*args) -> subprocess.CompletedProcess:
+    """Run ``equalbits ARGS`` in this process (typer's CliRunner: no interpreter start-up, no second import
+    of torch), with the shape of :func:`run_cli`'s result. For tests that need no process of their own."""
+    from typer.testing import CliRunner
+
+    from equalbits_cli.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)

@@ -84,6 +84,6 @@ def test_uncalibrated_mobilenetv3_1w1a_exports(tmp_path, binarize_depthwise):
 
     policy = LayerPolicy(depthwise=binarize_depthwise)
     model = binarize_model("mobilenetv3_small_100", BinarizeConfig(activations="sign"), num_classes=10, policy=policy)
-    for weights in ("packed", "float"):
-        result = export_onnx(model.eval(), tmp_path / f"{weights}.onnx", weights=weights, img_size=64)
-        assert result.matched == 1.0, weights
+    weights = "float" if binarize_depthwise else "packed"  # each form once: both ran the same graph in 0.5
+    result = export_onnx(model.eval(), tmp_path / f"{weights}.onnx", weights=weights, img_size=64)
+    assert result.matched == 1.0, weights

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from helpers import run_cli
+from helpers import invoke_cli, run_cli
 from typer.testing import CliRunner
 
 from equalbits_cli.cli import app
@@ -18,9 +18,9 @@ runner = CliRunner()
 def test_binarize_then_inspect_exact_counts(tmp_path):
     """The core issue's acceptance path."""
     out = tmp_path / "r.safetensors"
-    res = run_cli("binarize", "resnet18", "--no-pretrained", "--ratio", "0.3", "--prune", "0.2", "-o", out)
+    res = invoke_cli("binarize", "resnet18", "--no-pretrained", "--ratio", "0.3", "--prune", "0.2", "-o", out)
     assert res.returncode == 0, res.stderr
-    res = run_cli("inspect", out, "--json")
+    res = invoke_cli("inspect", out, "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert set(report) >= {"model", "config", "layers", "totals"}

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import invoke_cli
 from PIL import Image
 
 from equalbits_cli.data.config import DataOverrides, resolve_data_config
@@ -42,12 +42,12 @@ def test_nested_folders_and_outside_links_are_refused(tmp_path, digits_small):
 
 
 def test_eval_labels_follow_train_classes_when_val_lacks_one(tmp_path, digits_small, digits_teacher):
-    full = run_cli("eval", "resnet10t", "--checkpoint", digits_teacher, "--data", digits_small, "--img-size", "32",
+    full = invoke_cli("eval", "resnet10t", "--checkpoint", digits_teacher, "--data", digits_small, "--img-size", "32",
                    "--workers", "0", "--json")  # fmt: skip
     assert full.returncode == 0, full.stderr
     data = _copy(digits_small, tmp_path / "d")
     shutil.rmtree(data / "val" / "0")
-    res = run_cli("eval", "resnet10t", "--checkpoint", digits_teacher, "--data", data, "--img-size", "32",
+    res = invoke_cli("eval", "resnet10t", "--checkpoint", digits_teacher, "--data", data, "--img-size", "32",
                   "--workers", "0", "--json")  # fmt: skip
     assert res.returncode == 0, res.stderr
     got, want = json.loads(res.stdout), json.loads(full.stdout)
@@ -55,7 +55,7 @@ def test_eval_labels_follow_train_classes_when_val_lacks_one(tmp_path, digits_sm
     # shifted labels would read near 0%; the right labels keep the accuracy of the other nine classes
     assert got["top1"] >= want["top1"] - 12
     shutil.rmtree(data / "train")
-    res = run_cli("eval", "resnet10t", "--checkpoint", digits_teacher, "--data", data, "--img-size", "32")
+    res = invoke_cli("eval", "resnet10t", "--checkpoint", digits_teacher, "--data", data, "--img-size", "32")
     assert res.returncode == 2 and "9 class folders but the model has 10" in res.stderr
 
 

@@ -11,26 +11,12 @@ import json
 
 import pytest
 import torch
+from helpers import invoke_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from equalbits_cli.cli import app
 from equalbits_cli.data.config import DataConfig, DataOverrides, resolve_data_config
 from equalbits_cli.train.finetune import teacher_warnings
-
-runner = CliRunner()
-
-
-class _Result:
-    """A CLI run in this process (no interpreter start-up), shaped like a finished subprocess."""
-
-    def __init__(self, res) -> None:
-        self.returncode, self.stdout, self.stderr = res.exit_code, res.stdout, res.stderr
-
-
-def run_cli(*args) -> _Result:
-    return _Result(runner.invoke(app, [str(a) for a in args]))
 
 
 def _meta(path) -> dict[str, str]:
@@ -83,7 +69,7 @@ def test_a_fine_tuned_file_scores_the_same_in_every_format(tmp_path, digits_smal
     from its teacher's file), then eval the checkpoint, the packed file and a fresh ONNX export of it, all
     without --img-size: each reads the recorded config and scores what finetune measured."""
     ft = tmp_path / "s.ft.safetensors"
-    res = run_cli(
+    res = invoke_cli(
         "finetune", digits_student, "--data", digits_small, "--epochs", "1", "--batch-size", "32", "--workers",
         "0", "--warmup-steps", "5", "--calibrate-batches", "2", "-o", ft, "--json",
     )  # fmt: skip
@@ -93,19 +79,19 @@ def test_a_fine_tuned_file_scores_the_same_in_every_format(tmp_path, digits_smal
     assert "data: 32x32, crop 1 (center)" in res.stderr
     assert json.loads(_meta(ft)["data_config"]) == tuned["data_config"]
     for fmt, name in (("packed", "s.packed.safetensors"), ("onnx", "s.onnx")):
-        res = run_cli(
+        res = invoke_cli(
             "export", ft, "--format", fmt, "-o", tmp_path / name, "--json", *(["--no-bench"] * (fmt == "onnx"))
         )
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["data_config"] == tuned["data_config"]
     for target in (ft, tmp_path / "s.packed.safetensors", tmp_path / "s.onnx"):
-        res = run_cli("eval", target, "--data", digits_small, "--workers", "0", "--json")
+        res = invoke_cli("eval", target, "--data", digits_small, "--workers", "0", "--json")
         assert res.returncode == 0, res.stderr
         got = json.loads(res.stdout)
         assert got["data_config"] == tuned["data_config"], target
         assert got["top1"] == pytest.approx(tuned["student_top1"], abs=1e-6), target
     # An override is still the user's: at 64x64 the same file is fed other images.
-    res = run_cli("eval", ft, "--data", digits_small, "--workers", "0", "--img-size", "64", "--json")
+    res = invoke_cli("eval", ft, "--data", digits_small, "--workers", "0", "--img-size", "64", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["data_config"]["input_size"] == [3, 64, 64]
 
 
@@ -126,7 +112,7 @@ def test_files_from_before_0_5_use_the_size_they_were_fine_tuned_at(tmp_path, di
 
 
 def test_teacher_fed_the_wrong_crop_is_warned_about(tmp_path, digits_small, digits_student):
-    res = run_cli(
+    res = invoke_cli(
         "finetune", digits_student, "--data", digits_small, "--epochs", "1", "--batch-size", "32", "--workers",
         "0", "--warmup-steps", "5", "--calibrate-batches", "1", "--crop-pct", "0.3", "-o", tmp_path / "o.safetensors",
         "--json",
@@ -148,7 +134,7 @@ def test_data_options_are_checked_before_any_work(tmp_path, digits_small, digits
         (["--std", "0.5,0,0.5"], "--std must be positive"),
     ):
         for command in (["finetune", digits_student], ["eval", digits_student], ["inspect", digits_student]):
-            res = run_cli(*command, "--data", digits_small, *args, "-o" if command[0] == "finetune" else "--json",
+            res = invoke_cli(*command, "--data", digits_small, *args, "-o" if command[0] == "finetune" else "--json",
                           *([tmp_path / "o.safetensors"] if command[0] == "finetune" else []))  # fmt: skip
             assert res.returncode == 2, (command, args, res.stderr)
             assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
@@ -160,14 +146,14 @@ def test_val_only_data_works_where_no_training_happens(tmp_path, digits_small, d
 
     data = tmp_path / "valonly"
     shutil.copytree(digits_small / "val", data / "val")
-    res = run_cli("eval", digits_student, "--data", data, "--workers", "0", "--json")
+    res = invoke_cli("eval", digits_student, "--data", data, "--workers", "0", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["n"] == 120
-    res = run_cli("export", digits_student, "-f", "onnx", "--data", data, "-o", tmp_path / "m.onnx", "--no-bench")
+    res = invoke_cli("export", digits_student, "-f", "onnx", "--data", data, "-o", tmp_path / "m.onnx", "--no-bench")
     assert res.returncode == 0, res.stderr
-    res = run_cli("eval", tmp_path / "m.onnx", "--data", data, "--workers", "0", "--json")
+    res = invoke_cli("eval", tmp_path / "m.onnx", "--data", data, "--workers", "0", "--json")
     assert res.returncode == 0, res.stderr
-    res = run_cli("inspect", digits_student, "--data", data, "--json")
+    res = invoke_cli("inspect", digits_student, "--data", data, "--json")
     assert res.returncode == 0, res.stderr
 
 
@@ -204,7 +190,7 @@ def test_tampered_onnx_metadata_is_refused_by_eval_and_inspect(
     onnx.helper.set_model_props(m, props)
     onnx.save(m, str(path))
     for command in (["eval", path, "--data", digits_small, "--workers", "0"], ["inspect", path]):
-        res = run_cli(*command)
+        res = invoke_cli(*command)
         assert res.returncode == 2, (command, res.stderr)
         assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 

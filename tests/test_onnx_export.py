@@ -15,11 +15,9 @@ from equalbits_cli.nn.packed import PackedBinary, float_model, pack_model
 from equalbits_cli.quant.quantize import code_offsets
 
 CONFIGS = [
-    BinarizeConfig(),
-    BinarizeConfig(prune=0.3),
+    BinarizeConfig(prune=0.3),  # ternary: a nonzero plane; ratio 0.5 with even filters: nothing to centre
     BinarizeConfig(activations="sign"),
-    BinarizeConfig(ratio=0.3),  # centred levels: the graph subtracts mu * |codes|
-    BinarizeConfig(ratio=0.7, prune=0.2),
+    BinarizeConfig(ratio=0.7, prune=0.2),  # centred levels: the graph subtracts mu * |codes|
     BinarizeConfig(ratio=0.3, center=False),
 ]
 

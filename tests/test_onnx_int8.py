@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import run_cli
+from helpers import invoke_cli, run_cli
 from onnx import numpy_helper
 
 from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
@@ -139,14 +139,14 @@ def test_1w1a_int8_is_exact(tmp_path, resnet18_state, digits_small, config):
 
 def test_eval_scores_every_onnx_export_like_its_checkpoint(int8_file, digits_student, digits_small, tmp_path):
     def top1(target, *extra):
-        r = run_cli("eval", target, "--data", digits_small, "--workers", "0", "--json", *extra)
+        r = invoke_cli("eval", target, "--data", digits_small, "--workers", "0", "--json", *extra)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)["top1"]
 
     want = top1(digits_student, "--img-size", "32")
     for weights in ("packed", "float"):
         out = tmp_path / f"{weights}.onnx"
-        r = run_cli(
+        r = invoke_cli(
             "export", digits_student, "-f", "onnx", "--onnx-weights", weights, "--img-size", "32", "-o", out,
             "--data", digits_small, "--json", "--no-bench",
         )  # fmt: skip
@@ -168,13 +168,13 @@ def test_int8_bad_input_one_line_no_file(tmp_path, digits_student, digits_small)
         (["--calibrate-batches", "0", "--data", digits_small], "calibrate-batches"),
     ]
     for extra, needle in cases:
-        r = run_cli("export", digits_student, "-f", "onnx-int8", "-o", out, *extra)
+        r = invoke_cli("export", digits_student, "-f", "onnx-int8", "-o", out, *extra)
         assert r.returncode == 2, (extra, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr
         assert not out.exists()
-    r = run_cli("export", digits_student, "-f", "packed", "--data", digits_small, "-o", out)
+    r = invoke_cli("export", digits_student, "-f", "packed", "--data", digits_small, "-o", out)
     assert r.returncode == 2 and "ONNX formats only" in r.stderr and not out.exists()
-    r = run_cli("export", digits_student, "-f", "onnx", "--data", tmp_path / "missing", "-o", out)
+    r = invoke_cli("export", digits_student, "-f", "onnx", "--data", tmp_path / "missing", "-o", out)
     assert r.returncode == 2 and "not found" in r.stderr and not out.exists()
 
 
@@ -184,14 +184,14 @@ def test_eval_onnx_refuses_foreign_files_and_sizes(tmp_path, int8_file, digits_s
     m = onnx.load(str(foreign))
     del m.metadata_props[:]
     onnx.save(m, str(foreign))
-    r = run_cli("eval", foreign, "--data", digits_small)
+    r = invoke_cli("eval", foreign, "--data", digits_small)
     assert r.returncode == 2 and "not an ONNX file written by equalbits" in r.stderr
-    r = run_cli("eval", int8_file[0], "--data", digits_small, "--img-size", "64")
+    r = invoke_cli("eval", int8_file[0], "--data", digits_small, "--img-size", "64")
     assert r.returncode == 2 and "takes 32x32 images" in r.stderr
     with tempfile.NamedTemporaryFile(suffix=".onnx", dir=tmp_path) as junk:
         junk.write(b"not onnx")
         junk.flush()
-        r = run_cli("eval", junk.name, "--data", digits_small)
+        r = invoke_cli("eval", junk.name, "--data", digits_small)
         assert r.returncode == 2 and "not a readable ONNX file" in r.stderr
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import timm
 import torch
-from helpers import run_cli
+from helpers import invoke_cli
 
 from equalbits_cli import BinarizeConfig, LayerPolicy, binarize_, collect_stats, load_model, save_checkpoint
 from equalbits_cli.model.policy import plan_layers
@@ -72,7 +72,7 @@ def test_binarize_then_save_records_policy_and_reasons(tmp_path):
 
 def test_cli_policy_options(tmp_path, resnet18_state):
     out = tmp_path / "r.safetensors"
-    res = run_cli(
+    res = invoke_cli(
         "binarize",
         "resnet18",
         "--checkpoint",
@@ -92,6 +92,6 @@ def test_cli_policy_options(tmp_path, resnet18_state):
     assert layers["layer4.1.conv2"]["kept_because"] == "excluded"
     assert result["policy"]["exclude"] == ["layer4.*"]
     bad = tmp_path / "bad.safetensors"
-    res = run_cli("binarize", "resnet18", "--checkpoint", resnet18_state, "--exclude", "layerx.*", "-o", bad)
+    res = invoke_cli("binarize", "resnet18", "--checkpoint", resnet18_state, "--exclude", "layerx.*", "-o", bad)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "layerx.*" in res.stderr and "closest module names" in res.stderr and not bad.exists()
