@@ -221,13 +221,11 @@ def export_onnx_int8(
     """
     import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from ..formats import ONNX_FORMAT
     from ..formats.files import base_metadata
     from ..paths import atomic_write
-    from .onnx import captured_stdout, check_outputs, export_data_config, has_binary_activations, trace_graph
+    from .onnx import export_data_config, has_binary_activations, trace_graph
 
     if not 1 <= calibrate_batches <= 10_000:
         raise SettingError(f"`calibrate_batches` must be between 1 and 10000, got {calibrate_batches}")
@@ -246,30 +244,7 @@ def export_onnx_int8(
             "add some, or pass another `data_dir`"
         )
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter(calib)
-
-        def get_next(self):
-            batch = next(self.items, None)
-            if progress is not None and batch is not None:
-                progress.advance(1)
-            return None if batch is None else {"input": batch}
-
-    with tempfile.TemporaryDirectory() as tmp:
-        float_path, pre_path, q_path = (Path(tmp) / n for n in ("float.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save(onnx_model, str(float_path))
-        with captured_stdout():
-            quant_pre_process(str(float_path), str(pre_path))
-            if sign_acts:
-                q_model = onnx.load(str(pre_path))
-                packed = exact = integer_binary_layers(q_model, layers)
-            else:
-                if progress is not None:
-                    progress.phase("calibrating", len(calib))
-                quantize_qdq(pre_path, q_path, Reader())
-                q_model = onnx.load(str(q_path))
-                packed, exact = pack_int8_weights(q_model, layers)
+    q_model, packed, exact = _int8_graph(onnx_model, layers, calib if not sign_acts else None, progress)
     meta["onnx_weights"] = "int8"
     meta["bit_order"] = "little"
     meta["int8_activations"] = "binary" if sign_acts else "uint8"
@@ -281,18 +256,7 @@ def export_onnx_int8(
     if not ints:
         raise ValueError("onnxruntime fused no integer kernel in the int8 model; the file was not written")
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    pair = paired_logits(session, plain, val_set, check_images, progress) if check_images > 0 else None
-    agreement, seen = None, 0
-    if pair is None:  # no image check asked for: the random tracing batch
-        with torch.no_grad():
-            pair = session.run(None, {"input": x.numpy()})[0], plain(x).numpy()
-    else:
-        agreement, seen = 100.0 * float((pair[0].argmax(1) == pair[1].argmax(1)).mean()), len(pair[0])
-    got, want = pair
-    if sign_acts:  # integer layers are exact: the float tolerance applies (see check_outputs)
-        diff, rng, _ = check_outputs(got, want, 1e-4, True, "int8")
-    else:  # 8-bit activations: reported, not judged
-        diff, rng = float(np.abs(got - want).max()), float(want.max() - want.min()) or 1.0
+    diff, rng, agreement, seen = _compare(session, plain, val_set, check_images, x, sign_acts, progress)
     if progress is not None:
         progress.done()
     notes = []
@@ -320,3 +284,65 @@ def export_onnx_int8(
         "binary layers int8 (exact), rest float" if sign_acts else "uint8 static",
         notes,
     )
+
+
+def _int8_graph(onnx_model, layers: dict, calib: list | None, progress: Progress | None):
+    """``(int8 model, layers packed, layers exact)`` from the float graph: onnxruntime's pre-processing,
+    then its static quantization calibrated on ``calib`` with the binary weights packed again, or, for
+    1W/1A models (``calib`` None), the binarized layers rewritten as integer ops."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .onnx import captured_stdout
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calib or [])
+
+        def get_next(self):
+            batch = next(self.items, None)
+            if progress is not None and batch is not None:
+                progress.advance(1)
+            return None if batch is None else {"input": batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path, pre_path, q_path = (Path(tmp) / n for n in ("float.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(onnx_model, str(float_path))
+        with captured_stdout():
+            quant_pre_process(str(float_path), str(pre_path))
+            if calib is None:
+                q_model = onnx.load(str(pre_path))
+                packed = exact = integer_binary_layers(q_model, layers)
+                return q_model, packed, exact
+            if progress is not None:
+                progress.phase("calibrating", len(calib))
+            quantize_qdq(pre_path, q_path, Reader())
+            q_model = onnx.load(str(q_path))
+            packed, exact = pack_int8_weights(q_model, layers)
+            return q_model, packed, exact
+
+
+def _compare(session, plain: nn.Module, val_set, check_images: int, x: torch.Tensor, sign_acts: bool, progress):
+    """``(max |difference|, output range, top-1 agreement or None, images compared)`` of the int8 model
+    against PyTorch on up to ``check_images`` val images (else the random tracing batch). 1W/1A models are
+    judged like the float export (their integer layers are exact); 8-bit activations are reported only.
+
+    Raises:
+        ExportMismatch: a 1W/1A model's outputs differ beyond the float tolerance.
+    """
+    from .onnx import check_outputs
+
+    pair = paired_logits(session, plain, val_set, check_images, progress) if check_images > 0 else None
+    agreement, seen = None, 0
+    if pair is None:  # no image check asked for: the random tracing batch
+        with torch.no_grad():
+            pair = session.run(None, {"input": x.numpy()})[0], plain(x).numpy()
+    else:
+        agreement, seen = 100.0 * float((pair[0].argmax(1) == pair[1].argmax(1)).mean()), len(pair[0])
+    got, want = pair
+    if sign_acts:  # integer layers are exact: the float tolerance applies (see check_outputs)
+        diff, rng, _ = check_outputs(got, want, 1e-4, True, "int8")
+    else:  # 8-bit activations: reported, not judged
+        diff, rng = float(np.abs(got - want).max()), float(want.max() - want.min()) or 1.0
+    return diff, rng, agreement, seen

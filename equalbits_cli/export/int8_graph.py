@@ -188,99 +188,16 @@ def integer_binary_layers(pre_model, layers: dict[str, PackedBinary]) -> int:
     full product on ``|codes|`` (pruned or grouped layers). Both are exact integer sums, so the layer
     matches PyTorch up to the float rounding of the final scale.
     """
-    from onnx import TensorProto, helper, numpy_helper
-
     graph = pre_model.graph
     inits = {i.name: i for i in graph.initializer}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
-    new_nodes, replaced = [], {}
+    new_nodes: list = []
+    replaced: dict[str, list] = {}
     for name, layer in layers.items():
-        codes = layer.codes().numpy()
-        mu = None if layer.mu is None else layer.mu.numpy()
-        init_name = weight_name(inits, name)
-        w = numpy_helper.to_array(inits[init_name])
-        factor = _factor(w if layer.conv is not None else w.T, codes, mu, name)
-        prefix = f"eb::{name}::"
-        users = consumers.get(init_name, [])
-        node = users[0] if len(users) == 1 else None
-        if node is not None and node.op_type == "Transpose":
-            nxt = consumers.get(node.output[0], [])
-            replaced[node.output[0]] = []
-            node = nxt[0] if len(nxt) == 1 else None
-        if node is None or node.op_type not in ("Conv", "Gemm", "MatMul"):
-            raise ValueError(f"int8 export: binarized layer {name!r} is not a single Conv/Gemm/MatMul in the graph")
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0):
-            raise ValueError(f"int8 export: binarized layer {name!r} is a Gemm with transA or alpha; not supported")
-        rows = codes.shape[0]
-        ones = np.ones(rows, dtype=np.float32)
-        # The integer weight in the layout the op wants: Conv [out, in, k, k]; MatMulInteger [in, out].
-        as_in_out = node.op_type != "Conv"
-        w_nodes, w_inits = _int8_unpack(prefix + "w_", codes, ones, -ones, prefix + "wq", as_in_out)
-        new_nodes += w_nodes
-        graph.initializer.extend(w_inits)
-        consts = [
-            numpy_helper.from_array(np.array(1.0, dtype=np.float32), prefix + "x_scale"),
-            numpy_helper.from_array(np.array(128, dtype=np.uint8), prefix + "x_zero"),
-        ]
-        bshape = (1, rows, 1, 1) if node.op_type == "Conv" else (rows,)
-        consts.append(numpy_helper.from_array(factor.astype(np.float32).reshape(bshape), prefix + "factor"))
-        op = "ConvInteger" if node.op_type == "Conv" else "MatMulInteger"
-        kw = {
-            k: v for k, v in attrs.items() if k in ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad")
-        }
-        x = node.input[0]
-        out = [
-            helper.make_node("QuantizeLinear", [x, prefix + "x_scale", prefix + "x_zero"], [prefix + "xq"]),
-            helper.make_node(op, [prefix + "xq", prefix + "wq", prefix + "x_zero"], [prefix + "acc"], **kw),
-            helper.make_node("Cast", [prefix + "acc"], [prefix + "acc_f"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [prefix + "acc_f", prefix + "factor"], [prefix + "y0"]),
-        ]
-        y = prefix + "y0"
-        if mu is not None:
-            box = not (codes == 0).any() and attrs.get("group", 1) == 1
-            if box:  # every output channel sums the same window of +-1 inputs
-                absw = np.ones((1,) + codes.shape[1:], dtype=np.int8)
-                if as_in_out:
-                    absw = absw.reshape(1, -1).T.copy()
-                consts.append(numpy_helper.from_array(absw, prefix + "absq"))
-            else:
-                # |codes| from the weight's own unpacked codes (float, before their int8 Cast): no more bits.
-                qf = prefix + ("w_qf_nz" if (codes == 0).any() else "w_qf")
-                absq = prefix + "abs_q" if as_in_out else prefix + "absq"
-                new_nodes += [
-                    helper.make_node("Abs", [qf], [prefix + "abs_f"]),
-                    helper.make_node("Cast", [prefix + "abs_f"], [prefix + "abs_flat"], to=TensorProto.INT8),
-                    helper.make_node("Reshape", [prefix + "abs_flat", prefix + "w_shape"], [absq]),
-                ]
-                if as_in_out:
-                    new_nodes.append(helper.make_node("Transpose", [absq], [prefix + "absq"], perm=[1, 0]))
-            consts.append(
-                numpy_helper.from_array((-factor * mu).astype(np.float32).reshape(bshape), prefix + "mu_factor")
-            )
-            out += [
-                helper.make_node(op, [prefix + "xq", prefix + "absq", prefix + "x_zero"], [prefix + "acc2"], **kw),
-                helper.make_node("Cast", [prefix + "acc2"], [prefix + "acc2_f"], to=TensorProto.FLOAT),
-                helper.make_node("Mul", [prefix + "acc2_f", prefix + "mu_factor"], [prefix + "y_mu"]),
-                helper.make_node("Add", [y, prefix + "y_mu"], [prefix + "y1"]),
-            ]
-            y = prefix + "y1"
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if bias is not None:
-            if bias not in inits:
-                raise ValueError(f"int8 export: the bias of binarized layer {name!r} is not a constant")
-            b = numpy_helper.to_array(inits[bias]).astype(np.float32)
-            if node.op_type == "Gemm":
-                b = b * float(attrs.get("beta", 1.0))
-            consts.append(numpy_helper.from_array(b.reshape(bshape) if b.size == rows else b, prefix + "bias"))
-            out.append(helper.make_node("Add", [y, prefix + "bias"], [prefix + "y2"]))
-            y = prefix + "y2"
-        out.append(helper.make_node("Identity", [y], [node.output[0]]))
-        graph.initializer.extend(consts)
-        replaced[node.output[0]] = out
+        new_nodes += _integer_layer(graph, inits, consumers, name, layer, replaced)
     rebuilt = []
     for node in graph.node:
         rebuilt.extend(replaced.get(node.output[0], [node]))
@@ -288,6 +205,107 @@ def integer_binary_layers(pre_model, layers: dict[str, PackedBinary]) -> int:
     graph.node.extend(new_nodes + rebuilt)
     _drop_unused_initializers(graph)
     return len(layers)
+
+
+def _layer_node(consumers: dict[str, list], init_name: str, name: str, replaced: dict[str, list]):
+    """The one Conv/Gemm/MatMul that reads the weight ``init_name`` (through a Transpose, which is then
+    dropped)."""
+    users = consumers.get(init_name, [])
+    node = users[0] if len(users) == 1 else None
+    if node is not None and node.op_type == "Transpose":
+        nxt = consumers.get(node.output[0], [])
+        replaced[node.output[0]] = []
+        node = nxt[0] if len(nxt) == 1 else None
+    if node is None or node.op_type not in ("Conv", "Gemm", "MatMul"):
+        raise ValueError(f"int8 export: binarized layer {name!r} is not a single Conv/Gemm/MatMul in the graph")
+    return node
+
+
+def _integer_layer(graph, inits: dict, consumers: dict, name: str, layer: PackedBinary, replaced: dict) -> list:
+    """Rewrite one binarized layer (see :func:`integer_binary_layers`): its Conv/Gemm/MatMul node is
+    replaced in ``replaced``; returns the nodes that unpack its integer weights (they go first)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    codes = layer.codes().numpy()
+    mu = None if layer.mu is None else layer.mu.numpy()
+    init_name = weight_name(inits, name)
+    w = numpy_helper.to_array(inits[init_name])
+    factor = _factor(w if layer.conv is not None else w.T, codes, mu, name)
+    prefix = f"eb::{name}::"
+    node = _layer_node(consumers, init_name, name, replaced)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0):
+        raise ValueError(f"int8 export: binarized layer {name!r} is a Gemm with transA or alpha; not supported")
+    rows = codes.shape[0]
+    ones = np.ones(rows, dtype=np.float32)
+    # The integer weight in the layout the op wants: Conv [out, in, k, k]; MatMulInteger [in, out].
+    as_in_out = node.op_type != "Conv"
+    new_nodes, w_inits = _int8_unpack(prefix + "w_", codes, ones, -ones, prefix + "wq", as_in_out)
+    graph.initializer.extend(w_inits)
+    consts = [
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), prefix + "x_scale"),
+        numpy_helper.from_array(np.array(128, dtype=np.uint8), prefix + "x_zero"),
+    ]
+    bshape = (1, rows, 1, 1) if node.op_type == "Conv" else (rows,)
+    consts.append(numpy_helper.from_array(factor.astype(np.float32).reshape(bshape), prefix + "factor"))
+    op = "ConvInteger" if node.op_type == "Conv" else "MatMulInteger"
+    kw = {k: v for k, v in attrs.items() if k in ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad")}
+    out = [
+        helper.make_node("QuantizeLinear", [node.input[0], prefix + "x_scale", prefix + "x_zero"], [prefix + "xq"]),
+        helper.make_node(op, [prefix + "xq", prefix + "wq", prefix + "x_zero"], [prefix + "acc"], **kw),
+        helper.make_node("Cast", [prefix + "acc"], [prefix + "acc_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [prefix + "acc_f", prefix + "factor"], [prefix + "y0"]),
+    ]
+    y = prefix + "y0"
+    if mu is not None:
+        box = not (codes == 0).any() and attrs.get("group", 1) == 1
+        new_nodes += _abs_codes(prefix, codes, as_in_out, box, consts)
+        consts.append(numpy_helper.from_array((-factor * mu).astype(np.float32).reshape(bshape), prefix + "mu_factor"))
+        out += [
+            helper.make_node(op, [prefix + "xq", prefix + "absq", prefix + "x_zero"], [prefix + "acc2"], **kw),
+            helper.make_node("Cast", [prefix + "acc2"], [prefix + "acc2_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [prefix + "acc2_f", prefix + "mu_factor"], [prefix + "y_mu"]),
+            helper.make_node("Add", [y, prefix + "y_mu"], [prefix + "y1"]),
+        ]
+        y = prefix + "y1"
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None:
+        if bias not in inits:
+            raise ValueError(f"int8 export: the bias of binarized layer {name!r} is not a constant")
+        b = numpy_helper.to_array(inits[bias]).astype(np.float32)
+        if node.op_type == "Gemm":
+            b = b * float(attrs.get("beta", 1.0))
+        consts.append(numpy_helper.from_array(b.reshape(bshape) if b.size == rows else b, prefix + "bias"))
+        out.append(helper.make_node("Add", [y, prefix + "bias"], [prefix + "y2"]))
+        y = prefix + "y2"
+    out.append(helper.make_node("Identity", [y], [node.output[0]]))
+    graph.initializer.extend(consts)
+    replaced[node.output[0]] = out
+    return new_nodes
+
+
+def _abs_codes(prefix: str, codes: np.ndarray, as_in_out: bool, box: bool, consts: list) -> list:
+    """The int8 ``|codes|`` operand ``prefix + "absq"`` of a centred layer's second product: a one-channel
+    box of ones (``box``: every code non-zero, one group; added to ``consts``), else the weight's own
+    unpacked codes (float, before their int8 Cast), so no more bits. Returns the nodes to add."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if box:  # every output channel sums the same window of +-1 inputs
+        absw = np.ones((1,) + codes.shape[1:], dtype=np.int8)
+        if as_in_out:
+            absw = absw.reshape(1, -1).T.copy()
+        consts.append(numpy_helper.from_array(absw, prefix + "absq"))
+        return []
+    qf = prefix + ("w_qf_nz" if (codes == 0).any() else "w_qf")
+    absq = prefix + "abs_q" if as_in_out else prefix + "absq"
+    nodes = [
+        helper.make_node("Abs", [qf], [prefix + "abs_f"]),
+        helper.make_node("Cast", [prefix + "abs_f"], [prefix + "abs_flat"], to=TensorProto.INT8),
+        helper.make_node("Reshape", [prefix + "abs_flat", prefix + "w_shape"], [absq]),
+    ]
+    if as_in_out:
+        nodes.append(helper.make_node("Transpose", [absq], [prefix + "absq"], perm=[1, 0]))
+    return nodes
 
 
 def _drop_unused_initializers(graph) -> None:
