@@ -68,23 +68,9 @@ def export_file(
     from ..formats.packed import save_packed
     from ..paths import atomic_write, check_distinct_paths, check_output_path, read_metadata
     from ..report.inspect import collect_stats
-    from .onnx import export_onnx
 
-    if format not in FORMATS:
-        raise SettingError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
-    if format == "onnx-int8" and data is None:
-        raise SettingError("`format` onnx-int8 calibrates activations on images: pass `data` DIR (an image folder)")
-    if format == "packed" and data is not None:
-        raise SettingError("`data` is used by the ONNX formats only (a packed file reproduces PyTorch exactly)")
-    if format != "onnx-int8" and calibrate_batches is not None:
-        raise SettingError("`calibrate_batches` applies to `format` onnx-int8 only")
+    _check_settings(format, data, calibrate_batches, threads, bench_batch)
     calibrate_batches = 8 if calibrate_batches is None else calibrate_batches
-    if format == "packed" and (threads != 0 or bench_batch != 1):
-        raise SettingError("`threads` and `bench_batch` apply to the ONNX formats (a packed file is not timed)")
-    if not isinstance(threads, int) or not 0 <= threads <= 1024:
-        raise SettingError(f"`threads` must be between 0 (onnxruntime's choice) and 1024, got {threads}")
-    if not isinstance(bench_batch, int) or not 1 <= bench_batch <= 1024:
-        raise SettingError(f"`bench_batch` must be between 1 and 1024, got {bench_batch}")
     out = check_output_path(output, overwrite)
     check_distinct_paths({"-o": out}, {"CHECKPOINT": checkpoint})
     meta = read_metadata(checkpoint) if Path(checkpoint).suffix == ".safetensors" else {}
@@ -103,21 +89,7 @@ def export_file(
             diff = verify_packed(model, tmp)
         extra: dict[str, Any] = {}
     elif format == "onnx":
-        val_set = None
-        if data is not None:  # bad data is refused before the export, not after
-            from .int8 import image_sets
-
-            val_set = image_sets(model, data)[1]
-        result = export_onnx(model, out, weights=onnx_weights, exclusive=not overwrite)
-        diff = result.max_abs_diff
-        extra = {"onnx_weights": onnx_weights, "rel_diff": result.rel_diff}
-        if val_set is not None:
-            import onnxruntime as ort
-
-            from .int8 import top1_agreement
-
-            session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-            extra["agreement"], extra["agreement_images"] = top1_agreement(session, model, val_set)
+        diff, extra = _export_onnx(model, out, onnx_weights, data, overwrite)
     else:
         from dataclasses import asdict
 
@@ -135,18 +107,7 @@ def export_file(
         diff = r.max_abs_diff
         extra = {k: v for k, v in asdict(r).items() if k not in ("path", "bytes", "max_abs_diff")}
     if bench and format != "packed":
-        from .speed import compare_speed
-
-        if progress is not None:
-            progress.phase("timing against the float ONNX", None)
-        speed = compare_speed(model, out, threads=threads, batch=bench_batch)
-        extra["speed"] = speed.to_dict()
-        if speed.speedup < 1.0:
-            extra["warnings"] = [
-                f"this file runs at {speed.speedup:.2f}x the speed of the float ONNX here ({speed.latency_ms:.2f} "
-                f"against {speed.float_latency_ms:.2f} ms a batch of {speed.batch}): slower than float on this "
-                "machine; keep the float ONNX for speed, or try other `threads`"
-            ]
+        extra.update(_bench(model, out, threads, bench_batch, progress))
     size = Path(out).stat().st_size
     return {
         "output": str(out),
@@ -159,3 +120,55 @@ def export_file(
         "data_config": model.equalbits_meta["data_config"].to_dict(),
         **extra,
     }
+
+
+def _check_settings(format: str, data: Any, calibrate_batches: int | None, threads: int, bench_batch: int) -> None:
+    """Refuse settings that do not fit ``format`` or each other, before any work."""
+    if format not in FORMATS:
+        raise SettingError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "onnx-int8" and data is None:
+        raise SettingError("`format` onnx-int8 calibrates activations on images: pass `data` DIR (an image folder)")
+    if format == "packed" and data is not None:
+        raise SettingError("`data` is used by the ONNX formats only (a packed file reproduces PyTorch exactly)")
+    if format != "onnx-int8" and calibrate_batches is not None:
+        raise SettingError("`calibrate_batches` applies to `format` onnx-int8 only")
+    if format == "packed" and (threads != 0 or bench_batch != 1):
+        raise SettingError("`threads` and `bench_batch` apply to the ONNX formats (a packed file is not timed)")
+    if not isinstance(threads, int) or not 0 <= threads <= 1024:
+        raise SettingError(f"`threads` must be between 0 (onnxruntime's choice) and 1024, got {threads}")
+    if not isinstance(bench_batch, int) or not 1 <= bench_batch <= 1024:
+        raise SettingError(f"`bench_batch` must be between 1 and 1024, got {bench_batch}")
+
+
+def _export_onnx(model, out: Path, onnx_weights: str, data: Any, overwrite: bool) -> tuple[float, dict[str, Any]]:
+    """The float/packed ONNX export: ``(max |difference|, summary fields)``, with the top-1 agreement on
+    ``data``'s val images when given (bad data is refused before the export, not after)."""
+    from .int8 import image_sets, top1_agreement
+    from .onnx import export_onnx
+
+    val_set = image_sets(model, data)[1] if data is not None else None
+    result = export_onnx(model, out, weights=onnx_weights, exclusive=not overwrite)
+    extra: dict[str, Any] = {"onnx_weights": onnx_weights, "rel_diff": result.rel_diff}
+    if val_set is not None:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        extra["agreement"], extra["agreement_images"] = top1_agreement(session, model, val_set)
+    return result.max_abs_diff, extra
+
+
+def _bench(model, out: Path, threads: int, bench_batch: int, progress: Any) -> dict[str, Any]:
+    """The exported file timed against the float ONNX (``speed``), and a warning when it is slower."""
+    from .speed import compare_speed
+
+    if progress is not None:
+        progress.phase("timing against the float ONNX", None)
+    speed = compare_speed(model, out, threads=threads, batch=bench_batch)
+    extra: dict[str, Any] = {"speed": speed.to_dict()}
+    if speed.speedup < 1.0:
+        extra["warnings"] = [
+            f"this file runs at {speed.speedup:.2f}x the speed of the float ONNX here ({speed.latency_ms:.2f} "
+            f"against {speed.float_latency_ms:.2f} ms a batch of {speed.batch}): slower than float on this "
+            "machine; keep the float ONNX for speed, or try other `threads`"
+        ]
+    return extra
