@@ -504,7 +504,6 @@ def finetune(
     Raises:
         ValueError / FileNotFoundError: bad inputs. Interrupted: Ctrl-C or SIGTERM (state saved).
     """
-    from ..formats.latent import save_checkpoint
 
     progress = progress or NullProgress()
     started = time.perf_counter()
@@ -538,9 +537,26 @@ def finetune(
         )
     if config.compile:
         _compile(run)
-    previous = None
+    _run_epochs(run, log, state_path)
+    checksum = codes_checksum(run.student)
+    identical = all_equal(checksum, run.world, run.device)
+    if run.rank != 0:
+        barrier(run.world)
+        return None
+    result = _finish(run, output, started, resumed, checksum, identical)
+    state_path.unlink(missing_ok=True)
+    progress.done()
+    barrier(run.world)
+    return result
+
+
+def _run_epochs(run: _Run, log: str | os.PathLike | None, state_path: Path) -> None:
+    """Train the remaining epochs, validating and saving the state after each; SIGTERM and Ctrl-C save
+    the state and raise :class:`Interrupted`."""
     import threading
 
+    config = run.config
+    previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     log_file = open(log, "a") if (log is not None and run.rank == 0) else None  # noqa: SIM115
@@ -578,11 +594,12 @@ def finetune(
             with contextlib.suppress(OSError):  # a full disk fails the close's flush too: reported above
                 log_file.close()
 
-    checksum = codes_checksum(run.student)
-    identical = all_equal(checksum, run.world, run.device)
-    if run.rank != 0:
-        barrier(run.world)
-        return None
+
+def _finish(run: _Run, output: Path, started: float, resumed: int | None, checksum: int, identical: bool):
+    """Evaluate the fine-tuned student, write it with what the fine-tune measured, and return the result."""
+    from ..formats.latent import save_checkpoint
+
+    config, progress = run.config, run.progress
     progress.phase("evaluating fine-tuned student", len(run.val_loader))
     final = evaluate(run.student, run.val_loader, run.device, config.amp, progress)
     result = FinetuneResult(
@@ -610,9 +627,6 @@ def finetune(
         output,
         extra={"finetune": json.dumps({**json.loads(config.to_json()), **summary, "history": run.history})},
     )
-    state_path.unlink(missing_ok=True)
-    progress.done()
-    barrier(run.world)
     return result
 
 
