@@ -1,5 +1,6 @@
-"""Files of every earlier version: written by equalbits 0.1, 0.2, 0.3 and 0.4 (``tests/data/make_old_files.py``
-run on each version's checkout), read today through the one migration in ``equalbits_cli.formats.migrate``.
+"""Files of every earlier version: written by equalbits 0.1, 0.2, 0.3, 0.4 and 0.5 (``tests/data/make_old_files.py``
+run on each version's checkout), read today through the one migration in ``equalbits_cli.formats.migrate``;
+0.5's ONNX exports (TorchScript exporter, ``eb::`` initializers) through ``eval``'s and ``inspect``'s readers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,33 @@ from equalbits_cli.report.packed_report import packed_report
 DATA = Path(__file__).parent / "data"
 VERSIONS = ["v0.1", "v0.2", "v0.3", "v0.4"]
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # as make_old_files.py draws it
+
+
+@pytest.mark.parametrize("name", ["w1", "w1a1"])
+def test_files_of_0_5_compute_what_they_computed(name):
+    """0.5 wrote format version 2 and ONNX through the legacy exporter, its planes named ``eb::L::sign``
+    and its scales ``eb::L::factor``: today's readers give the logits 0.5 computed and exact counts."""
+    import onnxruntime as ort
+
+    want = load_file(str(DATA / "v0.5" / f"{name}.logits.safetensors"))["logits"]
+    scale = float(want.max() - want.min())
+    reports = []
+    for suffix in ("", ".packed"):
+        path = DATA / "v0.5" / f"{name}{suffix}.safetensors"
+        with torch.no_grad():
+            got = load_model(path)(X)
+        assert float((got - want).abs().max()) <= 1e-6 * scale, (name, suffix)
+        reports.append(inspect_file(path))
+    onnx_path = DATA / "v0.5" / f"{name}.onnx"
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": X.numpy()})[0])
+    # the ONNX check's tolerance; 1W/1A: a sample may take another activation bit (see check_outputs)
+    close = (got - want).abs().amax(dim=1) <= 1e-4 * scale
+    assert bool(close.all()) if name == "w1" else int(close.sum()) >= 3
+    report = inspect_file(onnx_path)
+    codes = [(s.name, s.n_plus, s.n_minus, s.n_zero) for s in report.stats.layers if s.binarized]
+    assert codes == [(s.name, s.n_plus, s.n_minus, s.n_zero) for s in reports[1].stats.layers if s.binarized]
+    assert all(s.exact_filters for s in report.stats.layers if s.binarized)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

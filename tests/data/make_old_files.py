@@ -7,6 +7,7 @@ Run from the repository root, once per version, with the old package first on th
 It writes, for a random-init ``test_efficientnet`` (10 classes), a latent checkpoint and a packed file at
 ratio 0.3 with prune 0.2, the same for 1W/1A where the version has it, and the logits that version
 computes for a fixed 32x32 batch: ``tests/test_formats.py`` checks that today's reader gives them back.
+Versions from 0.5 on also write the packed-weight ONNX export of each model at 32x32 (``NAME.onnx``).
 The latent files record a fine-tune at 32x32 (``finetune.img_size``), as ``finetune --img-size 32`` did.
 """
 
@@ -38,6 +39,10 @@ def main(out: Path) -> None:
         with torch.no_grad():
             logits = model(x)
         save_file({"logits": logits.contiguous()}, str(out / f"{name}.logits.safetensors"))
+        if tuple(int(p) for p in eb.__version__.split(".")[:2]) >= (0, 5):
+            from equalbits_cli.export.onnx import export_onnx
+
+            export_onnx(model, out / f"{name}.onnx", img_size=32)
     print(eb.__version__, "->", out)
 
 
