@@ -1,0 +1,165 @@
+"""The whole fine-tune against what a user would run instead, in one run (issue 27), on the CPU.
+
+Three runs on the same data (the built-in 32x32 digits, read from disk as an image folder), the same
+batches in the same order, the same epochs and optimizer settings:
+
+- ``equalbits finetune`` (the library call the command makes): binarized student, full-precision
+  teacher, everything it does (teacher and student evaluated first, BatchNorm re-estimated, a
+  validation and a saved state per epoch, the final evaluation and the checkpoint);
+- a plain full-precision distillation loop written with timm and torch (no binary layers): the same
+  model as student and teacher, AdamW with timm's warm-up + cosine schedule, a validation and a
+  ``torch.save`` per epoch;
+- that loop without a teacher (labels only).
+
+It prints the wall time of each, images per second, the ratio to the plain distillation loop, and where
+the plain loops' milliseconds go (waiting for data, teacher forward, student forward and loss,
+backward, optimizer step). The teacher is randomly initialized: speed does not depend on its accuracy.
+
+    python benchmarks/finetune.py [--model resnet18] [--epochs 3] [--batch 64] [--workers 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from equalbits_cli import BinarizeConfig, FinetuneConfig, binarize_model, save_checkpoint
+from equalbits_cli.data.config import DataOverrides, resolve_data_config
+from equalbits_cli.data.folders import (
+    EpochSampler,
+    build_datasets,
+    find_splits,
+    iterate,
+    make_digits_imagefolder,
+    make_loader,
+)
+from equalbits_cli.model.convert import save_full_precision
+from equalbits_cli.train.finetune import finetune
+
+
+def plain_loop(model_name: str, teacher_path: Path, data: Path, args, use_teacher: bool, tmp: Path):
+    """A full-precision distillation (or label) loop as a user writes it: ``(seconds, images, phases)``."""
+    from safetensors.torch import load_file
+    from timm.scheduler import CosineLRScheduler
+
+    torch.manual_seed(0)
+    student = timm.create_model(model_name, pretrained=False, num_classes=10)
+    student.load_state_dict(load_file(str(teacher_path)))
+    teacher = None
+    if use_teacher:
+        teacher = timm.create_model(model_name, pretrained=False, num_classes=10)
+        teacher.load_state_dict(load_file(str(teacher_path)))
+        teacher.eval()
+    cfg = resolve_data_config(student, DataOverrides(img_size=32))
+    train_ds, val_ds = build_datasets(find_splits(data), cfg, augment="none", seed=0)
+    loader = make_loader(train_ds, EpochSampler(len(train_ds), shuffle=True, seed=0), args.batch, args.workers, True)
+    val_loader = make_loader(val_ds, EpochSampler(len(val_ds), shuffle=False), args.batch, args.workers, False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=5e-3, weight_decay=1e-4)
+    steps = args.epochs * len(loader)
+    scheduler = CosineLRScheduler(optimizer, t_initial=steps, warmup_t=min(100, steps // 10), t_in_epochs=False)
+    phases: dict[str, float] = defaultdict(float)
+    images, step = 0, 0
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        loader.sampler.epoch = epoch
+        student.train()
+        tick = time.perf_counter()
+        for x, y in iterate(loader):
+            now = time.perf_counter()
+            phases["data"] += now - tick
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                phases["teacher forward"] += time.perf_counter() - now
+            t0 = time.perf_counter()
+            s_logits = student(x)
+            if teacher is not None:
+                loss = F.kl_div(F.log_softmax(s_logits, 1), F.softmax(t_logits, 1), reduction="batchmean")
+            else:
+                loss = F.cross_entropy(s_logits, y)
+            t1 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            t2 = time.perf_counter()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            tick = time.perf_counter()
+            phases["student forward + loss"] += t1 - t0
+            phases["backward"] += t2 - t1
+            phases["optimizer"] += tick - t2
+            images += len(x)
+        student.eval()
+        with torch.no_grad():
+            for x, _ in iterate(val_loader):
+                student(x)
+        torch.save(student.state_dict(), tmp / "plain.pt")
+    return time.perf_counter() - start, images, dict(phases)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=0)
+    args = ap.parse_args()
+    print(
+        f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}"
+    )
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        data = make_digits_imagefolder(tmp / "digits", size=32)
+        torch.manual_seed(0)
+        teacher = timm.create_model(args.model, pretrained=False, num_classes=10)
+        cfg = resolve_data_config(teacher, DataOverrides(img_size=32))
+        teacher_path = save_full_precision(teacher, tmp / "teacher.safetensors", data_config=cfg)
+        student = binarize_model(args.model, BinarizeConfig(), checkpoint=teacher_path)
+        student_path = save_checkpoint(student, tmp / "student.safetensors")
+        runs = {}
+        for epochs in (args.epochs, args.epochs + 1):  # one epoch more: what an epoch adds, and the fixed cost
+            config = FinetuneConfig(
+                epochs=epochs, batch_size=args.batch, img_size=32, workers=args.workers, device="cpu"
+            )
+            start = time.perf_counter()
+            result = finetune(
+                student_path, data, config, output=tmp / f"ft{epochs}.safetensors", teacher=str(teacher_path)
+            )
+            runs[epochs] = (time.perf_counter() - start, result.steps * args.batch)
+        ours, ours_images = runs[args.epochs]
+        per_epoch = runs[args.epochs + 1][0] - ours
+        plain, plain_images, plain_phases = plain_loop(args.model, teacher_path, data, args, True, tmp)
+        labels, label_images, label_phases = plain_loop(args.model, teacher_path, data, args, False, tmp)
+    print(f"# {args.model}, 32x32 digits, batch {args.batch}, {args.epochs} epochs, {args.workers} workers")
+    print("| run | wall s | train img/s | vs plain distillation |")
+    print("|---|---|---|---|")
+    for name, seconds, n in (
+        ("equalbits finetune (binary student, teacher)", ours, ours_images),
+        ("plain distillation loop (fp32 student, teacher)", plain, plain_images),
+        ("plain loop, labels only (fp32, no teacher)", labels, label_images),
+    ):
+        print(f"| {name} | {seconds:.1f} | {n / seconds:.0f} | {seconds / plain:.2f}x |")
+    plain_epoch = plain / args.epochs
+    print(
+        f"\nequalbits finetune: one more epoch adds {per_epoch:.1f} s ({per_epoch / plain_epoch:.2f}x a plain "
+        f"distillation epoch of {plain_epoch:.1f} s, validation and save included); fixed cost "
+        f"{ours - args.epochs * per_epoch:.1f} s (start-up evaluations, BatchNorm re-estimation, final evaluation)"
+    )
+    print()
+    print("| plain loop: ms a step | " + " | ".join(plain_phases) + " |")
+    print("|---|" + "---|" * len(plain_phases))
+    steps = plain_images // args.batch
+    for name, phases in (("distillation", plain_phases), ("labels only", label_phases)):
+        print(f"| {name} | " + " | ".join(f"{1000 * phases.get(k, 0.0) / steps:.1f}" for k in plain_phases) + " |")
+
+
+if __name__ == "__main__":
+    main()
