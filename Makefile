@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/host_overhead.py
 	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/export_families.py
+	$(PY) benchmarks/finetune.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .hypothesis

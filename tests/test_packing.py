@@ -123,3 +123,22 @@ def test_numpy_inspect_of_packed_files_matches_the_torch_one(tmp_path, config):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "LOADED False False" in res.stdout, res.stdout[-500:] + res.stderr
+
+
+def test_a_packed_model_saves_the_same_packed_file(tmp_path, resnet18_state):
+    """``load_model`` of a packed file gives the packed form; saving that again writes the same tensors
+    and the metadata the torch-free inspect needs (every binarized layer listed, the same parameter count)."""
+    from equalbits_cli.report.packed_report import packed_report
+
+    model = binarize_model("resnet18", BinarizeConfig(ratio=0.3, prune=0.1), checkpoint=resnet18_state).eval()
+    first = save_packed(model, tmp_path / "a.safetensors")
+    second = save_packed(load_model(first), tmp_path / "b.safetensors")
+    a, b = load_file(str(first)), load_file(str(second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta_a, meta_b = read_metadata(first), read_metadata(second)
+    for key in ("layers", "binarized", "param_count", "binarize_config", "data_config"):
+        assert meta_a[key] == meta_b[key], key
+    report_a, report_b = packed_report(first).to_dict(), packed_report(second).to_dict()
+    assert report_a["layers"] == report_b["layers"] and report_a["totals"] | {"file_bytes": 0} == report_b["totals"] | {
+        "file_bytes": 0
+    }

@@ -146,8 +146,6 @@ def trace_graph(model: nn.Module, img_size: int | None = None, seed: int = 0, we
     Raises:
         ValueError: the exporter cannot trace the model (with a hint).
     """
-    import onnx
-
     packed = pack_model(model)
     layers = {n: m for n, m in packed.named_modules() if isinstance(m, PackedBinary)}
     net = packed if weights == "packed" else float_model(packed)
@@ -170,7 +168,7 @@ def trace_graph(model: nn.Module, img_size: int | None = None, seed: int = 0, we
             fields = ("sign", "nonzero", "scale", "mu") if weights == "packed" else ("weight",)
             # Float weights stay under their names, BatchNorm unfused, for onnxruntime's tools.
             _optimize(program, {f"{n}.{f}" for n in layers for f in fields}, rewrite=weights == "packed")
-            onnx_model = onnx.load_from_string(program.model_proto.SerializeToString())
+            onnx_model = program.model_proto
         except Exception as exc:
             cause = _root_cause(exc)
             first = (_ANSI.sub("", str(cause)).strip().splitlines() or [""])[0][:300]

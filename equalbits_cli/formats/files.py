@@ -64,6 +64,7 @@ def tensors_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def base_metadata(model: nn.Module, fmt: str) -> dict[str, str]:
     """The metadata every equalbits file carries (all values are strings)."""
+    from ..nn.packed import PackedBinary
     from ..version import __version__
 
     meta = getattr(model, "equalbits_meta", None)
@@ -84,9 +85,15 @@ def base_metadata(model: nn.Module, fmt: str) -> dict[str, str]:
         **({"classes": json.dumps(meta["classes"])} if meta.get("classes") else {}),
         # How images were prepared in training: eval and export use it unless the user says otherwise.
         "data_config": json.dumps(resolve_data_config(model).to_dict()),
-        # What inspect needs to report a packed file without building the model (numpy only):
-        "layers": json.dumps([n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]),
-        "param_count": str(sum(p.numel() for p in model.parameters())),
+        # What inspect needs to report a packed file without building the model (numpy only); a model in
+        # the packed form holds its binarized weights as bit-plane buffers, counted as the weights they are.
+        "layers": json.dumps(
+            [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, PackedBinary))]
+        ),
+        "param_count": str(
+            sum(p.numel() for p in model.parameters())
+            + sum(m.count for m in model.modules() if isinstance(m, PackedBinary))
+        ),
     }
 
 

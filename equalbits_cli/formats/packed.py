@@ -16,7 +16,7 @@ from torch import nn
 
 from .planes import NONZERO, SCALE, SHAPE, SIGN, SUFFIXES, decode_layer, pack_codes
 
-__all__ = ["save_packed", "load_packed"]
+__all__ = ["field_array", "load_packed", "save_packed"]
 
 
 def save_packed(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -83,7 +83,7 @@ def load_packed(model: nn.Module, state: dict[str, torch.Tensor], path: Path, ve
     packed_keys = set()
     decoded = {}
     for name, module in binary.items():
-        fields = {name + s: _array(state[name + s]) for s in SUFFIXES if name + s in state}
+        fields = {name + s: field_array(state[name + s]) for s in SUFFIXES if name + s in state}
         codes, scale = (torch.from_numpy(a) for a in decode_layer(fields, name, path))
         if tuple(codes.shape) != tuple(module.weight.shape):
             raise ValueError(
@@ -105,6 +105,7 @@ def load_packed(model: nn.Module, state: dict[str, torch.Tensor], path: Path, ve
     return model
 
 
-def _array(t: torch.Tensor) -> np.ndarray:
-    # numpy has no bfloat16: such a field is the wrong dtype anyway, and decode_layer names it as float64
+def field_array(t: torch.Tensor) -> np.ndarray:
+    """A packed field as numpy, for :func:`equalbits_cli.formats.planes.decode_layer`. numpy has no
+    bfloat16: a field of another dtype is wrong anyway, and the decoder names it as float64."""
     return t.numpy() if t.dtype in (torch.uint8, torch.int64, torch.float32) else t.double().numpy()

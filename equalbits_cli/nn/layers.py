@@ -93,6 +93,13 @@ def binarize_input(x: torch.Tensor) -> torch.Tensor:
 UNCALIBRATED_THRESHOLD = -1e-3
 
 
+def thresholds_for(threshold: torch.Tensor, x: torch.Tensor, conv: bool) -> torch.Tensor:
+    """Per-channel activation thresholds shaped to broadcast over a layer's input ``x``: the channel axis
+    is 1 for a convolution, the last one for a linear layer (on 2-D or 3-D input)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2) if conv else (-1,)
+    return threshold.view(shape).to(x.dtype)
+
+
 def uncalibrated_thresholds(channels: int, device=None) -> nn.Parameter:
     """Activation thresholds of a layer that was never calibrated (:data:`UNCALIBRATED_THRESHOLD`)."""
     return nn.Parameter(torch.full((channels,), UNCALIBRATED_THRESHOLD, device=device))
@@ -177,8 +184,7 @@ class BinaryLayer:
 
     def threshold_for(self, x: torch.Tensor) -> torch.Tensor:
         """The activation thresholds shaped to broadcast over the layer's input ``x``."""
-        shape = (1, -1) + (1,) * (x.dim() - 2) if isinstance(self, nn.Conv2d) else (-1,)
-        return self.act_threshold.view(shape).to(x.dtype)
+        return thresholds_for(self.act_threshold, x, isinstance(self, nn.Conv2d))
 
     def binary_extra_repr(self) -> str:
         c = self.config

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..formats.planes import pack_codes
 from ..quant.quantize import code_offsets
-from .layers import BinaryLayer, conv_kwargs
+from .layers import BinaryLayer, conv_kwargs, thresholds_for
 
 __all__ = ["PackedBinary", "float_model", "pack_model"]
 
@@ -80,27 +80,30 @@ class PackedBinary(nn.Module):
         )
         return packed.to(layer.weight.device)
 
-    def _plane(self, plane: torch.Tensor) -> torch.Tensor:
-        """The plane's bits as a flat float tensor of 0/1, one per code."""
-        bits = torch.bitwise_and(plane.unsqueeze(1), self.bit_masks).ne(0)
-        return bits.reshape(-1)[: self.count].to(self.scale.dtype)
+    def _codes(self, dtype: torch.dtype) -> torch.Tensor:
+        """The codes, flat, in ``dtype``: ``1 - 2 * sign`` (times ``nonzero``), each plane's bits read with
+        the eight masks."""
+
+        def bits(plane: torch.Tensor) -> torch.Tensor:
+            return torch.bitwise_and(plane.unsqueeze(1), self.bit_masks).ne(0).reshape(-1)[: self.count].to(dtype)
+
+        codes = 1 - 2 * bits(self.sign)
+        return codes if self.nonzero is None else codes * bits(self.nonzero)
 
     def weight(self) -> torch.Tensor:
         """``scale * levels``, float32, of the layer's weight shape."""
-        codes = 1.0 - 2.0 * self._plane(self.sign)
-        if self.nonzero is not None:
-            codes = codes * self._plane(self.nonzero)
-        levels = codes.reshape(self.shape[0], -1)
+        levels = self._codes(self.scale.dtype).reshape(self.shape[0], -1)
         if self.mu is not None:
             levels = levels - self.mu.unsqueeze(1) * levels.abs()
         return (levels * self.scale.unsqueeze(1)).reshape(self.shape)
 
     def codes(self) -> torch.Tensor:
         """The int8 codes in {-1, 0, +1}."""
-        codes = 1 - 2 * self._plane(self.sign).to(torch.int8)
-        if self.nonzero is not None:
-            codes = codes * self._plane(self.nonzero).to(torch.int8)
-        return codes.reshape(self.shape)
+        return self._codes(torch.int8).reshape(self.shape)
+
+    def threshold_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation thresholds shaped to broadcast over the layer's input ``x`` (1W/1A layers)."""
+        return thresholds_for(self.act_threshold, x, self.conv is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _binarize_input(x, self.act_threshold, self.conv is not None)
@@ -120,8 +123,7 @@ def _binarize_input(x: torch.Tensor, threshold: torch.Tensor | None, conv: bool)
     """``sign(x - t)`` with sign(0) = +1 and ``t`` per channel (1W/1A layers), else ``x``."""
     if threshold is None:
         return x
-    shape = (1, -1) + (1,) * (x.dim() - 2) if conv else (-1,)
-    return torch.where(x - threshold.view(shape) >= 0, 1.0, -1.0).to(x.dtype)
+    return torch.where(x - thresholds_for(threshold, x, conv) >= 0, 1.0, -1.0).to(x.dtype)
 
 
 class _FloatBinary(nn.Module):

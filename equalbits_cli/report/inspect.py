@@ -90,14 +90,13 @@ def _totals(
 def _file_stats(model: nn.Module, tensors: dict[str, Any], binarized: set[str], path: Any) -> ModelStats:
     """Statistics of a file's tensors (packed fields of the binarized layers as numpy arrays, the rest
     as stored), with the layer list and parameter count of the model the file describes."""
-    from ..formats.planes import SUFFIXES, decode_layer
+    from ..formats.planes import decode_layer
 
     decoded = {name: decode_layer(tensors, name, path) for name in binarized}
-    plain = {k: v for k, v in tensors.items() if not (k.endswith(SUFFIXES) and k.rsplit(".", 2)[0] in binarized)}
     meta = getattr(model, "equalbits_meta", None) or {}
     layers = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     params = sum(p.numel() for p in model.parameters())
-    return packed_model_stats(layers, decoded, plain, params, meta.get("config"), meta.get("kept", {}))
+    return packed_model_stats(layers, decoded, tensors, params, meta.get("config"), meta.get("kept", {}))
 
 
 def _onnx_fields(name: str, binarized: set[str], path: Any) -> tuple[str, str] | None:
@@ -182,6 +181,7 @@ def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -
     from ..formats import LATENT_FORMAT, PACKED_FORMAT
     from ..formats.files import build_model, file_info
     from ..formats.latent import load_model
+    from ..formats.packed import field_array
     from ..formats.planes import SUFFIXES
     from ..model.convert import binarize_, create_model
     from ..paths import read_metadata, require_file
@@ -203,9 +203,9 @@ def inspect_file(path: Any, model_name: str | None = None, config: Any = None) -
             state: dict[str, Any] = load_file(str(path))
         except Exception as exc:
             raise ValueError(f"{path}: cannot read tensors ({exc})") from None
-        for k, v in state.items():  # the packed fields as numpy arrays (numpy has no bfloat16)
+        for k, v in state.items():  # the packed fields as numpy arrays
             if k.endswith(SUFFIXES):
-                state[k] = v.numpy() if v.dtype in (torch.uint8, torch.int64, torch.float32) else v.double().numpy()
+                state[k] = field_array(v)
         stats = _file_stats(model, state, set(info.binarized), path)
         return FileReport(str(path), fmt, info.model, asdict(info.config), stats, size)
     if fmt is not None:
@@ -246,9 +246,7 @@ def activation_shares(model: nn.Module, images: torch.Tensor) -> dict[str, float
         if isinstance(module, (BinaryLayer, PackedBinary)) and module.act_threshold is not None:
 
             def hook(mod, args, name=name):
-                x = args[0]
-                t = mod.act_threshold.view((1, -1) + (1,) * (x.dim() - 2) if x.dim() > 2 else (-1,))
-                shares[name] = float((x - t.to(x.dtype) >= 0).float().mean())
+                shares[name] = float((args[0] - mod.threshold_for(args[0]) >= 0).float().mean())
 
             handles.append(module.register_forward_pre_hook(hook))
     was_training = model.training

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import BinarizeConfig
 from ..formats import PACKED_FORMAT
-from ..formats.planes import SUFFIXES, decode_layer
+from ..formats.planes import decode_layer
 from ..model.policy import KEEP_REASONS
 from ..paths import read_metadata, require_file
 from .stats import FileReport, packed_model_stats
@@ -67,11 +67,10 @@ def packed_report(path: str | os.PathLike) -> FileReport | None:
         if any(name + s not in tensors for s in (".weight.sign", ".weight.scale", ".weight.shape")):
             raise ValueError(f"{path}: binarized layer {name!r} has no packed planes")
         decoded[name] = decode_layer(tensors, name, path)
-    plain = {k: v for k, v in tensors.items() if not (k.endswith(SUFFIXES) and k.rsplit(".", 2)[0] in binarized)}
     shapes = {}
     for name in layers:
         if name not in binarized and name + ".weight" not in tensors:
             raise ValueError(f"{path}: layer {name!r} has no weight tensor")
         shapes[name] = None if name in binarized else tensors[name + ".weight"].shape
-    stats = packed_model_stats(shapes, decoded, plain, params, config, kept)
+    stats = packed_model_stats(shapes, decoded, tensors, params, config, kept)
     return FileReport(str(path), PACKED_FORMAT, meta.get("model", ""), asdict(config), stats, os.path.getsize(path))

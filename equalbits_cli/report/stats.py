@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..formats.planes import SUFFIXES
 from ..quant.counts import entropy_of_counts, ot_counts
 
 __all__ = ["FileReport", "LayerStats", "ModelStats", "binary_layer_stats", "packed_layer_bytes", "packed_model_stats"]
@@ -154,7 +155,8 @@ def packed_model_stats(
         layers: Every Conv2d/Linear module name, in module order, with its weight's shape (None for the
             binarized ones: their codes have it).
         binarized: ``(codes, scale)`` of each binarized layer, decoded.
-        tensors: Every other stored tensor by name (arrays, or anything with ``nbytes``).
+        tensors: Every stored tensor by name (arrays, or anything with ``nbytes``); the binarized layers'
+            packed fields (:data:`equalbits_cli.formats.planes.SUFFIXES`) are counted by their codes.
         params: The model's parameter count.
         config: The binarization config (for the exact-count check).
         kept: Why each full-precision layer was kept (stem, classifier, ...).
@@ -172,7 +174,9 @@ def packed_model_stats(
             shape = tuple(int(d) for d in shape or ())
             st = LayerStats(name, _kind(shape), False, shape, math.prod(shape), kept_because=kept.get(name))
         stats.append(st)
-    plain = sum(int(v.nbytes) for v in tensors.values())
+    plain = sum(
+        int(v.nbytes) for k, v in tensors.items() if not (k.endswith(SUFFIXES) and k.rsplit(".", 2)[0] in binarized)
+    )
     return ModelStats(
         stats, params, sum(s.params for s in stats if s.binarized), plain + fp32_binary, plain + binary_bytes
     )
