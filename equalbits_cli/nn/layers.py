@@ -93,6 +93,12 @@ def binarize_input(x: torch.Tensor) -> torch.Tensor:
 UNCALIBRATED_THRESHOLD = -1e-3
 
 
+def _compute_dtype(w: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's convolution runs in: autocast's where it is on, else the weight's."""
+    device = w.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
+
+
 def thresholds_for(threshold: torch.Tensor, x: torch.Tensor, conv: bool) -> torch.Tensor:
     """Per-channel activation thresholds shaped to broadcast over a layer's input ``x``: the channel axis
     is 1 for a convolution, the last one for a linear layer (on 2-D or 3-D input)."""
@@ -161,11 +167,9 @@ class BinaryLayer:
         if torch.compiler.is_compiling():
             return self._compiled_weight()
         if self.training:
-            # Built once per step, in the dtype the convolution runs in (autocast's, else the weight's),
-            # without materializing codes: what a training step needs and nothing more.
-            device = w.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
-            return _training_weight(self, dtype, grad)
+            # Built once per step, in the dtype the convolution runs in, without materializing codes: what a
+            # training step needs and nothing more.
+            return _training_weight(self, _compute_dtype(w), grad)
         q = self.quantized_weight()
         return _StraightThrough.apply(w, q) if grad else q
 
@@ -173,9 +177,8 @@ class BinaryLayer:
         """The weight under ``torch.compile``: the quantizer as one custom op (no graph break); the
         Python-side caches and groups are eager-mode only."""
         cfg = self.config
-        device = self.weight.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
-        return binary_weight_op(self.weight, cfg.ratio, cfg.prune, cfg.method, bool(cfg.center), dtype)
+        w = self.weight
+        return binary_weight_op(w, cfg.ratio, cfg.prune, cfg.method, bool(cfg.center), _compute_dtype(w))
 
     def _maybe_binarize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.activations != "sign":
