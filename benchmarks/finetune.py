@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from equalbits_cli import BinarizeConfig, FinetuneConfig, binarize_model, save_checkpoint
+from equalbits_cli.data.builtin import make_digits_imagefolder
 from equalbits_cli.data.config import DataOverrides, resolve_data_config
 from equalbits_cli.data.folders import (
     EpochSampler,
     build_datasets,
     find_splits,
     iterate,
-    make_digits_imagefolder,
     make_loader,
 )
 from equalbits_cli.model.convert import save_full_precision

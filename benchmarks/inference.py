@@ -48,7 +48,7 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def speed(names: list[str], reps: int, tmp: Path) -> tuple[list[dict], list[dict]]:
-    from equalbits_cli.data.folders import make_digits_imagefolder
+    from equalbits_cli.data.builtin import make_digits_imagefolder
 
     data = make_digits_imagefolder(tmp / "digits224", size=224, val_fraction=0.05)
     timings, sizes = [], []

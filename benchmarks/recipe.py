@@ -64,8 +64,8 @@ def run(
 
     from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, save_checkpoint
     from equalbits_cli.config import FinetuneConfig
+    from equalbits_cli.data.builtin import make_digits_imagefolder
     from equalbits_cli.data.config import DataOverrides, resolve_data_config
-    from equalbits_cli.data.folders import make_digits_imagefolder
     from equalbits_cli.model.convert import save_full_precision
     from equalbits_cli.train.finetune import finetune, train_classifier
 

@@ -44,7 +44,7 @@ def digits_small(tmp_path_factory) -> Path:
     """A small real ImageFolder: 40 train and 12 val images per class of the UCI digits, 32x32 RGB."""
     import shutil
 
-    from equalbits_cli.data.folders import make_digits_imagefolder
+    from equalbits_cli.data.builtin import make_digits_imagefolder
 
     full = make_digits_imagefolder(tmp_path_factory.mktemp("digits_full"))
     small = tmp_path_factory.mktemp("digits_small")

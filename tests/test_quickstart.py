@@ -82,3 +82,29 @@ def test_sweep_small(tmp_path, digits_small, digits_teacher):
     assert rows[1]["entropy_bits"] == 1.0 and rows[0]["entropy_bits"] < 0.5
     assert rows[2]["method"] == "sign" and 0 < rows[2]["ratio"] < 1
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_in_the_papers_setting_repeats_each_setting_per_seed(tmp_path, digits_small, digits_teacher):
+    from equalbits_cli.config import FinetuneConfig
+    from equalbits_cli.recipes.sweep import run_sweep
+    from equalbits_cli.report.stats import summarize_sweep
+
+    cfg = FinetuneConfig(epochs=1, batch_size=32, workers=0, warmup_steps=2, calibrate_batches=1, seed=5)
+    rows = run_sweep(
+        "resnet10t",
+        digits_small,
+        ratios=[0.3],
+        activations="sign",
+        center=False,
+        seeds=[0, 1],
+        checkpoint=str(digits_teacher),
+        finetune_config=cfg,
+    )
+    assert [(r["ratio"], r["center"], r["activations"], r["seed"]) for r in rows] == [
+        (0.3, False, "sign", 0),
+        (0.3, False, "sign", 1),
+    ]
+    (summary,) = summarize_sweep(rows)
+    assert summary["seeds"] == 2 and summary["top1_mean"] == (rows[0]["top1"] + rows[1]["top1"]) / 2
+    with pytest.raises(ValueError, match="at least one seed, each once"):
+        run_sweep("resnet10t", digits_small, ratios=[0.3], seeds=[1, 1], checkpoint=str(digits_teacher))

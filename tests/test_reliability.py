@@ -360,7 +360,7 @@ def test_interrupted_sweep_keeps_its_rows_and_goes_on(tmp_path, digits_small, di
             self.settings = 0
 
         def phase(self, text, total=None):
-            if text.startswith("setting"):
+            if text.startswith("run"):
                 self.settings += 1
                 if self.settings == 2:
                     raise KeyboardInterrupt
@@ -368,7 +368,7 @@ def test_interrupted_sweep_keeps_its_rows_and_goes_on(tmp_path, digits_small, di
     rows_file = tmp_path / "rows.jsonl"
     cfg = FinetuneConfig(epochs=1, batch_size=32, workers=0, warmup_steps=2, calibrate_batches=1)
     kwargs = dict(ratios=[0.5, 0.3], checkpoint=str(digits_teacher), finetune_config=cfg, rows_file=rows_file)
-    with pytest.raises(Interrupted, match="after 1 of 2 settings; they are kept in") as stopped:
+    with pytest.raises(Interrupted, match="after 1 of 2 runs; they are kept in") as stopped:
         run_sweep("resnet10t", digits_small, progress=StopAtSecond(), **kwargs)
     assert stopped.value.signum == signal.SIGINT and len(stopped.value.rows) == 1
     assert len(read_rows(rows_file)) == 1
@@ -381,4 +381,4 @@ def test_interrupted_sweep_keeps_its_rows_and_goes_on(tmp_path, digits_small, di
     rows = run_sweep("resnet10t", digits_small, progress=Notes(), **kwargs)
     assert [r["ratio"] for r in rows] == [0.5, 0.3] and rows[0] == stopped.value.rows[0]
     reused = [n for n in notes if "reusing the finished row" in n]
-    assert len(reused) == 1 and reused[0].startswith("setting 1/2") and len(read_rows(rows_file)) == 2
+    assert len(reused) == 1 and reused[0].startswith("run 1/2") and len(read_rows(rows_file)) == 2

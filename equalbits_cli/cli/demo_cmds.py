@@ -1,4 +1,4 @@
-"""``quickstart`` and ``sweep``: the whole path on the digits data, and the ratio experiment."""
+"""``quickstart``, ``sweep`` and ``data``: the whole path on built-in data, the ratio experiment, the data."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .options import (
     CheckpointOpt,
     CropPctOpt,
     DataOpt,
+    DatasetOpt,
     ImgSizeOpt,
     InterpolationOpt,
     JsonOpt,
@@ -31,6 +32,8 @@ from .options import (
 def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for the data and every artifact.")] = Path("quickstart_out"),
     model: Annotated[str, typer.Option(help="timm architecture to train, binarize and fine-tune.")] = "resnet18",
+    dataset: DatasetOpt = "digits",
+    img_size: Annotated[int, typer.Option(help="Side of the built-in images, in pixels.")] = 32,
     ratio: RatioOpt = 0.5,
     teacher_epochs: Annotated[int, typer.Option(help="Epochs to train the full-precision teacher.")] = 4,
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs of the binarized student.")] = 4,
@@ -38,9 +41,15 @@ def quickstart(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """The whole path offline in a few minutes: digits data, teacher, binarize, fine-tune, export.
+    """The whole path offline in a few minutes: built-in data, teacher, binarize, fine-tune, export.
 
-    Uses the UCI handwritten digits that scikit-learn ships (32x32, 10 classes; nothing is downloaded).
+    --dataset digits: the UCI handwritten digits that scikit-learn ships (10 classes, easy).
+    --dataset chars: 0-9A-Z drawn from matplotlib's fonts with clutter and noise (36 classes, harder:
+    binarization costs accuracy there). Nothing is downloaded.
+
+    [b]Example[/b]
+
+      equalbits quickstart --dataset chars --out qs_chars
     """
     from ..recipes.quickstart import run_quickstart
     from .progress import RichProgress
@@ -50,6 +59,8 @@ def quickstart(
         summary = run_quickstart(
             out,
             model=model,
+            dataset=dataset,
+            img_size=img_size,
             ratio=ratio,
             teacher_epochs=teacher_epochs,
             epochs=epochs,
@@ -76,7 +87,7 @@ def quickstart(
         ("time", f"{summary['seconds']:.0f} s"),
         ("artifacts", str(out)),
     ]
-    stdout().print(kv_table(f"equalbits quickstart: {model} on digits, ratio {ratio}", rows))
+    stdout().print(kv_table(f"equalbits quickstart: {model} on {dataset} ({img_size}px), ratio {ratio}", rows))
 
 
 @app.command()
@@ -89,6 +100,18 @@ def sweep(
     ] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
     prune: Annotated[str, typer.Option(help="Comma-separated prune shares for ot.")] = "0",
     methods: Annotated[str, typer.Option(help="Comma-separated: ot, sign, irnet.")] = "ot,sign,irnet",
+    activations: Annotated[
+        str, typer.Option(help="none (1-bit weights) or sign (1-bit weights and activations, the paper's setting).")
+    ] = "none",
+    center: Annotated[
+        bool | None,
+        typer.Option(
+            "--center/--no-center",
+            help="Centred levels scale*(codes-mu) for every method, or plain scale*codes (the paper's form). "
+            "Default: centred for ot, plain for sign and irnet.",
+            show_default=False,
+        ),
+    ] = None,
     checkpoint: CheckpointOpt = None,
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs per setting.")] = 2,
     lr: Annotated[float, typer.Option(help="Peak learning rate per setting.")] = 5e-3,
@@ -99,7 +122,15 @@ def sweep(
     mean: MeanOpt = None,
     std: StdOpt = None,
     workers: WorkersOpt = 2,
-    seed: Annotated[int, typer.Option(help="Seed (the same for every setting).")] = 0,
+    seeds: Annotated[
+        str,
+        typer.Option(
+            "--seeds",
+            "--seed",
+            help="Comma-separated fine-tune seeds; each setting runs once per seed, and the table and plot "
+            "show the mean and spread.",
+        ),
+    ] = "0",
     plot: Annotated[Path | None, typer.Option(help="Write accuracy and entropy against the ratio to this PNG.")] = None,
     rows: Annotated[
         Path | None,
@@ -130,6 +161,9 @@ def sweep(
     from .progress import RichProgress
 
     ratio_list = parse_floats(ratios, "ratios")
+    seed_list = parse_floats(seeds, "seeds")
+    if any(v != int(v) for v in seed_list):
+        raise typer.BadParameter(f"--seeds must be whole numbers, got {seeds!r}")
     prune_list = parse_floats(prune, "prune")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     over = data_overrides(img_size, crop_pct, interpolation, mean, std)
@@ -139,7 +173,7 @@ def sweep(
         batch_size=batch_size,
         **over.to_dict(),  # the data config's overrides: img_size, crop_pct, interpolation, mean, std
         workers=workers,
-        seed=seed,
+        seed=int(seed_list[0]),
     )
     rows_file = rows if rows is not None else default_output(model, ".sweep.jsonl")
     check_distinct_paths({"--plot": plot, "--rows": rows_file}, {"MODEL": model if Path(model).is_file() else None})
@@ -156,6 +190,9 @@ def sweep(
                 ratios=ratio_list,
                 prunes=prune_list,
                 methods=method_list,
+                activations=activations,
+                center=center,
+                seeds=[int(v) for v in seed_list],
                 checkpoint=checkpoint,
                 finetune_config=config,
                 rows_file=rows_file,
@@ -169,6 +206,7 @@ def sweep(
 
 
 def _show_sweep(model: str, rows: list, plot: Path | None, json_out: bool, partial: bool) -> None:
+    from ..report.stats import summarize_sweep
     from .render import print_json, stdout
 
     if plot is not None:
@@ -177,21 +215,62 @@ def _show_sweep(model: str, rows: list, plot: Path | None, json_out: bool, parti
         done = " (interrupted: finished settings only)" if partial else ""
         plot_sweep(rows, plot, title=f"{model}: accuracy and entropy vs +1 ratio{done}")
     if json_out:
-        print_json({"model": model, "rows": rows, "plot": str(plot) if plot else None, "partial": partial})
+        summary = summarize_sweep(rows)
+        print_json(
+            {"model": model, "rows": rows, "summary": summary, "plot": str(plot) if plot else None, "partial": partial}
+        )
         return
     from rich.table import Table
 
     t = Table(title=f"sweep of {model}" + (" (interrupted)" if partial else ""), title_justify="left")
-    for col in ("method", "prune", "+1 ratio", "entropy", "top-1 before", "top-1 after", "top-5 after"):
+    summary = summarize_sweep(rows)
+    seeds = max(r["seeds"] for r in summary)
+    for col in ("method", "levels", "activations", "prune", "+1 ratio", "entropy", "seeds", "top-1 after"):
         t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(
+    if seeds > 1:
+        t.add_column("spread (sd)", justify="right")
+    for r in summary:
+        cells = [
             r["method"],
+            "centred" if r["center"] else "plain",
+            "1-bit" if r["activations"] == "sign" else "full",
             f"{r['prune']:g}",
             f"{r['ratio']:.3f}",
             f"{r['entropy_bits']:.4f}",
-            f"{r['top1_before']:.2f}%",
-            f"{r['top1']:.2f}%",
-            f"{r['top5']:.2f}%",
-        )
+            str(r["seeds"]),
+            f"{r['top1_mean']:.2f}%",
+        ]
+        t.add_row(*cells, *([f"{r['top1_std']:.2f}"] if seeds > 1 else []))
     stdout().print(t)
+
+
+@app.command("data")
+@user_errors
+def data_cmd(
+    name: Annotated[str, typer.Argument(help="Built-in dataset: digits or chars.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Folder to write the ImageFolder (train/, val/) into.")],
+    img_size: Annotated[int, typer.Option(help="Side of the images, in pixels.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the drawing (chars) or of the split (digits).")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a built-in dataset as an ImageFolder, for finetune, eval and sweep --data (no download).
+
+    A folder already holding the same build is reused; one built with other settings is rebuilt.
+
+    [b]Example[/b]
+
+      equalbits data chars ./chars --img-size 32
+    """
+    from ..data.builtin import make_dataset
+    from .render import print_json, stdout
+
+    root = make_dataset(name, out, size=img_size, seed=seed)
+    counts = {split: sum(1 for _ in (root / split).glob("*/*.png")) for split in ("train", "val")}
+    classes = sum(1 for p in (root / "train").iterdir() if p.is_dir())
+    if json_out:
+        print_json({"dataset": name, "out": str(root), "img_size": img_size, "classes": classes, **counts})
+        return
+    stdout().print(
+        f"{name}: {classes} classes, {counts['train']} train and {counts['val']} val images "
+        f"of {img_size}x{img_size} in {root}"
+    )

@@ -9,20 +9,31 @@ import typer
 
 from .app import app
 from .options import (
+    AlphaOpt,
     AmpOpt,
     AugmentChoice,
+    AugmentOpt,
+    AutoWorkersOpt,
     BatchOpt,
+    CalibrateOpt,
+    ChannelsLastOpt,
     CheckpointOpt,
+    CompileOpt,
     CropPctOpt,
     DataOpt,
     DeviceOpt,
     ImgSizeOpt,
     InterpolationOpt,
     JsonOpt,
+    LogOpt,
     MeanOpt,
     OutOpt,
     OverwriteOpt,
+    ResumeOpt,
+    SaveEveryOpt,
     StdOpt,
+    TeacherOpt,
+    WeightDecayOpt,
     WorkersOpt,
     data_overrides,
     user_errors,
@@ -67,64 +78,23 @@ def finetune(
     interpolation: InterpolationOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    teacher: Annotated[
-        str | None,
-        typer.Option(help="Teacher: timm name (pretrained) or state dict file. Default: the student's source."),
-    ] = None,
+    teacher: TeacherOpt = None,
     temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 1.0,
-    alpha: Annotated[
-        float, typer.Option(help="Share of label cross-entropy in the loss (0 = pure distillation).")
-    ] = 0.0,
-    weight_decay: Annotated[
-        float, typer.Option(help="AdamW decay of full-precision weights (never latent binary).")
-    ] = 1e-4,
+    alpha: AlphaOpt = 0.0,
+    weight_decay: WeightDecayOpt = 1e-4,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps (at most 10% of training).")] = 100,
-    calibrate_batches: Annotated[
-        int, typer.Option(help="Batches to re-estimate BatchNorm statistics first (0: off).")
-    ] = 20,
-    save_every: Annotated[
-        int, typer.Option(help="Save the training state every N steps (and at each epoch end).")
-    ] = 200,
-    resume: Annotated[
-        str | None,
-        typer.Option(
-            "--resume",
-            metavar="[auto]",
-            help="Continue from the saved training state of -o. --resume auto: continue if there is one, else "
-            "start afresh (for torchrun --max-restarts).",
-            show_default=False,
-        ),
-    ] = None,
-    compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the student and teacher (first steps are slower).")
-    ] = False,
-    channels_last: Annotated[
-        bool,
-        typer.Option(
-            "--channels-last",
-            help="Keep convolution weights and images in channels-last memory: on an H100 with --amp, ResNet "
-            "training steps ran 1.6-2.2x faster; no gain for ViTs.",
-        ),
-    ] = False,
-    augment: Annotated[
-        AugmentChoice,
-        typer.Option(
-            help="none; light: random crops of 64-100% of the area, no flips; full: timm's ImageNet training transform."
-        ),
-    ] = AugmentChoice.none,
-    log: Annotated[
-        Path | None, typer.Option(help="Append JSON lines (every 10 steps and each epoch) to this file.")
-    ] = None,
+    calibrate_batches: CalibrateOpt = 20,
+    save_every: SaveEveryOpt = 200,
+    resume: ResumeOpt = None,
+    compile: CompileOpt = False,
+    channels_last: ChannelsLastOpt = False,
+    augment: AugmentOpt = AugmentChoice.none,
+    log: LogOpt = None,
     plot: Annotated[
         Path | None, typer.Option(help="Draw loss, learning rate and validation top-1 per epoch to this PNG.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and initialisation.")] = 0,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            help="Data loader worker processes (default: the CPUs per process less one, at most 8).", show_default=False
-        ),
-    ] = None,
+    workers: AutoWorkersOpt = None,
     device: DeviceOpt = "auto",
     amp: AmpOpt = False,
     output: OutOpt = None,
@@ -155,7 +125,6 @@ def finetune(
     import os
 
     from ..config import FinetuneConfig
-    from ..paths import check_output_path
     from ..train.finetune import finetune as run_finetune
     from .progress import RichProgress
     from .render import kv_table, print_json, stdout
@@ -184,25 +153,8 @@ def finetune(
         raise ValueError(f"--resume takes no value (continue the saved state) or 'auto', got {resume!r}")
     resume_arg: bool | str = {None: False, "yes": True, "auto": "auto"}[resume]
     student = checkpoint if checkpoint is not None else _find_student(Path("."))
-    if not student.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {student}")
-    out = output or student.with_name(student.name.removesuffix(".safetensors") + ".ft.safetensors")
+    out = _checked_paths(student, output, teacher, plot, log, resume_arg, overwrite)
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        from ..paths import check_distinct_paths, check_log_path
-        from ..train.state import state_path_for
-
-        teacher_file = teacher if teacher is not None and Path(teacher).is_file() else None
-        check_distinct_paths(
-            {"-o": out, "--plot": plot, "--log": log, "the training state": state_path_for(out)},
-            {"CKPT": student, "--teacher": teacher_file},
-        )
-        resuming = resume_arg is True or (resume_arg == "auto" and state_path_for(out).exists())
-        check_output_path(out, overwrite or resuming)
-        if plot is not None:
-            check_output_path(plot, overwrite)
-        if log is not None:
-            check_log_path(log)
     with RichProgress(enabled=rank == 0) as progress:
         result = run_finetune(
             student, data, config, output=out, teacher=teacher, resume=resume_arg, log=log, progress=progress
@@ -216,6 +168,37 @@ def finetune(
     if json_out:
         print_json({**result.to_dict(), "output": str(out)})
         return
+    stdout().print(kv_table(f"fine-tuned {student.name} -> {out}", _result_rows(result)))
+
+
+def _checked_paths(student: Path, output, teacher, plot, log, resume, overwrite: bool) -> Path:
+    """The fine-tune's output path, every path it writes checked first (by the first process only)."""
+    import os
+
+    from ..paths import check_distinct_paths, check_log_path, check_output_path
+    from ..train.state import state_path_for
+
+    if not student.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {student}")
+    out = output or student.with_name(student.name.removesuffix(".safetensors") + ".ft.safetensors")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return out
+    teacher_file = teacher if teacher is not None and Path(teacher).is_file() else None
+    check_distinct_paths(
+        {"-o": out, "--plot": plot, "--log": log, "the training state": state_path_for(out)},
+        {"CKPT": student, "--teacher": teacher_file},
+    )
+    resuming = resume is True or (resume == "auto" and state_path_for(out).exists())
+    check_output_path(out, overwrite or resuming)
+    if plot is not None:
+        check_output_path(plot, overwrite)
+    if log is not None:
+        check_log_path(log)
+    return out
+
+
+def _result_rows(result) -> list[tuple[str, str]]:
+    """The fine-tune's summary table."""
     from ..data.config import DataConfig
 
     rows = [("data", DataConfig.from_dict(result.data_config).describe())]
@@ -234,7 +217,7 @@ def finetune(
         ("time", f"{result.seconds:.1f} s"),
     ]
     rows += [("warning", with_flags(w)) for w in result.warnings]
-    stdout().print(kv_table(f"fine-tuned {student.name} -> {out}", rows))
+    return rows
 
 
 @app.command("eval")

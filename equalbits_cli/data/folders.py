@@ -22,7 +22,6 @@ from ..errors import SettingError
 from .config import DataConfig
 
 __all__ = [
-    "make_digits_imagefolder",
     "AUGMENT",
     "DataSplits",
     "find_splits",
@@ -315,42 +314,6 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
-
-
-def make_digits_imagefolder(root: str | os.PathLike, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:
-    """Write the UCI handwritten digits that scikit-learn ships as an ImageFolder (no download).
-
-    1,797 grey 8x8 images of 10 classes, upscaled to ``size`` x ``size`` RGB PNGs; a fixed, stratified
-    split puts ``val_fraction`` of each class into ``val/``. Re-running on an existing complete tree
-    does nothing.
-
-    Returns:
-        ``root``.
-    """
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    root = Path(root)
-    marker = root / ".equalbits-digits"
-    if marker.is_file() and marker.read_text() == f"{size} {val_fraction} {seed}":
-        return root
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    for split in ("train", "val"):
-        for c in range(10):
-            (root / split / str(c)).mkdir(parents=True, exist_ok=True)
-    for c in range(10):
-        idx = np.flatnonzero(digits.target == c)
-        rng.shuffle(idx)
-        n_val = int(round(val_fraction * len(idx)))
-        for j, i in enumerate(idx):
-            split = "val" if j < n_val else "train"
-            pixels = (digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-            img = Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR).convert("RGB")
-            img.save(root / split / str(c) / f"{i:04d}.png")
-    marker.write_text(f"{size} {val_fraction} {seed}")
-    return root
 
 
 def iterate(loader):

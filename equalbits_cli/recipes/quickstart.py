@@ -1,4 +1,4 @@
-"""The whole path, offline, on real data: digits -> teacher -> binarize -> fine-tune -> export.
+"""The whole path, offline, on real data: built-in dataset -> teacher -> binarize -> fine-tune -> export.
 
 It calls the same library functions as the individual commands (no separate code path) and writes
 every artifact into one folder.
@@ -33,6 +33,8 @@ def run_quickstart(
     out: str | os.PathLike,
     *,
     model: str = "resnet18",
+    dataset: str = "digits",
+    img_size: int = 32,
     ratio: float = 0.5,
     teacher_epochs: int = 4,
     epochs: int = 4,
@@ -44,13 +46,17 @@ def run_quickstart(
 ) -> dict[str, Any]:
     """Run the quickstart and return its summary (the fields of ``equalbits quickstart --json``).
 
+    Args:
+        dataset: A built-in dataset (:data:`equalbits_cli.data.builtin.DATASETS`), written to
+            ``out/<dataset>`` at ``img_size`` pixels.
+
     Raises:
         ValueError: an artifact exists and ``overwrite`` is False, or a bad setting.
     """
     import timm
 
+    from ..data.builtin import DATASETS, make_dataset
     from ..data.config import DataOverrides, resolve_data_config
-    from ..data.folders import make_digits_imagefolder
     from ..export.write import export_file
     from ..formats.latent import load_model, save_checkpoint
     from ..model.convert import binarize_model, save_full_precision
@@ -59,19 +65,16 @@ def run_quickstart(
 
     progress = progress or NullProgress()
     started = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / v for k, v in ARTIFACTS.items()}
-    existing = [p.name for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise SettingError(f"{out} already holds {', '.join(existing)}; pass `overwrite` or another `out`")
-    for p in paths.values():
-        p.unlink(missing_ok=True)
-    # Every setting is checked before any work: a bad one must not cost minutes and leave files behind.
+    # Every setting is checked before any work: a bad one must not cost minutes, leave files behind or
+    # delete earlier artifacts.
     config = BinarizeConfig(ratio=ratio)
     ft_config = FinetuneConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, workers=0, warmup_steps=20, augment="none"
     )
+    if dataset not in DATASETS:
+        raise SettingError(f"unknown dataset {dataset!r}; the built-in ones are {', '.join(DATASETS)}")
+    if not isinstance(img_size, int) or not 8 <= img_size <= 512:
+        raise SettingError(f"`img_size` must be an integer from 8 to 512, got {img_size!r}")
     if not isinstance(teacher_epochs, int) or teacher_epochs < 1:
         raise SettingError(
             f"`teacher_epochs` must be at least 1 (an untrained teacher teaches noise), got {teacher_epochs}"
@@ -79,26 +82,35 @@ def run_quickstart(
     from ..model.convert import check_model_name
 
     check_model_name(model)
-    progress.phase("writing the digits ImageFolder (scikit-learn's UCI digits, 32x32)", 1)
-    data = make_digits_imagefolder(out / "digits")
+    out = Path(out)
+    paths = {k: out / v for k, v in ARTIFACTS.items()}
+    existing = [p.name for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise SettingError(f"{out} already holds {', '.join(existing)}; pass `overwrite` or another `out`")
+    out.mkdir(parents=True, exist_ok=True)
+    for p in paths.values():
+        p.unlink(missing_ok=True)
+    progress.phase(f"writing the {dataset} ImageFolder ({DATASETS[dataset]}; {img_size}x{img_size})", 1)
+    data = make_dataset(dataset, out / dataset, size=img_size)
     progress.advance(1)
 
     torch.manual_seed(seed)
-    teacher = timm.create_model(model, pretrained=False, num_classes=10)
-    # The digits fill their 32x32 frame: the whole image, no centre crop. The teacher file records this
-    # (and its accuracy), and every later step reads it from there.
-    digits = DataOverrides(img_size=32, crop_pct=1.0)
+    classes = sum(1 for p in (data / "train").iterdir() if p.is_dir())
+    teacher = timm.create_model(model, pretrained=False, num_classes=classes)
+    # The built-in images fill their frame: the whole image, no centre crop. The teacher file records
+    # this (and its accuracy), and every later step reads it from there.
+    whole = DataOverrides(img_size=img_size, crop_pct=1.0)
     teacher_eval = train_classifier(
-        teacher, data, epochs=teacher_epochs, lr=2e-3, batch_size=batch_size, data=digits, seed=seed, progress=progress
+        teacher, data, epochs=teacher_epochs, lr=2e-3, batch_size=batch_size, data=whole, seed=seed, progress=progress
     )
     save_full_precision(
-        teacher, paths["teacher"], data_config=resolve_data_config(teacher, digits), top1=teacher_eval["top1"]
+        teacher, paths["teacher"], data_config=resolve_data_config(teacher, whole), top1=teacher_eval["top1"]
     )
 
     student = binarize_model(model, config, checkpoint=paths["teacher"])
     save_checkpoint(student, paths["student"])
     try:
-        # No augmentation: random flips and crops change what a digit is.
+        # No augmentation: random flips and crops change what a character is.
         ft = finetune(paths["student"], data, ft_config, output=paths["finetuned"], progress=progress)
     except Interrupted as exc:
         state_path_for(paths["finetuned"]).unlink(missing_ok=True)  # quickstart has no --resume
@@ -117,6 +129,8 @@ def run_quickstart(
     progress.done()
     return {
         "model": model,
+        "dataset": dataset,
+        "img_size": img_size,
         "ratio": ratio,
         "out": str(out),
         "teacher_top1": teacher_eval["top1"],

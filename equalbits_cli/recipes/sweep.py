@@ -12,6 +12,7 @@ import os
 import signal
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,18 @@ def _source(model_or_ckpt: str, checkpoint: str | None) -> tuple[str, str | None
     return model_or_ckpt, checkpoint, checkpoint is None
 
 
-def sweep_settings(name: str, ratios: list[float], prunes: list[float], methods: list[str]) -> list[BinarizeConfig]:
+def sweep_settings(
+    name: str,
+    ratios: list[float],
+    prunes: list[float],
+    methods: list[str],
+    activations: str = "none",
+    center: bool | None = None,
+) -> list[BinarizeConfig]:
     """Every setting of a sweep, each checked against the model's layers before any work.
+
+    ``activations`` and ``center`` apply to every setting (``center=None``: each method's default,
+    centred levels for ``ot``, plain ones for ``sign`` and ``irnet``; ``False`` is the paper's form).
 
     Raises:
         ValueError: an unknown method, a ratio or prune out of range or leaving a layer one sign only,
@@ -75,7 +86,7 @@ def sweep_settings(name: str, ratios: list[float], prunes: list[float], methods:
     from ..model.convert import check_fits
 
     for m in methods:
-        BinarizeConfig(method=m)  # validates the name
+        BinarizeConfig(method=m, activations=activations, center=center)  # validates the names
     if len(set(methods)) != len(methods):
         raise SettingError("`methods` lists a method more than once")
     if "ot" not in methods and any(p != 0 for p in prunes):
@@ -83,9 +94,11 @@ def sweep_settings(name: str, ratios: list[float], prunes: list[float], methods:
     settings: list[BinarizeConfig] = []
     for method in methods:
         if method == "ot":
-            settings += [BinarizeConfig(ratio=r, prune=p) for p in prunes for r in ratios]
+            settings += [
+                BinarizeConfig(ratio=r, prune=p, activations=activations, center=center) for p in prunes for r in ratios
+            ]
         else:
-            settings.append(BinarizeConfig(method=method))
+            settings.append(BinarizeConfig(method=method, activations=activations, center=center))
     if not name.startswith("hf-hub:") and timm.is_model(name):
         with torch.device("meta"):  # shapes only: no memory, no weights
             model = timm.create_model(name, pretrained=False)
@@ -140,22 +153,29 @@ def run_sweep(
     ratios: list[float],
     prunes: list[float] | None = None,
     methods: list[str] | None = None,
+    activations: str = "none",
+    center: bool | None = None,
+    seeds: list[int] | None = None,
     checkpoint: str | None = None,
     finetune_config: FinetuneConfig | None = None,
     rows_file: str | os.PathLike | None = None,
     workdir: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """Binarize, fine-tune and evaluate at every setting; one row per setting.
+    """Binarize, fine-tune and evaluate at every setting and seed; one row per setting and seed.
 
     Args:
+        activations: ``none`` (1-bit weights, full-precision activations) or ``sign`` (1W/1A, the
+            paper's setting), for every setting.
+        center: Centred levels for every setting, or ``None`` for each method's default.
+        seeds: Fine-tune seeds, each setting run once per seed (default: ``finetune_config.seed``).
         rows_file: A JSON-lines file that keeps every finished row; a rerun reuses the rows whose
             setting, source, fine-tune settings and data are the same, so an interrupted sweep goes on
             where it stopped.
 
     Returns:
-        Rows with ``method``, ``ratio`` (target for ot, measured otherwise), ``prune``, ``top1``,
-        ``top5``, ``top1_before``, ``entropy_bits``.
+        Rows with ``method``, ``ratio`` (target for ot, measured otherwise), ``prune``, ``center``,
+        ``activations``, ``seed``, ``top1``, ``top5``, ``top1_before``, ``entropy_bits``.
 
     Raises:
         ValueError: a bad setting (before any work). Interrupted: Ctrl-C or SIGTERM; its ``rows`` holds
@@ -168,8 +188,12 @@ def run_sweep(
 
     progress = progress or NullProgress()
     name, ckpt, pretrained = _source(model_or_ckpt, checkpoint)
-    settings = sweep_settings(name, ratios, prunes or [0.0], methods or ["ot"])
+    settings = sweep_settings(name, ratios, prunes or [0.0], methods or ["ot"], activations, center)
     config = finetune_config or FinetuneConfig(epochs=2)
+    seeds = [config.seed] if seeds is None else seeds
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SettingError("`seeds` must list at least one seed, each once")
+    runs = [(cfg, replace(config, seed=seed)) for cfg in settings for seed in seeds]
     rows_path = Path(rows_file) if rows_file is not None else None
     done = read_rows(rows_path) if rows_path is not None else {}
     rows: list[dict[str, Any]] = []
@@ -178,9 +202,12 @@ def run_sweep(
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            for i, cfg in enumerate(settings):
-                key = _key(cfg, (name, ckpt, pretrained), config, data_dir)
-                what = f"setting {i + 1}/{len(settings)}: {cfg.method} ratio {cfg.ratio:g} prune {cfg.prune:g}"
+            for i, (cfg, run_config) in enumerate(runs):
+                key = _key(cfg, (name, ckpt, pretrained), run_config, data_dir)
+                what = (
+                    f"run {i + 1}/{len(runs)}: {cfg.method} ratio {cfg.ratio:g} prune {cfg.prune:g} "
+                    f"seed {run_config.seed}"
+                )
                 if key in done:
                     progress.note(f"{what}: reusing the finished row in {rows_path}")
                     rows.append(done[key])
@@ -189,9 +216,9 @@ def run_sweep(
                 student = binarize_model(name, cfg, checkpoint=ckpt, pretrained=pretrained)
                 path = save_checkpoint(student, Path(tmp) / f"s{i}.safetensors")
                 out = Path(tmp) / f"s{i}.ft.safetensors"
-                result = finetune(path, data_dir, config, output=out, progress=progress)
+                result = finetune(path, data_dir, run_config, output=out, progress=progress)
                 assert result is not None
-                row = _row(cfg, result, collect_stats(load_model(out)))
+                row = _row(cfg, run_config.seed, result, collect_stats(load_model(out)))
                 rows.append(row)
                 if rows_path is not None:
                     with open(rows_path, "a") as fh:
@@ -199,16 +226,14 @@ def run_sweep(
     except (Interrupted, KeyboardInterrupt, _Terminated) as exc:
         signum = getattr(exc, "signum", signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
         kept = f"; they are kept in {rows_path}, and the same command goes on from there" if rows_path else ""
-        raise Interrupted(
-            f"sweep interrupted after {len(rows)} of {len(settings)} settings{kept}", signum, rows=rows
-        ) from None
+        raise Interrupted(f"sweep interrupted after {len(rows)} of {len(runs)} runs{kept}", signum, rows=rows) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return rows
 
 
-def _row(cfg: BinarizeConfig, result: Any, stats: Any) -> dict[str, Any]:
+def _row(cfg: BinarizeConfig, seed: int, result: Any, stats: Any) -> dict[str, Any]:
     binar = [s for s in stats.layers if s.binarized]
     measured = sum(s.n_plus or 0 for s in binar) / max(1, sum((s.n_plus or 0) + (s.n_minus or 0) for s in binar))
     return {
@@ -216,6 +241,9 @@ def _row(cfg: BinarizeConfig, result: Any, stats: Any) -> dict[str, Any]:
         "ratio": cfg.ratio if cfg.method == "ot" else round(measured, 4),
         "measured_ratio": measured,
         "prune": cfg.prune,
+        "center": cfg.center,
+        "activations": cfg.activations,
+        "seed": seed,
         "top1": result.student_top1,
         "top5": result.student_top5,
         "top1_before": result.student_top1_before,

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .stats import ModelStats
+from .stats import ModelStats, summarize_sweep
 
 __all__ = ["plot_history", "plot_layers", "plot_sweep"]
 
@@ -82,21 +82,34 @@ def plot_history(
 def plot_sweep(
     rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "", *, exclusive: bool = False
 ) -> Path:
-    """Accuracy and entropy against the +1 ratio, one line per (method, prune)."""
+    """Accuracy and entropy against the +1 ratio, one line per (method, prune, levels, activations);
+    with several seeds a point is their mean and its bar one standard deviation either way."""
     plt = _pyplot()
     fig, (ax_acc, ax_h) = plt.subplots(1, 2, figsize=(10, 4))
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["prune"]), []).append(r)
-    for (method, prune), items in sorted(groups.items()):
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in summarize_sweep(rows):
+        groups.setdefault((r["method"], r["prune"], r["center"], r["activations"]), []).append(r)
+    several = len({(m, c, a) for m, _, c, a in groups}) > 1
+    for (method, prune, center, activations), items in sorted(groups.items(), key=str):
         items = sorted(items, key=lambda r: r["ratio"])
-        label = method if prune == 0 else f"{method}, prune {prune:g}"
+        name = "irnet (Libra-PB, STE)" if method == "irnet" else method  # not IR-Net's EDE: docs/method.md
+        label = name if prune == 0 else f"{name}, prune {prune:g}"
+        if several:
+            label += f", {'centred' if center else 'plain'}" + (", 1-bit act." if activations == "sign" else "")
         xs = [r["ratio"] for r in items]
         marker = "o" if len(items) > 1 else "s"
-        ax_acc.plot(xs, [r["top1"] for r in items], marker=marker, label=label)
+        ax_acc.errorbar(
+            xs,
+            [r["top1_mean"] for r in items],
+            yerr=[r["top1_std"] for r in items],
+            marker=marker,
+            capsize=3,
+            label=label,
+        )
         ax_h.plot(xs, [r["entropy_bits"] for r in items], marker=marker, label=label)
     ax_acc.set_xlabel("+1 ratio")
-    ax_acc.set_ylabel("top-1 after fine-tune (%)")
+    seeds = max((r["seeds"] for r in summarize_sweep(rows)), default=1)
+    ax_acc.set_ylabel("top-1 after fine-tune (%)" + (f", mean ± sd of {seeds} seeds" if seeds > 1 else ""))
     ax_h.set_xlabel("+1 ratio")
     ax_h.set_ylabel("weight entropy (bits)")
     for ax in (ax_acc, ax_h):

@@ -18,7 +18,15 @@ import numpy as np
 from ..formats.planes import SUFFIXES
 from ..quant.counts import entropy_of_counts, ot_counts
 
-__all__ = ["FileReport", "LayerStats", "ModelStats", "binary_layer_stats", "packed_layer_bytes", "packed_model_stats"]
+__all__ = [
+    "FileReport",
+    "LayerStats",
+    "ModelStats",
+    "binary_layer_stats",
+    "packed_layer_bytes",
+    "packed_model_stats",
+    "summarize_sweep",
+]
 
 
 @dataclass(frozen=True)
@@ -204,3 +212,38 @@ class FileReport:
             "layers": [s.to_dict() for s in self.stats.layers],
             "totals": totals,
         }
+
+
+def summarize_sweep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per setting over its seeds: ``top1_mean``, ``top1_std`` (sample standard deviation, 0 for
+    one seed), ``seeds`` (how many), with the setting's fields and its mean entropy.
+
+    Example:
+        >>> rows = [dict(method="ot", prune=0.0, ratio=0.5, top1=t, entropy_bits=1.0) for t in (80.0, 82.0)]
+        >>> s = summarize_sweep(rows)[0]
+        >>> s["top1_mean"], round(s["top1_std"], 3), s["seeds"]
+        (81.0, 1.414, 2)
+    """
+    import statistics
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["method"], r["prune"], r.get("center"), r.get("activations", "none"), r["ratio"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (method, prune, center, activations, ratio), items in groups.items():
+        top1 = [r["top1"] for r in items]
+        out.append(
+            {
+                "method": method,
+                "prune": prune,
+                "center": center,
+                "activations": activations,
+                "ratio": ratio,
+                "seeds": len(items),
+                "top1_mean": statistics.fmean(top1),
+                "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                "entropy_bits": statistics.fmean(r["entropy_bits"] for r in items),
+            }
+        )
+    return out
