@@ -9,7 +9,9 @@ import typer
 
 from .app import app
 from .options import (
+    ActivationsOpt,
     BatchOpt,
+    CenterOpt,
     CheckpointOpt,
     CropPctOpt,
     DataOpt,
@@ -20,7 +22,9 @@ from .options import (
     MeanOpt,
     OverwriteOpt,
     RatioOpt,
+    SeedsOpt,
     StdOpt,
+    SweepRowsOpt,
     WorkersOpt,
     data_overrides,
     user_errors,
@@ -100,18 +104,8 @@ def sweep(
     ] = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
     prune: Annotated[str, typer.Option(help="Comma-separated prune shares for ot.")] = "0",
     methods: Annotated[str, typer.Option(help="Comma-separated: ot, sign, irnet.")] = "ot,sign,irnet",
-    activations: Annotated[
-        str, typer.Option(help="none (1-bit weights) or sign (1-bit weights and activations, the paper's setting).")
-    ] = "none",
-    center: Annotated[
-        bool | None,
-        typer.Option(
-            "--center/--no-center",
-            help="Centred levels scale*(codes-mu) for every method, or plain scale*codes (the paper's form). "
-            "Default: centred for ot, plain for sign and irnet.",
-            show_default=False,
-        ),
-    ] = None,
+    activations: ActivationsOpt = "none",
+    center: CenterOpt = None,
     checkpoint: CheckpointOpt = None,
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs per setting.")] = 2,
     lr: Annotated[float, typer.Option(help="Peak learning rate per setting.")] = 5e-3,
@@ -122,24 +116,9 @@ def sweep(
     mean: MeanOpt = None,
     std: StdOpt = None,
     workers: WorkersOpt = 2,
-    seeds: Annotated[
-        str,
-        typer.Option(
-            "--seeds",
-            "--seed",
-            help="Comma-separated fine-tune seeds; each setting runs once per seed, and the table and plot "
-            "show the mean and spread.",
-        ),
-    ] = "0",
+    seeds: SeedsOpt = "0",
     plot: Annotated[Path | None, typer.Option(help="Write accuracy and entropy against the ratio to this PNG.")] = None,
-    rows: Annotated[
-        Path | None,
-        typer.Option(
-            help="JSON-lines file keeping each finished setting's row; a rerun reuses them, so an interrupted "
-            "sweep goes on where it stopped. Default: MODEL.sweep.jsonl here.",
-            show_default=False,
-        ),
-    ] = None,
+    rows: SweepRowsOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start afresh: empty the --rows file and replace the --plot file.")
     ] = False,

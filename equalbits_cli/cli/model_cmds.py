@@ -250,7 +250,7 @@ def export(
     """
     from ..export.write import FORMATS, export_file
     from .progress import RichProgress
-    from .render import human_bytes, print_json, stderr
+    from .render import print_json
 
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -275,6 +275,13 @@ def export(
     if json_out:
         print_json(result)
         return
+    _report_export(result, format)
+
+
+def _report_export(result: dict, format: str) -> None:
+    """The export's summary on stderr: file, checks, kernels, speed, agreement, notes and warnings."""
+    from .render import human_bytes, stderr
+
     err = stderr()
     err.print(
         f"wrote {result['output']} ({human_bytes(result['bytes'])}, {result['compression']:.2f}x smaller than "

@@ -306,3 +306,32 @@ def user_errors(fn: F) -> F:
             )
 
     return wrapper  # type: ignore[return-value]
+
+
+# sweep's options
+CenterOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--center/--no-center",
+        help="Centred levels scale*(codes-mu) for every method, or plain scale*codes (the paper's form). "
+        "Default: centred for ot, plain for sign and irnet.",
+        show_default=False,
+    ),
+]
+SeedsOpt = Annotated[
+    str,
+    typer.Option(
+        "--seeds",
+        "--seed",
+        help="Comma-separated fine-tune seeds; each setting runs once per seed, and the table and plot show the "
+        "mean and spread.",
+    ),
+]
+SweepRowsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="JSON-lines file keeping each finished run's row; a rerun reuses them, so an interrupted sweep goes on "
+        "where it stopped. Default: MODEL.sweep.jsonl here.",
+        show_default=False,
+    ),
+]

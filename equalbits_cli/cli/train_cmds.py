@@ -127,7 +127,6 @@ def finetune(
     from ..config import FinetuneConfig
     from ..train.finetune import finetune as run_finetune
     from .progress import RichProgress
-    from .render import kv_table, print_json, stdout
 
     over = data_overrides(img_size, crop_pct, interpolation, mean, std)
     config = FinetuneConfig(
@@ -159,8 +158,14 @@ def finetune(
         result = run_finetune(
             student, data, config, output=out, teacher=teacher, resume=resume_arg, log=log, progress=progress
         )
-    if result is None:
-        return
+    if result is not None:
+        _show(result, student, out, plot, overwrite, json_out)
+
+
+def _show(result, student: Path, out: Path, plot: Path | None, overwrite: bool, json_out: bool) -> None:
+    """The fine-tune's plot, and its summary as a table or JSON."""
+    from .render import kv_table, print_json, stdout
+
     if plot is not None:
         from ..report.plots import plot_history
 

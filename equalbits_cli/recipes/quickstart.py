@@ -53,15 +53,13 @@ def run_quickstart(
     Raises:
         ValueError: an artifact exists and ``overwrite`` is False, or a bad setting.
     """
-    import timm
 
     from ..data.builtin import DATASETS, make_dataset
-    from ..data.config import DataOverrides, resolve_data_config
     from ..export.write import export_file
     from ..formats.latent import load_model, save_checkpoint
-    from ..model.convert import binarize_model, save_full_precision
+    from ..model.convert import binarize_model
     from ..report.inspect import collect_stats
-    from ..train.finetune import finetune, train_classifier
+    from ..train.finetune import finetune
 
     progress = progress or NullProgress()
     started = time.perf_counter()
@@ -71,17 +69,7 @@ def run_quickstart(
     ft_config = FinetuneConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, workers=0, warmup_steps=20, augment="none"
     )
-    if dataset not in DATASETS:
-        raise SettingError(f"unknown dataset {dataset!r}; the built-in ones are {', '.join(DATASETS)}")
-    if not isinstance(img_size, int) or not 8 <= img_size <= 512:
-        raise SettingError(f"`img_size` must be an integer from 8 to 512, got {img_size!r}")
-    if not isinstance(teacher_epochs, int) or teacher_epochs < 1:
-        raise SettingError(
-            f"`teacher_epochs` must be at least 1 (an untrained teacher teaches noise), got {teacher_epochs}"
-        )
-    from ..model.convert import check_model_name
-
-    check_model_name(model)
+    _check_settings(model, dataset, img_size, teacher_epochs)
     out = Path(out)
     paths = {k: out / v for k, v in ARTIFACTS.items()}
     existing = [p.name for p in paths.values() if p.exists()]
@@ -94,19 +82,7 @@ def run_quickstart(
     data = make_dataset(dataset, out / dataset, size=img_size)
     progress.advance(1)
 
-    torch.manual_seed(seed)
-    classes = sum(1 for p in (data / "train").iterdir() if p.is_dir())
-    teacher = timm.create_model(model, pretrained=False, num_classes=classes)
-    # The built-in images fill their frame: the whole image, no centre crop. The teacher file records
-    # this (and its accuracy), and every later step reads it from there.
-    whole = DataOverrides(img_size=img_size, crop_pct=1.0)
-    teacher_eval = train_classifier(
-        teacher, data, epochs=teacher_epochs, lr=2e-3, batch_size=batch_size, data=whole, seed=seed, progress=progress
-    )
-    save_full_precision(
-        teacher, paths["teacher"], data_config=resolve_data_config(teacher, whole), top1=teacher_eval["top1"]
-    )
-
+    teacher_eval = _train_teacher(model, data, img_size, teacher_epochs, batch_size, seed, paths["teacher"], progress)
     student = binarize_model(model, config, checkpoint=paths["teacher"])
     save_checkpoint(student, paths["student"])
     try:
@@ -147,3 +123,40 @@ def run_quickstart(
         "artifacts": {k: str(p) for k, p in paths.items()},
         "seconds": time.perf_counter() - started,
     }
+
+
+def _check_settings(model: str, dataset: str, img_size: int, teacher_epochs: int) -> None:
+    """Raise a one-line error for a bad setting, before any work or file."""
+    from ..data.builtin import DATASETS
+    from ..model.convert import check_model_name
+
+    if dataset not in DATASETS:
+        raise SettingError(f"unknown dataset {dataset!r}; the built-in ones are {', '.join(DATASETS)}")
+    if not isinstance(img_size, int) or not 8 <= img_size <= 512:
+        raise SettingError(f"`img_size` must be an integer from 8 to 512, got {img_size!r}")
+    if not isinstance(teacher_epochs, int) or teacher_epochs < 1:
+        raise SettingError(
+            f"`teacher_epochs` must be at least 1 (an untrained teacher teaches noise), got {teacher_epochs}"
+        )
+    check_model_name(model)
+
+
+def _train_teacher(model: str, data, img_size: int, epochs: int, batch_size: int, seed: int, path, progress):
+    """Train the full-precision teacher on ``data`` and save it to ``path`` with its data config."""
+    import timm
+
+    from ..data.config import DataOverrides, resolve_data_config
+    from ..model.convert import save_full_precision
+    from ..train.finetune import train_classifier
+
+    torch.manual_seed(seed)
+    classes = sum(1 for p in (data / "train").iterdir() if p.is_dir())
+    teacher = timm.create_model(model, pretrained=False, num_classes=classes)
+    # The built-in images fill their frame: the whole image, no centre crop. The teacher file records
+    # this (and its accuracy), and every later step reads it from there.
+    whole = DataOverrides(img_size=img_size, crop_pct=1.0)
+    teacher_eval = train_classifier(
+        teacher, data, epochs=epochs, lr=2e-3, batch_size=batch_size, data=whole, seed=seed, progress=progress
+    )
+    save_full_precision(teacher, path, data_config=resolve_data_config(teacher, whole), top1=teacher_eval["top1"])
+    return teacher_eval
