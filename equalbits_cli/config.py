@@ -123,6 +123,9 @@ class FinetuneConfig:
     augment: str = "none"
     compile: bool = False
     channels_last: bool = False
+    # Keep the teacher's logits after their first computation (augment "none" only; exact, in memory,
+    # at most train.teacher_cache.DEFAULT_BOUND bytes): later epochs skip the teacher's forward.
+    cache_teacher: bool = True
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: object, low: int = 1) -> None:
@@ -148,6 +151,8 @@ class FinetuneConfig:
             raise ValueError(f"weight_decay must be in [0, 1), got {self.weight_decay}")
         if self.augment not in ("none", "light", "full"):
             raise ValueError(f"augment must be none, light or full, got {self.augment!r}")
+        if not isinstance(self.cache_teacher, bool):
+            raise ValueError(f"cache_teacher must be true or false, got {self.cache_teacher!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -411,3 +411,45 @@ def test_a_non_finite_loss_is_reported_with_its_step(tmp_path, digits_small, dig
     with pytest.raises(ValueError, match="became NaN or infinite at step 3; lower `lr`"):
         train.finetune(digits_student, digits_small, cfg, output=tmp_path / "o.safetensors")
     assert len(calls) == train.LOG_EVERY
+
+
+def test_cached_teacher_outputs_train_the_same_student(tmp_path, digits_small, digits_student, monkeypatch):
+    from equalbits_cli.config import FinetuneConfig
+    from equalbits_cli.train import teacher_cache
+    from equalbits_cli.train.finetune import finetune
+
+    caches = []
+    init = teacher_cache.TeacherCache.__post_init__
+
+    def spy(self):
+        caches.append(self)
+        init(self)
+
+    monkeypatch.setattr(teacher_cache.TeacherCache, "__post_init__", spy)
+    results = {}
+    for cached in (True, False):
+        cfg = FinetuneConfig(
+            epochs=3, batch_size=32, workers=0, calibrate_batches=1, warmup_steps=2, seed=1, cache_teacher=cached
+        )
+        results[cached] = finetune(digits_student, digits_small, cfg, output=tmp_path / f"{cached}.safetensors")
+    # 400 images, 12 batches of 32 an epoch: after epoch 1 a batch is served from the cache once all of its
+    # images were seen (the 16 images dropped from epoch 1 keep a few batches live in epoch 2).
+    (cache,) = caches
+    steps = results[True].steps
+    assert steps == 36 and 12 <= cache.hits < 24 and cache.filled.sum() >= 384
+    # The teacher's output for an image does not depend on the batch it came in: the same student, bit for bit.
+    assert [h["loss"] for h in results[True].history] == [h["loss"] for h in results[False].history]
+    same, live = load_model(tmp_path / "True.safetensors"), load_model(tmp_path / "False.safetensors")
+    assert codes_checksum(same) == codes_checksum(live)
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), live.state_dict().values()))
+
+
+def test_a_teacher_cache_over_its_bound_is_given_up():
+    import numpy as np
+
+    from equalbits_cli.train.teacher_cache import TeacherCache
+
+    cache = TeacherCache(n=1000, bound=1000 * 10 * 4 - 1)
+    cache.store(np.arange(4), torch.zeros(4, 10))
+    assert cache.logits is None and "would take 0.0 GiB" in cache.too_large
+    assert cache.lookup(np.arange(4)) is None

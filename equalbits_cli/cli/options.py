@@ -174,6 +174,14 @@ ChannelsLastOpt = Annotated[
 HistoryPlotOpt = Annotated[
     Path | None, typer.Option(help="Draw loss, learning rate and validation top-1 per epoch to this PNG.")
 ]
+CacheTeacherOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cache-teacher/--no-cache-teacher",
+        help="With --augment none, keep the teacher's outputs after the first epoch (exact, in memory, at most "
+        "1 GiB) so later epochs skip its forward.",
+    ),
+]
 LogOpt = Annotated[Path | None, typer.Option(help="Append JSON lines (every 10 steps and each epoch) to this file.")]
 AutoWorkersOpt = Annotated[
     int | None,

@@ -15,6 +15,7 @@ from .options import (
     AugmentOpt,
     AutoWorkersOpt,
     BatchOpt,
+    CacheTeacherOpt,
     CalibrateOpt,
     ChannelsLastOpt,
     CheckpointOpt,
@@ -89,6 +90,7 @@ def finetune(
     compile: CompileOpt = False,
     channels_last: ChannelsLastOpt = False,
     augment: AugmentOpt = AugmentChoice.none,
+    cache_teacher: CacheTeacherOpt = True,
     log: LogOpt = None,
     plot: Annotated[
         Path | None, typer.Option(help="Draw loss, learning rate and validation top-1 per epoch to this PNG.")
@@ -147,6 +149,7 @@ def finetune(
         augment=augment.value,
         compile=compile,
         channels_last=channels_last,
+        cache_teacher=cache_teacher,
     )
     if resume not in (None, "yes", "auto"):
         raise ValueError(f"--resume takes no value (continue the saved state) or 'auto', got {resume!r}")

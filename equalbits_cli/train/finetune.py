@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +45,7 @@ from .state import (
     save_state,
     state_path_for,
 )
+from .teacher_cache import TeacherCache
 
 __all__ = ["LOG_EVERY", "FinetuneResult", "codes_checksum", "finetune", "teacher_warnings", "train_classifier"]
 
@@ -159,6 +161,7 @@ class _Run:
     evals: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     identity: dict[str, str] = field(default_factory=dict)  # what the training state is for
+    teacher_cache: TeacherCache | None = None
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -372,8 +375,9 @@ def _save(run: _Run) -> None:
     )
 
 
-def _step(run: _Run, images: torch.Tensor, targets: torch.Tensor, bad_step: torch.Tensor):
-    """One optimizer step of the student, with the teacher's forward; nothing in it waits for the device.
+def _step(run: _Run, images: torch.Tensor, targets: torch.Tensor, indices: np.ndarray, bad_step: torch.Tensor):
+    """One optimizer step of the student, with the teacher's forward (or its cached outputs for the
+    images ``indices``); nothing in it waits for the device.
 
     Returns:
         ``(loss, bad_step)``: the loss (on the device) and ``bad_step`` updated to this step if the loss
@@ -384,8 +388,13 @@ def _step(run: _Run, images: torch.Tensor, targets: torch.Tensor, bad_step: torc
     targets = targets.to(run.device, non_blocking=True)
     t_logits = None
     if run.teacher is not None:
-        with torch.no_grad(), autocast_for(run.device, cfg.amp):
-            t_logits = run.teacher(images)
+        cache = run.teacher_cache
+        t_logits = cache.lookup(indices) if cache is not None else None
+        if t_logits is None:
+            with torch.no_grad(), autocast_for(run.device, cfg.amp):
+                t_logits = run.teacher(images)
+            if cache is not None:
+                cache.store(indices, t_logits)
     with autocast_for(run.device, cfg.amp):
         s_logits = run.model(images)
     if t_logits is None:  # --alpha 1: labels alone
@@ -418,8 +427,11 @@ def _train_epoch(run: _Run) -> float:
     bad_step = torch.full((), -1, dtype=torch.int64, device=run.device)
     shown: dict[str, float] = {}
     n = 0
+    # The images of each batch, in the loader's order (the sampler's, from its start on).
+    order = np.fromiter(iter(run.train_sampler), dtype=np.int64)
     for images, targets in iterate(run.train_loader):
-        loss, bad_step = _step(run, images, targets, bad_step)
+        indices = order[n * cfg.batch_size : (n + 1) * cfg.batch_size]
+        loss, bad_step = _step(run, images, targets, indices, bad_step)
         run.step += 1
         run.batch += 1
         run.scheduler.step_update(num_updates=run.step)
@@ -441,6 +453,9 @@ def _train_epoch(run: _Run) -> float:
         run.progress.advance(1, img_s=img_s, **shown)
         if run.step % cfg.save_every == 0:
             _save(run)
+    if run.teacher_cache is not None and run.teacher_cache.too_large is not None:
+        run.progress.note(run.teacher_cache.too_large)
+        run.teacher_cache = None
     return float(total) / max(n, 1)
 
 
@@ -519,6 +534,8 @@ def finetune(
         check_resume_config(state_path, state, config.to_json())
         check_resume_identity(state_path, state, identity)
     run = _setup(student_path, data_dir, config, teacher, progress, output)
+    if run.teacher is not None and config.augment == "none" and config.cache_teacher:
+        run.teacher_cache = TeacherCache(len(run.train_ds))  # an image's teacher outputs never change
     run.identity = identity
     if run.rank == 0:
         progress.note(f"data: {run.data_config.describe()}")
