@@ -5,7 +5,8 @@ batches in the same order, the same epochs and optimizer settings:
 
 - ``equalbits finetune`` (the library call the command makes): binarized student, full-precision
   teacher, everything it does (teacher and student evaluated first, BatchNorm re-estimated, a
-  validation and a saved state per epoch, the final evaluation and the checkpoint);
+  validation and a saved state per epoch, the final evaluation and the checkpoint), with the teacher's
+  outputs cached after the first epoch (the default with ``--augment none``) and without;
 - a plain full-precision distillation loop written with timm and torch (no binary layers): the same
   model as student and teacher, AdamW with timm's warm-up + cosine schedule, a validation and a
   ``torch.save`` per epoch;
@@ -125,24 +126,32 @@ def main() -> None:
         student = binarize_model(args.model, BinarizeConfig(), checkpoint=teacher_path)
         student_path = save_checkpoint(student, tmp / "student.safetensors")
         runs = {}
-        for epochs in (args.epochs, args.epochs + 1):  # one epoch more: what an epoch adds, and the fixed cost
+        # one epoch more: what an epoch adds, and the fixed cost; and the run without the teacher cache
+        for epochs, cache in ((args.epochs, True), (args.epochs + 1, True), (args.epochs, False)):
             config = FinetuneConfig(
-                epochs=epochs, batch_size=args.batch, img_size=32, workers=args.workers, device="cpu"
+                epochs=epochs,
+                batch_size=args.batch,
+                img_size=32,
+                workers=args.workers,
+                device="cpu",
+                cache_teacher=cache,
             )
             start = time.perf_counter()
             result = finetune(
-                student_path, data, config, output=tmp / f"ft{epochs}.safetensors", teacher=str(teacher_path)
+                student_path, data, config, output=tmp / f"ft{epochs}{cache}.safetensors", teacher=str(teacher_path)
             )
-            runs[epochs] = (time.perf_counter() - start, result.steps * args.batch)
-        ours, ours_images = runs[args.epochs]
-        per_epoch = runs[args.epochs + 1][0] - ours
+            runs[epochs, cache] = (time.perf_counter() - start, result.steps * args.batch)
+        ours, ours_images = runs[args.epochs, True]
+        live, live_images = runs[args.epochs, False]
+        per_epoch = runs[args.epochs + 1, True][0] - ours
         plain, plain_images, plain_phases = plain_loop(args.model, teacher_path, data, args, True, tmp)
         labels, label_images, label_phases = plain_loop(args.model, teacher_path, data, args, False, tmp)
     print(f"# {args.model}, 32x32 digits, batch {args.batch}, {args.epochs} epochs, {args.workers} workers")
     print("| run | wall s | train img/s | vs plain distillation |")
     print("|---|---|---|---|")
     for name, seconds, n in (
-        ("equalbits finetune (binary student, teacher)", ours, ours_images),
+        ("equalbits finetune (binary student, teacher outputs cached)", ours, ours_images),
+        ("equalbits finetune --no-cache-teacher", live, live_images),
         ("plain distillation loop (fp32 student, teacher)", plain, plain_images),
         ("plain loop, labels only (fp32, no teacher)", labels, label_images),
     ):

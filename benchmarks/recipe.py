@@ -1,6 +1,6 @@
 """Accuracy of the binarize + fine-tune recipe across model families and ratios, old defaults and new, in one run.
 
-On the UCI digits that scikit-learn ships (32x32 ImageFolder, 1,438 train / 359 val images), it trains a
+On a built-in dataset (`--dataset digits`, the default: the UCI digits that scikit-learn ships, 32x32, 1,438 train / 359 val images; or `chars`), it trains a
 full-precision teacher per family from scratch, then for each (model, ratio) binarizes it and
 fine-tunes it by distillation twice:
 
@@ -15,7 +15,7 @@ fine-tune; the share of all parameters binarized and the packed size. Every numb
 this run; nothing is copied from elsewhere.
 
     python benchmarks/recipe.py [--out recipe.json] [--quick] [--models resnet18,...] [--activations sign]
-        [--recipes before,after]
+        [--recipes before,after] [--dataset digits|chars]
 
 With ``--activations sign`` the students binarize their activations too (1W/1A); the fine-tune starts
 each activation threshold at its channel's median before re-estimating BatchNorm.
@@ -59,12 +59,13 @@ def run(
     which: tuple[str, ...] = ("before", "after"),
     ratios_override: tuple[float, ...] | None = None,
     epochs_override: int | None = None,
+    dataset: str = "digits",
 ) -> list[dict]:
     import timm
 
     from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, save_checkpoint
     from equalbits_cli.config import FinetuneConfig
-    from equalbits_cli.data.builtin import make_digits_imagefolder
+    from equalbits_cli.data.builtin import make_dataset
     from equalbits_cli.data.config import DataOverrides, resolve_data_config
     from equalbits_cli.model.convert import save_full_precision
     from equalbits_cli.train.finetune import finetune, train_classifier
@@ -72,16 +73,17 @@ def run(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = make_digits_imagefolder(tmp / "digits")
+        data = make_dataset(dataset, tmp / dataset, size=32)
+        classes = sum(1 for p in (data / "train").iterdir() if p.is_dir())
         for name, teacher_epochs, epochs, ratios in QUICK if quick else PLAN:
             if models and name not in models:
                 continue
             ratios = ratios_override or ratios
             epochs = epochs_override or epochs
             torch.manual_seed(0)
-            teacher = timm.create_model(name, pretrained=False, num_classes=10)
+            teacher = timm.create_model(name, pretrained=False, num_classes=classes)
             t0 = time.perf_counter()
-            digits = DataOverrides(img_size=32, crop_pct=1.0)  # the digits fill their frame
+            digits = DataOverrides(img_size=32, crop_pct=1.0)  # the built-in images fill their frame
             top1 = train_classifier(teacher, data, epochs=teacher_epochs, lr=2e-3, data=digits, workers=0)["top1"]
             teacher_path = save_full_precision(
                 teacher, tmp / f"{name}.safetensors", data_config=resolve_data_config(teacher, digits), top1=top1
@@ -169,11 +171,21 @@ def main() -> None:
     ap.add_argument("--recipes", default="before,after", help="Which recipes to run.")
     ap.add_argument("--ratios", default="", help="Comma-separated ratios instead of the plan's.")
     ap.add_argument("--epochs", type=int, default=None, help="Fine-tune epochs instead of the plan's.")
+    ap.add_argument("--dataset", default="digits", choices=["digits", "chars"], help="The built-in dataset.")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     models = [m for m in args.models.split(",") if m]
     ratios = tuple(float(r) for r in args.ratios.split(",") if r) or None
-    rows = run(args.out, args.quick, models, args.activations, tuple(args.recipes.split(",")), ratios, args.epochs)
+    rows = run(
+        args.out,
+        args.quick,
+        models,
+        args.activations,
+        tuple(args.recipes.split(",")),
+        ratios,
+        args.epochs,
+        args.dataset,
+    )
     print(f"\n{machine()}\n")
     print(table(rows))
 
