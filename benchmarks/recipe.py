@@ -1,7 +1,8 @@
 """Accuracy of the binarize + fine-tune recipe across model families and ratios, old defaults and new, in one run.
 
-On a built-in dataset (`--dataset digits`, the default: the UCI digits that scikit-learn ships, 32x32, 1,438 train / 359 val images; or `chars`), it trains a
-full-precision teacher per family from scratch, then for each (model, ratio) binarizes it and
+On a built-in dataset (``--dataset digits``, the default: the UCI digits that scikit-learn ships, 32x32,
+1,438 train / 359 val images; or ``chars``), it trains a full-precision teacher per family from scratch,
+then for each (model, ratio) binarizes it and
 fine-tunes it by distillation twice:
 
 - ``before``: the defaults of equalbits 0.1: every Conv2d/Linear but the stem and classifier binarized
