@@ -102,7 +102,7 @@ def main() -> None:
                 f"{s['top1_mean']:.2f}% | {s['top1_std']:.2f} | {teacher_top1 - s['top1_mean']:.2f} |"
             )
     if args.plot:
-        plot_sweep(rows, args.plot, title=f"{args.model} on chars (32x32, 36 classes), {args.epochs} fine-tune epochs")
+        plot_sweep(rows, args.plot, title=f"{args.model} on chars (32x32, 36 classes), fine-tune epochs: {args.epochs}")
     if args.out:
         env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor()}
         args.out.write_text(json.dumps({"env": env, "teacher_top1": teacher_top1, "summary": summary, "rows": rows}))

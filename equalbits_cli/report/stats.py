@@ -216,22 +216,28 @@ class FileReport:
 
 def summarize_sweep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per setting over its seeds: ``top1_mean``, ``top1_std`` (sample standard deviation, 0 for
-    one seed), ``seeds`` (how many), with the setting's fields and its mean entropy.
+    one seed), ``seeds`` (how many), with the setting's fields, its mean entropy and (for ``sign`` and
+    ``irnet``, whose ratio is measured) its mean +1 ratio.
 
     Example:
         >>> rows = [dict(method="ot", prune=0.0, ratio=0.5, top1=t, entropy_bits=1.0) for t in (80.0, 82.0)]
         >>> s = summarize_sweep(rows)[0]
         >>> s["top1_mean"], round(s["top1_std"], 3), s["seeds"]
         (81.0, 1.414, 2)
+        >>> signs = [dict(method="sign", prune=0.0, ratio=r, top1=80.0, entropy_bits=1.0) for r in (0.49, 0.51)]
+        >>> [(s["ratio"], s["seeds"]) for s in summarize_sweep(signs)]
+        [(0.5, 2)]
     """
     import statistics
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["method"], r["prune"], r.get("center"), r.get("activations", "none"), r["ratio"])
+        # ot's ratio is the setting; sign and irnet measure theirs, which differs from seed to seed
+        ratio = r["ratio"] if r["method"] == "ot" else None
+        key = (r["method"], r["prune"], r.get("center"), r.get("activations", "none"), ratio)
         groups.setdefault(key, []).append(r)
     out = []
-    for (method, prune, center, activations, ratio), items in groups.items():
+    for (method, prune, center, activations, _), items in groups.items():
         top1 = [r["top1"] for r in items]
         out.append(
             {
@@ -239,7 +245,7 @@ def summarize_sweep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "prune": prune,
                 "center": center,
                 "activations": activations,
-                "ratio": ratio,
+                "ratio": statistics.fmean(r["ratio"] for r in items),
                 "seeds": len(items),
                 "top1_mean": statistics.fmean(top1),
                 "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,

@@ -534,8 +534,11 @@ def finetune(
         check_resume_config(state_path, state, config.to_json())
         check_resume_identity(state_path, state, identity)
     run = _setup(student_path, data_dir, config, teacher, progress, output)
-    if run.teacher is not None and config.augment == "none" and config.cache_teacher:
-        run.teacher_cache = TeacherCache(len(run.train_ds))  # an image's teacher outputs never change
+    if run.teacher is not None and config.cache_teacher:
+        if config.augment == "none":
+            run.teacher_cache = TeacherCache(len(run.train_ds))  # an image's teacher outputs never change
+        elif run.rank == 0:
+            progress.note(f"`augment` {config.augment}: the teacher runs every step (its outputs change with the crops)")
     run.identity = identity
     if run.rank == 0:
         progress.note(f"data: {run.data_config.describe()}")
