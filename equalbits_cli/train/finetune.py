@@ -538,7 +538,8 @@ def finetune(
         if config.augment == "none":
             run.teacher_cache = TeacherCache(len(run.train_ds))  # an image's teacher outputs never change
         elif run.rank == 0:
-            progress.note(f"`augment` {config.augment}: the teacher runs every step (its outputs change with the crops)")
+            note = f"`augment` {config.augment}: the teacher runs every step (its outputs change with the crops)"
+            progress.note(note)
     run.identity = identity
     if run.rank == 0:
         progress.note(f"data: {run.data_config.describe()}")
