@@ -68,6 +68,7 @@ def run(
     from equalbits_cli.config import FinetuneConfig
     from equalbits_cli.data.builtin import make_dataset
     from equalbits_cli.data.config import DataOverrides, resolve_data_config
+    from equalbits_cli.data.folders import find_splits
     from equalbits_cli.model.convert import save_full_precision
     from equalbits_cli.train.finetune import finetune, train_classifier
 
@@ -75,7 +76,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = make_dataset(dataset, tmp / dataset, size=32)
-        classes = sum(1 for p in (data / "train").iterdir() if p.is_dir())
+        classes = len(find_splits(data).classes)
         for name, teacher_epochs, epochs, ratios in QUICK if quick else PLAN:
             if models and name not in models:
                 continue

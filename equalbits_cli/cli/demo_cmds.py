@@ -241,11 +241,12 @@ def data_cmd(
       equalbits data chars ./chars --img-size 32
     """
     from ..data.builtin import make_dataset
+    from ..data.folders import find_splits
     from .render import print_json, stdout
 
     root = make_dataset(name, out, size=img_size, seed=seed)
     counts = {split: sum(1 for _ in (root / split).glob("*/*.png")) for split in ("train", "val")}
-    classes = sum(1 for p in (root / "train").iterdir() if p.is_dir())
+    classes = len(find_splits(root).classes)
     if json_out:
         print_json({"dataset": name, "out": str(root), "img_size": img_size, "classes": classes, **counts})
         return

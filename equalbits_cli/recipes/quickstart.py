@@ -146,11 +146,12 @@ def _train_teacher(model: str, data, img_size: int, epochs: int, batch_size: int
     import timm
 
     from ..data.config import DataOverrides, resolve_data_config
+    from ..data.folders import find_splits
     from ..model.convert import save_full_precision
     from ..train.finetune import train_classifier
 
     torch.manual_seed(seed)
-    classes = sum(1 for p in (data / "train").iterdir() if p.is_dir())
+    classes = len(find_splits(data).classes)
     teacher = timm.create_model(model, pretrained=False, num_classes=classes)
     # The built-in images fill their frame: the whole image, no centre crop. The teacher file records
     # this (and its accuracy), and every later step reads it from there.

@@ -85,8 +85,9 @@ def sweep_settings(
 
     from ..model.convert import check_fits
 
+    common = {"activations": activations, "center": center}
     for m in methods:
-        BinarizeConfig(method=m, activations=activations, center=center)  # validates the names
+        BinarizeConfig(method=m, **common)  # validates the names
     if len(set(methods)) != len(methods):
         raise SettingError("`methods` lists a method more than once")
     if "ot" not in methods and any(p != 0 for p in prunes):
@@ -94,11 +95,9 @@ def sweep_settings(
     settings: list[BinarizeConfig] = []
     for method in methods:
         if method == "ot":
-            settings += [
-                BinarizeConfig(ratio=r, prune=p, activations=activations, center=center) for p in prunes for r in ratios
-            ]
+            settings += [BinarizeConfig(ratio=r, prune=p, **common) for p in prunes for r in ratios]
         else:
-            settings.append(BinarizeConfig(method=method, activations=activations, center=center))
+            settings.append(BinarizeConfig(method=method, **common))
     if not name.startswith("hf-hub:") and timm.is_model(name):
         with torch.device("meta"):  # shapes only: no memory, no weights
             model = timm.create_model(name, pretrained=False)

@@ -87,7 +87,8 @@ def plot_sweep(
     plt = _pyplot()
     fig, (ax_acc, ax_h) = plt.subplots(1, 2, figsize=(10, 4))
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in summarize_sweep(rows):
+    summary = summarize_sweep(rows)
+    for r in summary:
         groups.setdefault((r["method"], r["prune"], r["center"], r["activations"]), []).append(r)
     several = len({(m, c, a) for m, _, c, a in groups}) > 1
     for (method, prune, center, activations), items in sorted(groups.items(), key=str):
@@ -108,7 +109,7 @@ def plot_sweep(
         )
         ax_h.plot(xs, [r["entropy_bits"] for r in items], marker=marker, label=label)
     ax_acc.set_xlabel("+1 ratio")
-    seeds = max((r["seeds"] for r in summarize_sweep(rows)), default=1)
+    seeds = max((r["seeds"] for r in summary), default=1)
     ax_acc.set_ylabel("top-1 after fine-tune (%)" + (f", mean ± sd of {seeds} seeds" if seeds > 1 else ""))
     ax_h.set_xlabel("+1 ratio")
     ax_h.set_ylabel("weight entropy (bits)")

@@ -375,7 +375,7 @@ def _save(run: _Run) -> None:
     )
 
 
-def _step(run: _Run, images: torch.Tensor, targets: torch.Tensor, indices: np.ndarray, bad_step: torch.Tensor):
+def _step(run: _Run, images: torch.Tensor, targets: torch.Tensor, indices: np.ndarray | None, bad_step: torch.Tensor):
     """One optimizer step of the student, with the teacher's forward (or its cached outputs for the
     images ``indices``); nothing in it waits for the device.
 
@@ -427,10 +427,10 @@ def _train_epoch(run: _Run) -> float:
     bad_step = torch.full((), -1, dtype=torch.int64, device=run.device)
     shown: dict[str, float] = {}
     n = 0
-    # The images of each batch, in the loader's order (the sampler's, from its start on).
-    order = np.fromiter(iter(run.train_sampler), dtype=np.int64)
+    # The images of each batch, in the loader's order (the sampler's, from its start on): the cache's keys.
+    order = np.fromiter(iter(run.train_sampler), dtype=np.int64) if run.teacher_cache is not None else None
     for images, targets in iterate(run.train_loader):
-        indices = order[n * cfg.batch_size : (n + 1) * cfg.batch_size]
+        indices = order[n * cfg.batch_size : (n + 1) * cfg.batch_size] if order is not None else None
         loss, bad_step = _step(run, images, targets, indices, bad_step)
         run.step += 1
         run.batch += 1
