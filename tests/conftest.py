@@ -11,6 +11,12 @@ import torch
 # Tests never reach the network: hub downloads fail at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test` runs one worker a core) every worker, and every process a test starts,
+# computes on one thread: torch's threads spin while they wait, and two workers of two threads each on
+# two cores ran 5-10x slower than one.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 # Without a GPU the Triton kernels run in Triton's interpreter (tests/test_kernels.py). The variable is
 # read when triton.language is first imported, so it is set here, before any test can import triton.
 if not torch.cuda.is_available():

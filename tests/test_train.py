@@ -243,7 +243,10 @@ def test_damaged_training_state_fields(tmp_path, digits_small, digits_student):
 
 
 def test_amp_autocasts_on_cpu(tmp_path, digits_small, digits_student):
-    """--amp runs the student's convolutions in bf16 on the CPU (seen through a global forward hook)."""
+    """--amp runs the student's convolutions in bf16 on the CPU (seen through a global forward hook).
+    Two steps on 4 images a class: bf16 convolutions are slow on CPUs without bf16 instructions."""
+    import shutil
+
     from equalbits_cli.config import FinetuneConfig
     from equalbits_cli.nn.layers import BinaryConv2d
     from equalbits_cli.train.finetune import finetune
@@ -254,11 +257,17 @@ def test_amp_autocasts_on_cpu(tmp_path, digits_small, digits_student):
         if isinstance(module, BinaryConv2d) and module.training:
             dtypes.add(output.dtype)
 
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in sorted((digits_small / split).iterdir()):
+            (data / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:4]:
+                shutil.copy(f, data / split / cls.name / f.name)
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
-        cfg = FinetuneConfig(epochs=1, img_size=32, batch_size=32, workers=0, calibrate_batches=0, amp=True,
+        cfg = FinetuneConfig(epochs=1, img_size=32, batch_size=20, workers=0, calibrate_batches=0, amp=True,
                              device="cpu", augment="none")  # fmt: skip
-        result = finetune(digits_student, digits_small, cfg, output=tmp_path / "amp.safetensors")
+        result = finetune(digits_student, data, cfg, output=tmp_path / "amp.safetensors")
     finally:
         handle.remove()
     assert dtypes == {torch.bfloat16}
