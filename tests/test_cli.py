@@ -61,8 +61,11 @@ def test_export_and_inspect_each_format(tmp_path, binary_ckpt):
 def test_onnx_export_says_how_fast_it_runs_against_float(tmp_path, binary_ckpt, monkeypatch):
     """Every ONNX export is timed against the float ONNX of the same model, in the same run; a file slower
     than float is a warning (issue 26: an int8 MobileNetV3 ran 0.89x float and nothing said so)."""
+    from equalbits_cli import BinarizeConfig, binarize_model, save_checkpoint
+
+    small = save_checkpoint(binarize_model("test_resnet", BinarizeConfig(), num_classes=10), tmp_path / "t.safetensors")
     out = tmp_path / "m.onnx"
-    args = ["export", str(binary_ckpt), "-f", "onnx", "--img-size", "32", "-o", str(out), "--json"]
+    args = ["export", str(small), "-f", "onnx", "--img-size", "32", "-o", str(out), "--json"]
     res = runner.invoke(app, [*args, "--threads", "1", "--bench-batch", "2"])
     assert res.exit_code == 0, res.output
     speed = json.loads(res.stdout)["speed"]
