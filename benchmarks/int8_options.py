@@ -50,6 +50,47 @@ def depthwise_nodes(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def gate_muls(model: onnx.ModelProto, gate: str) -> list[str]:
+    """Mul nodes that multiply a tensor by ``gate`` of itself (x * HardSigmoid(x): a hard-swish, as
+    onnxruntime's pre-processing decomposes it; x * Sigmoid(x): SiLU), and their gate nodes."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    names = []
+    for node in model.graph.node:
+        if node.op_type != "Mul":
+            continue
+        for a, b in (node.input, node.input[::-1]):
+            g = made_by.get(b)
+            if g is not None and g.op_type == gate and g.input[0] == a:
+                names += [node.name, g.name]
+                break
+    return names
+
+
+def se_nodes(model: onnx.ModelProto) -> list[str]:
+    """The squeeze-excite branches: everything from a spatial ReduceMean or GlobalAveragePool to the Mul
+    that scales the feature map by its result."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    names = []
+    for node in model.graph.node:
+        if node.op_type != "Mul":
+            continue
+        for x, gate in (node.input, node.input[::-1]):
+            branch, frontier, ok = [], [gate], False
+            while frontier and len(branch) < 12:
+                n = made_by.get(frontier.pop())
+                if n is None:
+                    break
+                branch.append(n.name)
+                if n.op_type in ("ReduceMean", "GlobalAveragePool") and n.input[0] == x:
+                    ok = True
+                    break
+                frontier += [i for i in n.input[:1]]
+            if ok:
+                names += branch + [node.name]
+                break
+    return names
+
+
 def quantize(pre: Path, out: Path, variant: str, size: int) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -61,6 +102,12 @@ def quantize(pre: Path, out: Path, variant: str, size: int) -> None:
         def get_next(self):
             return next(self.items, None)
 
+    if variant in ("dynamic", "dynamic-tensor"):  # weights int8, activations quantized per call
+        from onnxruntime.quantization import quantize_dynamic
+
+        quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=variant == "dynamic",
+                         op_types_to_quantize=["MatMul", "Gemm"])  # fmt: skip
+        return
     kwargs = {}
     fmt, per_channel = QuantFormat.QDQ, True
     if variant == "qop":
@@ -71,6 +118,14 @@ def quantize(pre: Path, out: Path, variant: str, size: int) -> None:
         kwargs["op_types_to_quantize"] = ["Conv", "Gemm", "MatMul"]
     if variant == "matmul-dw":
         kwargs["nodes_to_exclude"] = depthwise_nodes(onnx.load(str(pre)))
+    if variant == "act-float":  # the gated activations (hard-swish, SiLU) stay float
+        graph = onnx.load(str(pre))
+        kwargs["nodes_to_exclude"] = gate_muls(graph, "HardSigmoid") + gate_muls(graph, "Sigmoid")
+    if variant == "se-float":  # the squeeze-excite branches stay float
+        kwargs["nodes_to_exclude"] = se_nodes(onnx.load(str(pre)))
+    if variant == "no-mul":  # Mul never quantized: activations' and squeeze-excite's products stay float
+        kwargs["op_types_to_quantize"] = ["Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "Sigmoid", "MaxPool"]
+        kwargs["op_types_to_quantize"] += ["GlobalAveragePool", "AveragePool", "Concat", "Softmax", "Reshape"]
     quantize_static(
         str(pre),
         str(out),

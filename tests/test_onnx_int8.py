@@ -120,12 +120,18 @@ def testint8_levels_reads_two_values_per_row():
     ids=["ratio0.5", "ratio0.3-prune0.1-centred"],
 )
 def test_1w1a_int8_is_exact(tmp_path, resnet18_state, digits_small, config):
-    """+-1 inputs and +-1 weights are exact in int8: integer layers match PyTorch up to float rounding."""
+    """+-1 inputs and +-1 weights are exact in int8: integer layers match PyTorch up to float rounding.
+    The centred case keeps layer4 float (``int8_exclude``): its 5 layers' float levels unpacked from bit
+    planes must be exact too."""
     model = binarize_model("resnet18", config, checkpoint=resnet18_state).eval()
-    result = export_onnx_int8(model, tmp_path / "m.onnx", digits_small, img_size=32, check_images=32)
-    ops, _ = int8_ops((tmp_path / "m.onnx").read_bytes())
     centred = config.ratio != 0.5
-    assert ops == {"ConvInteger": 19 * (2 if centred else 1)}  # centred: + the mu * |codes| sum
+    exclude = ("layer4",) if centred else ()
+    result = export_onnx_int8(
+        model, tmp_path / "m.onnx", digits_small, img_size=32, check_images=32, int8_exclude=exclude
+    )
+    ops, floats = int8_ops((tmp_path / "m.onnx").read_bytes())
+    assert ops == {"ConvInteger": (19 - 5) * 2 if centred else 19}  # centred: + the mu * |codes| sum
+    assert sum(floats.values()) == 2 + (5 if centred else 0)  # the full-precision stem and classifier
     assert result.rel_diff <= 1e-5 and result.agreement == 100.0
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -166,6 +172,7 @@ def test_int8_bad_input_one_line_no_file(tmp_path, digits_student, digits_small)
         (["--data", tmp_path / "file.txt"], "is a file"),
         (["--data", tmp_path / "empty"], "no class folders"),
         (["--calibrate-batches", "0", "--data", digits_small], "calibrate-batches"),
+        (["--data", digits_small, "--int8-exclude", "layer9.*"], "'layer9.*' matches no module"),
     ]
     for extra, needle in cases:
         r = invoke_cli("export", digits_student, "-f", "onnx-int8", "-o", out, *extra)
@@ -176,6 +183,36 @@ def test_int8_bad_input_one_line_no_file(tmp_path, digits_student, digits_small)
     assert r.returncode == 2 and "ONNX formats only" in r.stderr and not out.exists()
     r = invoke_cli("export", digits_student, "-f", "onnx", "--data", tmp_path / "missing", "-o", out)
     assert r.returncode == 2 and "not found" in r.stderr and not out.exists()
+    r = invoke_cli("export", digits_student, "-f", "onnx", "--int8-exclude", "layer1", "-o", out)
+    assert r.returncode == 2 and "--int8-exclude applies to --format onnx-int8 only" in r.stderr and not out.exists()
+
+
+def test_int8_exclude_keeps_modules_float_and_their_weights_one_bit(tmp_path, digits_small):
+    """--int8-exclude GLOB: every node traced inside a matching module stays float (the squeeze-excite
+    branches here, whose binarized convolutions keep 1-bit planes with float levels); the rest is int8."""
+    model = binarize_model("test_efficientnet", BinarizeConfig(), num_classes=10)
+    ckpt = save_checkpoint(model, tmp_path / "te.safetensors")
+    se = [n for n in _binary(model) if ".se." in n]
+    assert len(se) == 4
+    outs = {}
+    for name, extra in (("all", []), ("se", ["--int8-exclude", "blocks.*.se"])):
+        outs[name] = tmp_path / f"{name}.onnx"
+        r = invoke_cli(
+            "export", ckpt, "-f", "onnx-int8", "--data", digits_small, "--img-size", "32", "--no-bench", "--json",
+            "-o", outs[name], *extra,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs[name + "_json"] = json.loads(r.stdout)
+    full, kept = outs["all_json"], outs["se_json"]
+    assert sum(full["float_ops"].values()) == 0 and full["float_nodes"] == 0
+    assert sum(kept["float_ops"].values()) == len(se)  # the SE convolutions run float
+    assert sum(kept["int8_ops"].values()) == sum(full["int8_ops"].values()) - len(se)
+    assert kept["float_nodes"] >= 3 * len(se) // 2 and kept["int8_exclude"] == ["blocks.*.se"]
+    inits = {i.name: i for i in onnx.load(str(outs["se"])).graph.initializer}
+    for layer in _binary(model):
+        assert f"eb::{layer}::sign" in inits, layer  # every binarized weight is a bit plane
+        assert not any(n.endswith(f"{layer}.weight") for n in inits), layer
+    assert outs["se"].stat().st_size <= 1.05 * outs["all"].stat().st_size
 
 
 def test_eval_onnx_refuses_foreign_files_and_sizes(tmp_path, int8_file, digits_small):
@@ -203,3 +240,28 @@ def test_int8_transformer_matmuls(tmp_path, digits_small):
     assert result.packed_layers == len(_binary(model)) and result.int8_ops.get("QLinearMatMul", 0) >= len(
         _binary(model)
     )
+
+
+@pytest.mark.parametrize("config", [BinarizeConfig(), BinarizeConfig(ratio=0.3, prune=0.1)], ids=["0.5", "centred"])
+def test_float_levels_unpack_to_the_float_weights(config):
+    """A binarized layer kept float (``int8_exclude``) is stored as bit planes and two float levels a
+    row; the unpack subgraph gives back its float weight within float rounding."""
+    from equalbits_cli.export.int8_graph import pack_float_weights
+    from equalbits_cli.export.onnx import trace_graph
+
+    model = binarize_model("test_resnet", config, num_classes=10).eval()
+    traced = trace_graph(model, 32, weights="float")
+    graph = traced.graph.graph
+    want = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".weight")}
+    names = [n + ".weight" for n in traced.layers]
+    assert len(names) >= 5 and all(n in want for n in names)
+    assert pack_float_weights(traced.graph, traced.layers) == len(names)
+    assert not any(i.name in names for i in graph.initializer)  # the float weights are gone from the file
+    for name in names:
+        graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(traced.graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(names, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+    for name, g in zip(names, got):
+        w = want[name]
+        assert g.shape == w.shape, name
+        assert np.abs(g - w).max() <= 1e-6 * np.abs(w).max(), name

@@ -230,6 +230,16 @@ def export(
         int, typer.Option(help="Threads onnxruntime runs the timing with (0: its own choice, as deployed).")
     ] = 0,
     bench_batch: Annotated[int, typer.Option(help="Images per call in the timing.")] = 1,
+    int8_exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--int8-exclude",
+            metavar="GLOB",
+            help="onnx-int8 only: keep the modules matching GLOB float (module names as in `inspect`, shell "
+            "globs: 'blocks.*.se'; repeat for more). Binarized layers among them stay 1 bit in the file.",
+            show_default=False,
+        ),
+    ] = None,
     output: OutOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -270,6 +280,7 @@ def export(
             bench=bench,
             threads=threads,
             bench_batch=bench_batch,
+            int8_exclude=tuple(int8_exclude or ()),
             progress=progress,
         )
     if json_out:
@@ -293,6 +304,8 @@ def _report_export(result: dict, format: str) -> None:
         if result["float_ops"]:
             left = ", ".join(f"{k} x{v}" for k, v in result["float_ops"].items())
             err.print(f"float matrix ops left: {left}")
+        if result.get("int8_exclude"):
+            err.print(f"kept float by --int8-exclude {' '.join(result['int8_exclude'])}: {result['float_nodes']} nodes")
     if result.get("speed") is not None:
         s = result["speed"]
         where = f"{s['threads']} threads" if s["threads"] else "onnxruntime's threads"

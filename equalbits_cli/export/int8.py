@@ -43,13 +43,15 @@ from torch import nn
 
 from ..errors import SettingError
 from ..progress import Progress
-from .int8_graph import integer_binary_layers, pack_int8_weights
+from .int8_graph import integer_binary_layers, pack_float_weights, pack_int8_weights
 from .onnx import export_data_config
 
 __all__ = [
     "INT8_OPS",
+    "Exclusion",
     "Int8ExportResult",
     "export_onnx_int8",
+    "find_exclusion",
     "image_sets",
     "int8_ops",
     "paired_logits",
@@ -92,6 +94,8 @@ class Int8ExportResult:
     agreement_images: int = 0
     activations: str = "float"
     notes: list[str] = field(default_factory=list)
+    int8_exclude: list[str] = field(default_factory=list)
+    float_nodes: int = 0  # graph nodes the ``int8_exclude`` patterns kept float
 
 
 def image_sets(model: nn.Module, data_dir: str | os.PathLike, img_size: int | None = None):
@@ -171,9 +175,9 @@ def int8_ops(model_bytes: bytes) -> tuple[dict[str, int], dict[str, int]]:
     )
 
 
-def quantize_qdq(pre_path: Path, out_path: Path, reader) -> None:
+def quantize_qdq(pre_path: Path, out_path: Path, reader, exclude: list[str] | None = None) -> None:
     """onnxruntime's static QDQ quantization: per-channel int8 weights, uint8 activations (the fast
-    u8s8 kernels on x86), ranges from the calibration reader."""
+    u8s8 kernels on x86), ranges from the calibration reader; the nodes named in ``exclude`` stay float."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     quantize_static(
@@ -184,7 +188,59 @@ def quantize_qdq(pre_path: Path, out_path: Path, reader) -> None:
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude or [],
     )
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """What ``int8_exclude`` keeps float, found in the traced float graph.
+
+    Attributes:
+        nodes: Names of the float graph's nodes traced inside a matching module.
+        outputs: Their output tensors (onnxruntime's pre-processing renames or replaces some nodes, a
+            fused BatchNorm or a decomposed hard-swish, but keeps the tensors they write).
+        layers: The binarized layers among the matching modules (kept float, still packed in the file).
+    """
+
+    nodes: frozenset[str] = frozenset()
+    outputs: frozenset[str] = frozenset()
+    layers: tuple[str, ...] = ()
+
+    def in_graph(self, graph) -> list[str]:
+        """Names of ``graph``'s nodes (after pre-processing) to keep float."""
+        return [n.name for n in graph.node if n.name in self.nodes or self.outputs.intersection(n.output)]
+
+
+def find_exclusion(traced, patterns) -> Exclusion:
+    """The nodes and binarized layers inside the modules whose names match one of ``patterns`` (shell
+    globs, ``fnmatch``: ``blocks.*.se`` matches ``blocks.0.0.se`` and keeps its whole branch float).
+
+    Raises:
+        SettingError: a pattern that matches no module of the model.
+    """
+    from fnmatch import fnmatchcase
+
+    patterns = list(patterns)
+    if not patterns:
+        return Exclusion()
+    modules = {m for scope in traced.scopes.values() for m in scope} | set(traced.layers)
+    for pattern in patterns:
+        if not any(fnmatchcase(m, pattern) for m in modules):
+            example = sorted(traced.layers)[:1] or sorted(modules)[:1]
+            raise SettingError(
+                f"`int8_exclude` pattern {pattern!r} matches no module of the model; patterns match module names "
+                f"such as {example[0]!r} (shell globs: `blocks.*.se`)"
+            )
+
+    def hit(names) -> bool:
+        return any(fnmatchcase(m, p) for m in names for p in patterns)
+
+    nodes = {n for n, scope in traced.scopes.items() if hit(scope)}
+    outputs = {o for node in traced.graph.graph.node if node.name in nodes for o in node.output}
+    parts = {name: name.split(".") for name in traced.layers}
+    layers = tuple(n for n, p in parts.items() if hit(".".join(p[:i]) for i in range(1, len(p) + 1)))
+    return Exclusion(frozenset(nodes), frozenset(outputs), layers)
 
 
 def export_onnx_int8(
@@ -197,6 +253,7 @@ def export_onnx_int8(
     check_images: int = 256,
     img_size: int | None = None,
     exclusive: bool = False,
+    int8_exclude: tuple[str, ...] | list[str] = (),
     progress: Progress | None = None,
 ) -> Int8ExportResult:
     """Export a binarized model as a static int8 QDQ ONNX model whose binary weights stay packed bits.
@@ -211,13 +268,16 @@ def export_onnx_int8(
         check_images: Up to this many ``val/`` images for the agreement check (0: skip it).
         img_size: Input height and width (default: the model's data config); recorded in the file.
         exclusive: Refuse if ``path`` exists when the file is renamed into place.
+        int8_exclude: Module name globs (``blocks.*.se``) whose nodes stay float (see
+            :func:`find_exclusion`); binarized layers among them keep 1-bit planes with float levels.
         progress: Receives the phases (calibrating, checking).
 
     Returns:
         An :class:`Int8ExportResult`: sizes, the integer ops onnxruntime runs, the differences.
 
     Raises:
-        ValueError: bad arguments or data, or onnxruntime runs no integer kernel for the model.
+        ValueError: bad arguments or data, a pattern that matches no module, or onnxruntime runs no
+            integer kernel for the model.
     """
     import onnx
     import onnxruntime as ort
@@ -236,6 +296,7 @@ def export_onnx_int8(
     meta["data_config"] = json.dumps(export_data_config(model, img_size).to_dict())
     traced = trace_graph(model, img_size, weights="float")
     onnx_model, plain, layers, x = traced.graph, traced.module, traced.layers, traced.x
+    exclusion = find_exclusion(traced, int8_exclude)
     sign_acts = has_binary_activations(model)
     calib = [] if sign_acts else [b for b, _ in _batches(calib_set, calibrate_batches, batch_size)]
     if not sign_acts and not calib:
@@ -244,7 +305,9 @@ def export_onnx_int8(
             "add some, or pass another `data_dir`"
         )
 
-    q_model, packed, exact = _int8_graph(onnx_model, layers, calib if not sign_acts else None, progress)
+    q_model, packed, exact, float_nodes = _int8_graph(
+        onnx_model, layers, calib if not sign_acts else None, progress, exclusion
+    )
     meta["onnx_weights"] = "int8"
     meta["bit_order"] = "little"
     meta["int8_activations"] = "binary" if sign_acts else "uint8"
@@ -266,6 +329,11 @@ def export_onnx_int8(
             "levels where a filter's +1 and -1 counts differ: a ratio other than 0.5, or an odd filter size): "
             "their smaller level is rounded to the int8 grid"
         )
+    if exclusion.layers:
+        notes.append(
+            f"{len(exclusion.layers)} binarized layers kept float by `int8_exclude`: their weights stay 1-bit planes "
+            "in the file, with float levels"
+        )
     path = Path(path)
     with atomic_write(path, exclusive=exclusive) as tmp_file:
         tmp_file.write_bytes(data)
@@ -283,13 +351,16 @@ def export_onnx_int8(
         seen,
         "binary layers int8 (exact), rest float" if sign_acts else "uint8 static",
         notes,
+        list(int8_exclude),
+        float_nodes,
     )
 
 
-def _int8_graph(onnx_model, layers: dict, calib: list | None, progress: Progress | None):
-    """``(int8 model, layers packed, layers exact)`` from the float graph: onnxruntime's pre-processing,
-    then its static quantization calibrated on ``calib`` with the binary weights packed again, or, for
-    1W/1A models (``calib`` None), the binarized layers rewritten as integer ops."""
+def _int8_graph(onnx_model, layers: dict, calib: list | None, progress: Progress | None, exclusion: Exclusion):
+    """``(int8 model, layers packed in int8, layers exact, nodes kept float)`` from the float graph:
+    onnxruntime's pre-processing, then its static quantization calibrated on ``calib`` with the binary
+    weights packed again, or, for 1W/1A models (``calib`` None), the binarized layers rewritten as integer
+    ops. What ``exclusion`` names stays float (its binarized layers packed with float levels)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -306,21 +377,41 @@ def _int8_graph(onnx_model, layers: dict, calib: list | None, progress: Progress
                 progress.advance(1)
             return None if batch is None else {"input": batch}
 
+    kept = {n: m for n, m in layers.items() if n not in exclusion.layers}
+    left = {n: layers[n] for n in exclusion.layers}
     with tempfile.TemporaryDirectory() as tmp:
         float_path, pre_path, q_path = (Path(tmp) / n for n in ("float.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(onnx_model, str(float_path))
         with captured_stdout():
             quant_pre_process(str(float_path), str(pre_path))
+            pre = onnx.load(str(pre_path))
+            _name_nodes(pre.graph)  # the nodes pre-processing made are unnamed: the quantizer excludes by name
+            skip = exclusion.in_graph(pre.graph)
             if calib is None:
-                q_model = onnx.load(str(pre_path))
-                packed = exact = integer_binary_layers(q_model, layers)
-                return q_model, packed, exact
+                packed = exact = integer_binary_layers(pre, kept)
+                pack_float_weights(pre, left)
+                return pre, packed, exact, len(skip)
+            onnx.save(pre, str(pre_path))
             if progress is not None:
                 progress.phase("calibrating", len(calib))
-            quantize_qdq(pre_path, q_path, Reader())
+            quantize_qdq(pre_path, q_path, Reader(), skip)
             q_model = onnx.load(str(q_path))
-            packed, exact = pack_int8_weights(q_model, layers)
-            return q_model, packed, exact
+            packed, exact = pack_int8_weights(q_model, kept)
+            pack_float_weights(q_model, left)
+            return q_model, packed, exact, len(skip)
+
+
+def _name_nodes(graph) -> None:
+    """Give each unnamed node a unique name from its op type and first output."""
+    taken = {n.name for n in graph.node}
+    for node in graph.node:
+        if not node.name:
+            name = base = f"{node.op_type}_{node.output[0]}"
+            i = 1
+            while name in taken:
+                name, i = f"{base}_{i}", i + 1
+            node.name = name
+            taken.add(name)
 
 
 def _compare(session, plain: nn.Module, val_set, check_images: int, x: torch.Tensor, sign_acts: bool, progress):

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..nn.packed import PackedBinary
 
-__all__ = ["int8_levels", "integer_binary_layers", "pack_int8_weights", "weight_name"]
+__all__ = ["int8_levels", "integer_binary_layers", "pack_float_weights", "pack_int8_weights", "weight_name"]
 
 
 def int8_levels(q: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -66,12 +66,19 @@ def _plane_nodes(prefix: str, name: str) -> list:
 
 
 def _int8_unpack(
-    prefix: str, codes: np.ndarray, pos: np.ndarray, neg: np.ndarray, out_name: str, transposed: bool
+    prefix: str,
+    codes: np.ndarray,
+    pos: np.ndarray,
+    neg: np.ndarray,
+    out_name: str,
+    transposed: bool,
+    to_int8: bool = True,
 ) -> tuple[list, list]:
     """Nodes and initializers computing the int8 tensor ``out_name`` (``pos``/``neg`` per output channel
     where the code is +1/-1, 0 where it is 0; transposed to ``[in, out]`` if asked) from the packed bit
     planes of ``codes``: ``q = (pos + sign * (neg - pos)) [* nonzero]``, all small integers, exact in
-    float32, then a Cast to int8. onnxruntime folds it into an int8 constant at session creation."""
+    float32, then a Cast to int8 (without ``to_int8``: the float tensor itself, for float levels).
+    onnxruntime folds it into a constant at session creation."""
     from onnx import TensorProto, helper, numpy_helper
 
     from ..formats.planes import pack_codes
@@ -99,10 +106,10 @@ def _int8_unpack(
             helper.make_node("Mul", [qf, prefix + "nz_rows"], [prefix + "qf_nz"]),
         ]
         qf = prefix + "qf_nz"
-    nodes += [
-        helper.make_node("Cast", [qf], [prefix + "q_flat"], to=TensorProto.INT8),
-        helper.make_node("Reshape", [prefix + "q_flat", prefix + "shape"], [prefix + "q" if transposed else out_name]),
-    ]
+    if to_int8:
+        nodes.append(helper.make_node("Cast", [qf], [prefix + "q_flat"], to=TensorProto.INT8))
+        qf = prefix + "q_flat"
+    nodes.append(helper.make_node("Reshape", [qf, prefix + "shape"], [prefix + "q" if transposed else out_name]))
     if transposed:
         nodes.append(helper.make_node("Transpose", [prefix + "q"], [out_name], perm=[1, 0]))
     return nodes, inits
@@ -154,6 +161,36 @@ def pack_int8_weights(q_model, layers: dict[str, PackedBinary]) -> tuple[int, in
         new_nodes.extend(nodes)
     _prepend(graph, new_nodes)
     return len(layers), exact
+
+
+def pack_float_weights(model, layers: dict[str, PackedBinary]) -> int:
+    """Replace each of ``layers``' float weight initializers (layers left float, ``int8_exclude``) by its
+    bit planes, two float levels per output channel and an unpack subgraph, so that a binarized layer
+    kept float still takes 1 bit a weight in the file. Returns the number of layers packed.
+
+    Raises:
+        ValueError: a weight is missing or does not hold its layer's codes.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes = []
+    for name, layer in layers.items():
+        codes = layer.codes().numpy()
+        rows = codes.shape[0]
+        mu = np.zeros(rows, np.float32) if layer.mu is None else layer.mu.numpy().reshape(rows)
+        transposed = layer.conv is None  # a Linear's float weight is [in, out]: see float_model
+        init = inits[weight_name(inits, name)]
+        w = numpy_helper.to_array(init)
+        factor = _factor(w.T if transposed else w, codes, None if layer.mu is None else mu, name)
+        pos, neg = factor * (1 - mu), factor * (-1 - mu)
+        graph.initializer.remove(init)
+        nodes, new_inits = _int8_unpack(f"eb::{name}::", codes, pos, neg, init.name, transposed, to_int8=False)
+        graph.initializer.extend(new_inits)
+        new_nodes.extend(nodes)
+    _prepend(graph, new_nodes)
+    return len(layers)
 
 
 def _factor(w: np.ndarray, codes: np.ndarray, mu: np.ndarray | None, layer: str) -> np.ndarray:

@@ -68,6 +68,22 @@ class Traced:
     module: nn.Module  # the traced PyTorch model: packed, or float weights
     layers: dict[str, PackedBinary]  # the binarized layers, packed, by module name
     x: torch.Tensor  # the random batch traced with
+    scopes: dict[str, tuple[str, ...]]  # node name -> the modules it was traced in, outermost first
+
+
+def _scopes(onnx_model) -> dict[str, tuple[str, ...]]:
+    """Each node's enclosing modules, from the exporter's ``pkg.torch.onnx.name_scopes`` metadata (a list
+    ``['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d_3']``: the root, the modules, the FX node)."""
+    out = {}
+    for node in onnx_model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == "pkg.torch.onnx.name_scopes":
+                try:
+                    names = json.loads(prop.value.replace("'", '"'))
+                except ValueError:
+                    break
+                out[node.name] = tuple(n for n in names[:-1] if n)
+    return out
 
 
 @contextlib.contextmanager
@@ -183,8 +199,9 @@ def trace_graph(model: nn.Module, img_size: int | None = None, seed: int = 0, we
                 else "torch's exporter cannot trace this model; export `format` packed instead"
             )
             raise ValueError(f"ONNX export failed: {first}; {hint}") from exc
+    scopes = _scopes(onnx_model)
     _strip(onnx_model)
-    return Traced(onnx_model, net, layers, x)
+    return Traced(onnx_model, net, layers, x, scopes)
 
 
 def has_binary_activations(model: nn.Module) -> bool:

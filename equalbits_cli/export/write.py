@@ -50,6 +50,7 @@ def export_file(
     bench: bool = False,
     threads: int = 0,
     bench_batch: int = 1,
+    int8_exclude: tuple[str, ...] | list[str] = (),
     progress: Any = None,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` to ``output`` and verify it; returns a JSON-ready summary.
@@ -59,7 +60,8 @@ def export_file(
     output records the checkpoint's data config with ``data_overrides`` on top (the ONNX input size).
     With ``bench``, an ONNX export is timed against the float ONNX of the same model in onnxruntime
     (:func:`equalbits_cli.export.speed.compare_speed`, ``threads`` and ``bench_batch``); a file slower
-    than float gets a warning saying so (``warnings`` in the summary).
+    than float gets a warning saying so (``warnings`` in the summary). ``int8_exclude`` (``onnx-int8``):
+    module name globs kept float (:func:`equalbits_cli.export.int8.find_exclusion`).
 
     Raises:
         ValueError: bad arguments, a damaged checkpoint, or a failed verification (then nothing is kept).
@@ -70,6 +72,8 @@ def export_file(
     from ..report.inspect import collect_stats
 
     _check_settings(format, data, calibrate_batches, threads, bench_batch)
+    if int8_exclude and format != "onnx-int8":
+        raise SettingError("`int8_exclude` applies to `format` onnx-int8 only")
     calibrate_batches = 8 if calibrate_batches is None else calibrate_batches
     out = check_output_path(output, overwrite)
     check_distinct_paths({"-o": out}, {"CHECKPOINT": checkpoint})
@@ -102,6 +106,7 @@ def export_file(
             data,
             calibrate_batches=calibrate_batches,
             exclusive=not overwrite,
+            int8_exclude=tuple(int8_exclude),
             progress=progress,
         )
         diff = r.max_abs_diff
