@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--accuracy-models", default="resnet18,mobilenetv3_small_100")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    from equalbits_cli.export.speed import int8_dot_product
+
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -136,6 +138,7 @@ def main() -> None:
     info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "int8_dot": int8_dot_product(),  # '' : no VNNI / dot-product instructions, where int8 gains little
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
         "python": platform.python_version(),

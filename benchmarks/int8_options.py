@@ -148,7 +148,11 @@ def main() -> None:
     args = ap.parse_args()
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from equalbits_cli.export.speed import int8_dot_product
+
+    dot = int8_dot_product()
     print(f"# onnxruntime {ort.__version__}, torch {torch.__version__}, {args.threads} threads, batch {args.batch}")
+    print(f"# int8 dot-product instructions: {({'': 'none', None: 'unknown'}).get(dot, dot)}")
     print("| model | variant | float ONNX | int8 | int8 vs float |")
     print("|---|---|---|---|---|")
     for name in args.models.split(","):

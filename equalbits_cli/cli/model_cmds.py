@@ -308,7 +308,7 @@ def _report_export(result: dict, format: str) -> None:
             err.print(f"kept float by --int8-exclude {' '.join(result['int8_exclude'])}: {result['float_nodes']} nodes")
     if result.get("speed") is not None:
         s = result["speed"]
-        where = f"{s['threads']} threads" if s["threads"] else "onnxruntime's threads"
+        where = {0: "onnxruntime's threads", 1: "1 thread"}.get(s["threads"], f"{s['threads']} threads")
         err.print(
             f"speed here: {s['latency_ms']:.2f} ms against {s['float_latency_ms']:.2f} ms for the float ONNX "
             f"({s['speedup']:.2f}x; batch {s['batch']}, {where}, median of {s['calls']})"
