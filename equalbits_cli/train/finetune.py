@@ -162,6 +162,7 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     identity: dict[str, str] = field(default_factory=dict)  # what the training state is for
     teacher_cache: TeacherCache | None = None
+    last_eval: tuple[int, dict[str, float]] | None = None  # (step, evaluate()) of the latest validation
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -594,7 +595,8 @@ def _run_epochs(run: _Run, log: str | os.PathLike | None, state_path: Path) -> N
             row: dict[str, Any] = {"epoch": run.epoch + 1, "step": run.step, "loss": loss, "lr": run.lr()}
             if run.rank == 0:
                 run.progress.phase(f"validating after epoch {run.epoch + 1}", len(run.val_loader))
-                row["val_top1"] = evaluate(run.student, run.val_loader, run.device, config.amp, run.progress)["top1"]
+                ev = evaluate(run.student, run.val_loader, run.device, config.amp, run.progress)
+                row["val_top1"], run.last_eval = ev["top1"], (run.step, ev)
             run.history.append(row)
             run.write_log({"event": "epoch", **row})
             run.epoch += 1
@@ -621,8 +623,11 @@ def _finish(run: _Run, output: Path, started: float, resumed: int | None, checks
     from ..formats.latent import save_checkpoint
 
     config, progress = run.config, run.progress
-    progress.phase("evaluating fine-tuned student", len(run.val_loader))
-    final = evaluate(run.student, run.val_loader, run.device, config.amp, progress)
+    if run.last_eval is not None and run.last_eval[0] == run.step:  # the last epoch's validation: same weights
+        final = run.last_eval[1]
+    else:
+        progress.phase("evaluating fine-tuned student", len(run.val_loader))
+        final = evaluate(run.student, run.val_loader, run.device, config.amp, progress)
     result = FinetuneResult(
         teacher_top1=run.evals.get("teacher_top1"),
         student_top1_before=run.evals["student_top1_before"],
