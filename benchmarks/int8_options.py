@@ -50,45 +50,48 @@ def depthwise_nodes(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def _mul_operands(model: onnx.ModelProto):
+    """``(mul node, one input, the other input's producer or None, producers by output)`` for each Mul, both
+    input orders."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "Mul":
+            for a, b in (node.input, node.input[::-1]):
+                yield node, a, made_by.get(b), made_by
+
+
 def gate_muls(model: onnx.ModelProto, gate: str) -> list[str]:
     """Mul nodes that multiply a tensor by ``gate`` of itself (x * HardSigmoid(x): a hard-swish, as
     onnxruntime's pre-processing decomposes it; x * Sigmoid(x): SiLU), and their gate nodes."""
-    made_by = {o: n for n in model.graph.node for o in n.output}
     names = []
-    for node in model.graph.node:
-        if node.op_type != "Mul":
-            continue
-        for a, b in (node.input, node.input[::-1]):
-            g = made_by.get(b)
-            if g is not None and g.op_type == gate and g.input[0] == a:
-                names += [node.name, g.name]
-                break
+    for node, x, g, _ in _mul_operands(model):
+        if g is not None and g.op_type == gate and g.input[0] == x and node.name not in names:
+            names += [node.name, g.name]
     return names
 
 
 def se_nodes(model: onnx.ModelProto) -> list[str]:
     """The squeeze-excite branches: everything from a spatial ReduceMean or GlobalAveragePool to the Mul
     that scales the feature map by its result."""
-    made_by = {o: n for n in model.graph.node for o in n.output}
     names = []
-    for node in model.graph.node:
-        if node.op_type != "Mul":
-            continue
-        for x, gate in (node.input, node.input[::-1]):
-            branch, frontier, ok = [], [gate], False
-            while frontier and len(branch) < 12:
-                n = made_by.get(frontier.pop())
-                if n is None:
-                    break
-                branch.append(n.name)
-                if n.op_type in ("ReduceMean", "GlobalAveragePool") and n.input[0] == x:
-                    ok = True
-                    break
-                frontier += [i for i in n.input[:1]]
-            if ok:
+    for node, x, n, made_by in _mul_operands(model):
+        branch = []
+        while n is not None and len(branch) < 12 and node.name not in names:
+            branch.append(n.name)
+            if n.op_type in ("ReduceMean", "GlobalAveragePool") and n.input[0] == x:
                 names += branch + [node.name]
                 break
+            n = made_by.get(n.input[0]) if n.input else None
     return names
+
+
+def name_nodes(path: Path) -> None:
+    """Name the nodes onnxruntime's pre-processing left unnamed (a decomposed hard-swish): the quantizer
+    excludes nodes by name."""
+    model = onnx.load(str(path))
+    for i, node in enumerate(model.graph.node):
+        node.name = node.name or f"{node.op_type}_{i}"
+    onnx.save(model, str(path))
 
 
 def quantize(pre: Path, out: Path, variant: str, size: int) -> None:
@@ -162,6 +165,7 @@ def main() -> None:
             tmp = Path(tmp)
             onnx.save(trace_graph(model, 224, weights="float").graph, str(tmp / "float.onnx"))
             quant_pre_process(str(tmp / "float.onnx"), str(tmp / "pre.onnx"))
+            name_nodes(tmp / "pre.onnx")
             x = np.random.default_rng(1).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
             for variant in args.variants.split(","):
                 quantize(tmp / "pre.onnx", tmp / f"{variant}.onnx", variant, 224)
