@@ -78,12 +78,14 @@ def test_onnx_export_says_how_fast_it_runs_against_float(tmp_path, binary_ckpt, 
     import equalbits_cli.export.speed as speed_module
     from equalbits_cli.export.speed import SpeedResult
 
-    monkeypatch.setattr(speed_module, "compare_speed", lambda *a, **k: SpeedResult(2.0, 1.0, 0.5, 1, 0, 5))
+    monkeypatch.setattr(speed_module, "compare_speed", lambda *a, **k: SpeedResult(2.0, 1.0, 0.5, 1, None, 5))
     res = runner.invoke(app, args[:-1] + ["--overwrite"])
     assert res.exit_code == 0, res.output
     assert "warning: this file runs at 0.50x the speed of the float ONNX here" in res.stderr
     for bad, message in (
-        (["--threads", "-1"], "--threads must be between 0"),
+        (["--threads", "-1"], "--threads must be between 1 and 1024"),
+        (["--threads", "0"], "leave it out for onnxruntime's own choice"),
+        (["--bench-batch", "100000"], "--bench-batch must be between 1 and 1024"),
         (["--bench-batch", "0"], "--bench-batch"),
     ):
         res = runner.invoke(app, [*args, "--overwrite", *bad])

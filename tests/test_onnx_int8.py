@@ -194,7 +194,7 @@ def test_int8_exclude_keeps_modules_float_and_their_weights_one_bit(tmp_path, di
     import equalbits_cli.export.speed as speed_module
     from equalbits_cli.export.speed import SpeedResult
 
-    monkeypatch.setattr(speed_module, "compare_speed", lambda *a, **k: SpeedResult(1.0, 1.1, 1.1, 1, 0, 5, ""))
+    monkeypatch.setattr(speed_module, "compare_speed", lambda *a, **k: SpeedResult(1.0, 1.1, 1.1, 1, None, 5, ""))
     model = binarize_model("test_efficientnet", BinarizeConfig(), num_classes=10)
     ckpt = save_checkpoint(model, tmp_path / "te.safetensors")
     se = [n for n in _binary(model) if ".se." in n]

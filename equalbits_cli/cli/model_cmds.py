@@ -227,8 +227,12 @@ def export(
         ),
     ] = True,
     threads: Annotated[
-        int, typer.Option(help="Threads onnxruntime runs the timing with (0: its own choice, as deployed).")
-    ] = 0,
+        int | None,
+        typer.Option(
+            help="Threads onnxruntime times the file with, 1 to 1024 [default: onnxruntime's own choice].",
+            show_default=False,
+        ),
+    ] = None,
     bench_batch: Annotated[int, typer.Option(help="Images per call in the timing.")] = 1,
     int8_exclude: Annotated[
         list[str] | None,
@@ -308,7 +312,7 @@ def _report_export(result: dict, format: str) -> None:
             err.print(f"kept float by --int8-exclude {' '.join(result['int8_exclude'])}: {result['float_nodes']} nodes")
     if result.get("speed") is not None:
         s = result["speed"]
-        where = {0: "onnxruntime's threads", 1: "1 thread"}.get(s["threads"], f"{s['threads']} threads")
+        where = {None: "onnxruntime's threads", 1: "1 thread"}.get(s["threads"], f"{s['threads']} threads")
         err.print(
             f"speed here: {s['latency_ms']:.2f} ms against {s['float_latency_ms']:.2f} ms for the float ONNX "
             f"({s['speedup']:.2f}x; batch {s['batch']}, {where}, median of {s['calls']})"

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import SettingError
 
-__all__ = ["SpeedResult", "compare_speed", "int8_dot_product"]
+__all__ = ["SpeedResult", "check_threads", "compare_speed", "int8_dot_product"]
 
 # /proc/cpuinfo flags of the int8 dot-product instructions onnxruntime's int8 kernels are fastest with.
 _DOT_FLAGS = {
@@ -65,7 +65,7 @@ class SpeedResult:
         float_latency_ms: Median latency of the float ONNX of the same model.
         speedup: ``float_latency_ms / latency_ms`` (above 1: the export is faster).
         batch: Images per call.
-        threads: onnxruntime's intra-op threads (0: onnxruntime's own choice).
+        threads: onnxruntime's intra-op threads (None: onnxruntime's own choice).
         calls: Timed calls of each file.
         int8_dot: The CPU's int8 dot-product instructions (:func:`int8_dot_product`).
     """
@@ -74,7 +74,7 @@ class SpeedResult:
     float_latency_ms: float
     speedup: float
     batch: int
-    threads: int
+    threads: int | None
     calls: int
     int8_dot: str | None = None
 
@@ -82,11 +82,24 @@ class SpeedResult:
         return asdict(self)
 
 
-def _session(path: str | os.PathLike, threads: int):
+def check_threads(threads: int | None) -> None:
+    """Refuse a thread count onnxruntime cannot take (None: its own choice).
+
+    Raises:
+        SettingError: not an integer from 1 to 1024.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024):
+        raise SettingError(
+            f"`threads` must be between 1 and 1024, got {threads}; leave it out for onnxruntime's own choice"
+        )
+
+
+def _session(path: str | os.PathLike, threads: int | None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    if threads is not None:
+        opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -94,7 +107,7 @@ def compare_speed(
     model: nn.Module,
     exported: str | os.PathLike,
     *,
-    threads: int = 0,
+    threads: int | None = None,
     batch: int = 1,
     seconds: float = 1.0,
     min_calls: int = 5,
@@ -105,7 +118,7 @@ def compare_speed(
     Args:
         model: The binarized model ``exported`` was made from.
         exported: An ONNX file ``export`` wrote.
-        threads: onnxruntime's intra-op threads; 0 lets onnxruntime choose, as a deployment would.
+        threads: onnxruntime's intra-op threads; None lets onnxruntime choose, as a deployment would.
         batch: Images per call.
         seconds: About how long to time, both files together, after one warm-up call each.
         min_calls: At least this many timed calls of each.
@@ -117,8 +130,7 @@ def compare_speed(
     from ..data.config import resolve_data_config
     from .onnx import export_onnx
 
-    if not isinstance(threads, int) or not 0 <= threads <= 1024:
-        raise SettingError(f"`threads` must be between 0 (onnxruntime's choice) and 1024, got {threads}")
+    check_threads(threads)
     if not isinstance(batch, int) or not 1 <= batch <= 1024:
         raise SettingError(f"`bench_batch` must be between 1 and 1024, got {batch}")
     size = resolve_data_config(model).input_size

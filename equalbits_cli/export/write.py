@@ -48,7 +48,7 @@ def export_file(
     data: str | os.PathLike | None = None,
     calibrate_batches: int | None = None,
     bench: bool = False,
-    threads: int = 0,
+    threads: int | None = None,
     bench_batch: int = 1,
     int8_exclude: tuple[str, ...] | list[str] = (),
     progress: Any = None,
@@ -127,7 +127,9 @@ def export_file(
     }
 
 
-def _check_settings(format: str, data: Any, calibrate_batches: int | None, threads: int, bench_batch: int) -> None:
+def _check_settings(
+    format: str, data: Any, calibrate_batches: int | None, threads: int | None, bench_batch: int
+) -> None:
     """Refuse settings that do not fit ``format`` or each other, before any work."""
     if format not in FORMATS:
         raise SettingError(f"`format` must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -137,10 +139,11 @@ def _check_settings(format: str, data: Any, calibrate_batches: int | None, threa
         raise SettingError("`data` is used by the ONNX formats only (a packed file reproduces PyTorch exactly)")
     if format != "onnx-int8" and calibrate_batches is not None:
         raise SettingError("`calibrate_batches` applies to `format` onnx-int8 only")
-    if format == "packed" and (threads != 0 or bench_batch != 1):
+    if format == "packed" and (threads is not None or bench_batch != 1):
         raise SettingError("`threads` and `bench_batch` apply to the ONNX formats (a packed file is not timed)")
-    if not isinstance(threads, int) or not 0 <= threads <= 1024:
-        raise SettingError(f"`threads` must be between 0 (onnxruntime's choice) and 1024, got {threads}")
+    from .speed import check_threads
+
+    check_threads(threads)
     if not isinstance(bench_batch, int) or not 1 <= bench_batch <= 1024:
         raise SettingError(f"`bench_batch` must be between 1 and 1024, got {bench_batch}")
 
@@ -162,7 +165,7 @@ def _export_onnx(model, out: Path, onnx_weights: str, data: Any, overwrite: bool
     return result.max_abs_diff, extra
 
 
-def _bench(model, out: Path, threads: int, bench_batch: int, progress: Any, format: str) -> dict[str, Any]:
+def _bench(model, out: Path, threads: int | None, bench_batch: int, progress: Any, format: str) -> dict[str, Any]:
     """The exported file timed against the float ONNX (``speed``), and a warning when it is slower; an
     int8 file that gains little on a CPU without int8 dot-product instructions says why."""
     from .speed import compare_speed
