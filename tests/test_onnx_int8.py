@@ -16,7 +16,7 @@ from helpers import invoke_cli, run_cli
 from onnx import numpy_helper
 
 from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
-from equalbits_cli.export.int8 import export_onnx_int8, int8_ops, quantize_qdq
+from equalbits_cli.export.int8 import INT8_OPS, export_onnx_int8, int8_ops, quantize_qdq
 from equalbits_cli.export.int8_graph import int8_levels, pack_int8_weights
 from equalbits_cli.formats.planes import unpack_codes
 from equalbits_cli.nn.layers import BinaryLayer
@@ -132,6 +132,9 @@ def test_1w1a_int8_is_exact(tmp_path, resnet18_state, digits_small, config):
     ops, floats = int8_ops((tmp_path / "m.onnx").read_bytes())
     assert ops == {"ConvInteger": (19 - 5) * 2 if centred else 19}  # centred: + the mu * |codes| sum
     assert sum(floats.values()) == 2 + (5 if centred else 0)  # the full-precision stem and classifier
+    kernels = {m: "float" if k in ("Conv", "FusedConv") else k for m, k in result.layer_kernels.items()}
+    want = {m: "float" if m.startswith("layer4") and centred else "ConvInteger" for m in _binary(model)}
+    assert {m: kernels.get(m) for m in want} == want
     assert result.rel_diff <= 1e-5 and result.agreement == 100.0
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -214,6 +217,9 @@ def test_int8_exclude_keeps_modules_float_and_their_weights_one_bit(tmp_path, di
     assert sum(kept["float_ops"].values()) == len(se)  # the SE convolutions run float
     assert sum(kept["int8_ops"].values()) == sum(full["int8_ops"].values()) - len(se)
     assert kept["float_nodes"] >= 3 * len(se) // 2 and kept["int8_exclude"] == ["blocks.*.se"]
+    # which kernel each layer runs, read back from onnxruntime's optimized graph
+    assert set(_binary(model)) <= set(full["layer_kernels"]) and set(full["layer_kernels"].values()) <= INT8_OPS
+    assert {m for m, k in kept["layer_kernels"].items() if k not in INT8_OPS} == set(se)
     inits = {i.name: i for i in onnx.load(str(outs["se"])).graph.initializer}
     for layer in _binary(model):
         assert f"eb::{layer}::sign" in inits, layer  # every binarized weight is a bit plane

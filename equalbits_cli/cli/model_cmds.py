@@ -295,6 +295,7 @@ def export(
 
 def _report_export(result: dict, format: str) -> None:
     """The export's summary on stderr: file, checks, kernels, speed, agreement, notes and warnings."""
+    from ..export.int8 import INT8_OPS
     from .render import human_bytes, stderr
 
     err = stderr()
@@ -308,6 +309,10 @@ def _report_export(result: dict, format: str) -> None:
         if result["float_ops"]:
             left = ", ".join(f"{k} x{v}" for k, v in result["float_ops"].items())
             err.print(f"float matrix ops left: {left}")
+            floats = [f"{m} ({k})" for m, k in result.get("layer_kernels", {}).items() if k not in INT8_OPS]
+            if floats:
+                more = f" and {len(floats) - 6} more (--json: layer_kernels)" if len(floats) > 6 else ""
+                err.print(f"layers run in float: {', '.join(floats[:6])}{more}")
         if result.get("int8_exclude"):
             err.print(f"kept float by --int8-exclude {' '.join(result['int8_exclude'])}: {result['float_nodes']} nodes")
     if result.get("speed") is not None:

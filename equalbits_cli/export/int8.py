@@ -54,6 +54,9 @@ __all__ = [
     "find_exclusion",
     "image_sets",
     "int8_ops",
+    "layer_kernels",
+    "op_counts",
+    "optimized_graph",
     "paired_logits",
     "quantize_qdq",
     "top1_agreement",
@@ -96,6 +99,7 @@ class Int8ExportResult:
     notes: list[str] = field(default_factory=list)
     int8_exclude: list[str] = field(default_factory=list)
     float_nodes: int = 0  # graph nodes the ``int8_exclude`` patterns kept float
+    layer_kernels: dict[str, str] = field(default_factory=dict)  # module -> kernel onnxruntime runs
 
 
 def image_sets(model: nn.Module, data_dir: str | os.PathLike, img_size: int | None = None):
@@ -159,6 +163,12 @@ def top1_agreement(session, model: nn.Module, dataset, images: int = 256) -> tup
 
 def int8_ops(model_bytes: bytes) -> tuple[dict[str, int], dict[str, int]]:
     """``(integer ops, float matrix ops)`` by type in onnxruntime's optimized CPU graph of the model."""
+    return op_counts(optimized_graph(model_bytes))
+
+
+def optimized_graph(model_bytes: bytes):
+    """The graph onnxruntime runs on this CPU (an ``onnx.ModelProto``): QDQ pairs fused into integer
+    kernels, constants folded."""
     import onnx
     import onnxruntime as ort
 
@@ -168,11 +178,32 @@ def int8_ops(model_bytes: bytes) -> tuple[dict[str, int], dict[str, int]]:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-        ops = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+        return onnx.load(opts.optimized_model_filepath)
+
+
+def op_counts(optimized) -> tuple[dict[str, int], dict[str, int]]:
+    """``(integer ops, float matrix ops)`` by type in an :func:`optimized_graph`."""
+    ops = Counter(n.op_type for n in optimized.graph.node)
     return (
         {k: v for k, v in sorted(ops.items()) if k in INT8_OPS},
         {k: v for k, v in sorted(ops.items()) if k in FLOAT_OPS},
     )
+
+
+def layer_kernels(optimized, scopes: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Module name -> the matrix kernel onnxruntime runs for it (``QLinearConv``, ``Conv`` ...), from an
+    :func:`optimized_graph`: fused nodes keep the name of the node they were traced as, and the integer
+    layers of 1W/1A models write tensors named ``eb::<layer>::...``."""
+    out = {}
+    for node in optimized.graph.node:
+        if node.op_type not in INT8_OPS | FLOAT_OPS:
+            continue
+        scope = scopes.get(node.name)
+        if scope:
+            out[scope[-1]] = node.op_type
+        elif node.output and node.output[0].startswith("eb::"):
+            out.setdefault(node.output[0].split("::")[1], node.op_type)
+    return dict(sorted(out.items()))
 
 
 def quantize_qdq(pre_path: Path, out_path: Path, reader, exclude: list[str] | None = None) -> None:
@@ -315,7 +346,9 @@ def export_onnx_int8(
     onnx.checker.check_model(q_model, full_check=True)
     data = q_model.SerializeToString()
 
-    ints, floats = int8_ops(data)
+    optimized = optimized_graph(data)
+    ints, floats = op_counts(optimized)
+    kernels = layer_kernels(optimized, traced.scopes)
     if not ints:
         raise ValueError("onnxruntime fused no integer kernel in the int8 model; the file was not written")
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -353,6 +386,7 @@ def export_onnx_int8(
         notes,
         list(int8_exclude),
         float_nodes,
+        kernels,
     )
 
 
