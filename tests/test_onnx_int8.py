@@ -277,3 +277,15 @@ def test_float_levels_unpack_to_the_float_weights(config):
         w = want[name]
         assert g.shape == w.shape, name
         assert np.abs(g - w).max() <= 1e-6 * np.abs(w).max(), name
+
+
+def test_int8_exclude_needs_the_exporters_module_names():
+    """Without the exporter's name scopes no node can be found by module: refused, not ignored."""
+    from types import SimpleNamespace
+
+    from equalbits_cli.export.int8 import Exclusion, find_exclusion
+
+    traced = SimpleNamespace(scopes={}, layers={"layer1.0.conv1": None}, graph=None)
+    assert find_exclusion(traced, []) == Exclusion()
+    with pytest.raises(ValueError, match="recorded no module names"):
+        find_exclusion(traced, ["layer1"])

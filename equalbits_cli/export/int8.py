@@ -255,13 +255,18 @@ def find_exclusion(traced, patterns) -> Exclusion:
     patterns = list(patterns)
     if not patterns:
         return Exclusion()
+    if not traced.scopes:  # the exporter's node metadata is where modules are found
+        raise ValueError(
+            f"torch {torch.__version__}'s ONNX exporter recorded no module names, so `int8_exclude` cannot find "
+            "the nodes of a module; export without it"
+        )
     modules = {m for scope in traced.scopes.values() for m in scope} | set(traced.layers)
     for pattern in patterns:
         if not any(fnmatchcase(m, pattern) for m in modules):
-            example = sorted(traced.layers)[:1] or sorted(modules)[:1]
+            example = (sorted(traced.layers) or sorted(modules))[0]
             raise SettingError(
                 f"`int8_exclude` pattern {pattern!r} matches no module of the model; patterns match module names "
-                f"such as {example[0]!r} (shell globs: `blocks.*.se`)"
+                f"such as {example!r} (shell globs: `blocks.*.se`)"
             )
 
     def hit(names) -> bool:
