@@ -21,6 +21,7 @@ from .options import (
     CheckpointOpt,
     CompileOpt,
     CropPctOpt,
+    HistoryPlotOpt,
     DataOpt,
     DeviceOpt,
     ImgSizeOpt,
@@ -92,9 +93,7 @@ def finetune(
     augment: AugmentOpt = AugmentChoice.none,
     cache_teacher: CacheTeacherOpt = True,
     log: LogOpt = None,
-    plot: Annotated[
-        Path | None, typer.Option(help="Draw loss, learning rate and validation top-1 per epoch to this PNG.")
-    ] = None,
+    plot: HistoryPlotOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and initialisation.")] = 0,
     workers: AutoWorkersOpt = None,
     device: DeviceOpt = "auto",
