@@ -87,3 +87,89 @@ def test_uncalibrated_mobilenetv3_1w1a_exports(tmp_path, binarize_depthwise):
     weights = "float" if binarize_depthwise else "packed"  # each form once: both ran the same graph in 0.5
     result = export_onnx(model.eval(), tmp_path / f"{weights}.onnx", weights=weights, img_size=64)
     assert result.matched == 1.0, weights
+
+
+def _real(model) -> set[str]:
+    from equalbits_cli.nn.layers import BinaryLayer
+
+    return {n for n, m in model.named_modules() if isinstance(m, BinaryLayer) and m.act_threshold is None}
+
+
+def test_input_policy_keeps_pooled_layers_real_and_binarizes_the_rest():
+    from equalbits_cli import LayerPolicy
+
+    cfg = BinarizeConfig(activations="sign")
+    model = binarize_model("mobilenetv3_small_100", cfg, num_classes=10)
+    real = model.equalbits_meta["real_inputs"]
+    pooled = {n for n, _ in model.named_modules() if ".se.conv_" in n} | {"conv_head"}
+    # blocks.0.0 has no shortcut either, but its first layer is depthwise (kept real, not binarized)
+    first = {f"blocks.{i}.0.conv_pw" for i in range(1, 5)} | {"blocks.5.0.conv"}
+    assert set(real) == pooled | first == _real(model)
+    assert {real[n] for n in pooled} == {"pooled"} and {real[n] for n in first} == {"no shortcut"}
+    # the layer computes on its real input: the same output as the float conv with its binary weight
+    head = model.conv_head
+    x = torch.randn(2, head.in_channels, 1, 1)
+    with torch.no_grad():
+        want = torch.nn.functional.conv2d(x, head.eval().quantized_weight(), head.bias)
+        torch.testing.assert_close(head(x), want, rtol=0, atol=0)
+    # the stage-4 convolutions of a ResNet at 32x32 see 1x1 maps, but not at the model's own size
+    assert binarize_model("resnet18", cfg, num_classes=10).equalbits_meta["real_inputs"] == {}
+    every = LayerPolicy(all_binary_inputs=True)
+    everything = binarize_model("mobilenetv3_small_100", cfg, num_classes=10, policy=every)
+    assert _real(everything) == set() and everything.equalbits_meta["real_inputs"] == {}
+    pattern = LayerPolicy(all_binary_inputs=True, real_inputs=("blocks.1.*.conv_pwl",))
+    chosen = binarize_model("mobilenetv3_small_100", cfg, num_classes=10, policy=pattern).equalbits_meta
+    assert chosen["real_inputs"] == {"blocks.1.0.conv_pwl": "pattern", "blocks.1.1.conv_pwl": "pattern"}
+    with pytest.raises(ValueError, match="real_inputs.*matches no"):
+        binarize_model("resnet18", cfg, num_classes=10, policy=LayerPolicy(real_inputs=("nothing.*",)))
+    assert binarize_model("mobilenetv3_small_100", num_classes=10).equalbits_meta["real_inputs"] == {}
+
+
+def test_real_inputs_round_trip_and_old_files_keep_every_input_binary(tmp_path):
+    from safetensors import safe_open
+
+    from equalbits_cli import LayerPolicy
+    from equalbits_cli.report.inspect import inspect_file
+    from equalbits_cli.report.packed_report import packed_report
+
+    cfg = BinarizeConfig(activations="sign")
+    model = binarize_model("mobilenetv3_small_100", cfg, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    packed = save_packed(model, tmp_path / "p.safetensors")
+    for path in (save_checkpoint(model, tmp_path / "l.safetensors"), packed):
+        loaded = load_model(path).eval()
+        assert loaded.equalbits_meta["real_inputs"] == model.equalbits_meta["real_inputs"]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+    # inspect says which layers compute on real inputs, the torch and the numpy reader alike
+    for report in (inspect_file(packed), packed_report(packed)):
+        inputs = {s.name: s.inputs for s in report.stats.layers if s.binarized}
+        assert inputs["conv_head"] == "real (pooled)" and inputs["blocks.1.0.conv_pwl"] == "1-bit"
+    # a 1W/1A file written before the input policy (no real_inputs) keeps every input binary
+    old = binarize_model("mobilenetv3_small_100", cfg, num_classes=10, policy=LayerPolicy(all_binary_inputs=True))
+    path = save_checkpoint(old, tmp_path / "old.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert "real_inputs" not in f.metadata()
+    assert _real(load_model(path)) == set()
+
+
+@pytest.mark.parametrize(
+    "real, match",
+    [({"nothing": "pooled"}, "real_inputs"), ({"conv_head": "why"}, "real_inputs"), ("[1]", "real_inputs")],
+)
+def test_bad_real_inputs_metadata_is_one_line(tmp_path, real, match):
+    import json
+
+    from safetensors import safe_open
+
+    model = binarize_model("mobilenetv3_small_100", BinarizeConfig(activations="sign"), num_classes=10)
+    path = save_packed(model, tmp_path / "p.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    meta["real_inputs"] = real if isinstance(real, str) else json.dumps(real)
+    save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=match) as err:
+        load_model(tmp_path / "bad.safetensors")
+    assert "\n" not in str(err.value)

@@ -10,6 +10,7 @@ import typer
 from .app import app, default_output
 from .options import (
     ActivationsOpt,
+    AllBinaryInputsOpt,
     CheckpointOpt,
     CropPctOpt,
     DepthwiseOpt,
@@ -27,6 +28,7 @@ from .options import (
     PretrainedOpt,
     PruneOpt,
     RatioOpt,
+    RealInputsOpt,
     StdOpt,
     data_overrides,
     user_errors,
@@ -49,6 +51,8 @@ def binarize(
     exclude: ExcludeOpt = None,
     binarize_depthwise: DepthwiseOpt = False,
     binarize_gates: GatesOpt = True,
+    all_binary_inputs: AllBinaryInputsOpt = False,
+    real_inputs: RealInputsOpt = None,
     output: OutOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -58,7 +62,13 @@ def binarize(
     Kept full precision by default, each with its reason in the table: the stem, the classifier and
     depthwise convolutions (they cost accuracy for little size; see the README's recipe table);
     --keep-gates keeps squeeze-excite gates too. --include / --exclude (shell globs on module names)
-    override that. A setting known to fail on the family (1W/1A on MobileNetV3) is a warning before any work.
+    override that. A setting known to fail on the family is a warning before any work.
+
+    With --activations sign (1W/1A), every binarized layer binarizes its input but two kinds, which
+    keep real-valued inputs: layers fed by a pooled vector (squeeze-excite gates, MobileNetV3's head
+    conv), and the first layer of a block without a shortcut (there the sign would cut the whole signal,
+    not a branch beside it). The table's inputs column says which, and why; --all-binary-inputs and
+    --real-inputs GLOB change it.
 
     [b]Examples[/b]
 
@@ -72,13 +82,21 @@ def binarize(
     """
     from .. import binarize_model, collect_stats, save_checkpoint
     from ..config import BinarizeConfig
+    from ..errors import SettingError
     from ..model.policy import LayerPolicy
     from ..paths import check_output_path
     from .render import print_json, show_stats, stderr
 
     config = BinarizeConfig(ratio=ratio, prune=prune, method=method, activations=activations)
+    if activations != "sign" and (real_inputs or all_binary_inputs):
+        raise SettingError("--real-inputs and --all-binary-inputs need --activations sign")
     policy = LayerPolicy(
-        depthwise=binarize_depthwise, gates=binarize_gates, include=tuple(include or ()), exclude=tuple(exclude or ())
+        depthwise=binarize_depthwise,
+        gates=binarize_gates,
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        all_binary_inputs=all_binary_inputs,
+        real_inputs=tuple(real_inputs or ()),
     )
     out = check_output_path(output or default_output(model, ".binary.safetensors"), overwrite)
     from ..model.limits import known_shortfalls

@@ -76,6 +76,22 @@ GatesOpt = Annotated[
         "--binarize-gates/--keep-gates", help="Binarize squeeze-excite and other gating layers, or keep them fp32."
     ),
 ]
+AllBinaryInputsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--all-binary-inputs",
+        help="With --activations sign: every binarized layer binarizes its input. By default layers fed by "
+        "a pooled vector, and the first layer of a block without a shortcut, keep real-valued inputs.",
+    ),
+]
+RealInputsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--real-inputs",
+        help="With --activations sign: glob of binarized layers that keep real-valued inputs (repeatable).",
+        show_default=False,
+    ),
+]
 PretrainedOpt = Annotated[
     bool, typer.Option("--pretrained/--no-pretrained", help="Download pretrained weights from the hub.")
 ]

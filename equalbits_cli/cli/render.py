@@ -64,6 +64,7 @@ def stats_table(stats: ModelStats, title: str) -> Table:
         ("entropy", "right"),
         ("SQNR dB", "right"),
         ("exact", "center"),
+        *((("inputs", "left"),) if any(s.inputs is not None for s in stats.layers) else ()),
         *((("act +1", "right"),) if any(s.act_plus_share is not None for s in stats.layers) else ()),
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
@@ -80,6 +81,7 @@ def stats_table(stats: ModelStats, title: str) -> Table:
             _fmt(s.entropy_bits, ".4f"),
             _fmt(s.sqnr_db, ".2f"),
             exact,
+            *((s.inputs or "-",) if any(x.inputs is not None for x in stats.layers) else ()),
             *((_fmt(s.act_plus_share, ".3f"),) if any(x.act_plus_share is not None for x in stats.layers) else ()),
         )
     return table

@@ -205,11 +205,7 @@ def trace_graph(model: nn.Module, img_size: int | None = None, seed: int = 0, we
 
 
 def has_binary_activations(model: nn.Module) -> bool:
-    return any(
-        (isinstance(m, BinaryLayer) and m.config.activations == "sign")
-        or (isinstance(m, PackedBinary) and m.act_threshold is not None)
-        for m in model.modules()
-    )
+    return any(isinstance(m, (BinaryLayer, PackedBinary)) and m.act_threshold is not None for m in model.modules())
 
 
 MIN_MATCHED = 0.75

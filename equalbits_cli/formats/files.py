@@ -21,7 +21,7 @@ from torch import nn
 from ..config import BinarizeConfig
 from ..data.config import DataConfig, resolve_data_config
 from ..model.convert import binarize_, binarized_names
-from ..model.policy import KEEP_REASONS, LayerPolicy
+from ..model.policy import INPUT_REASONS, KEEP_REASONS, LayerPolicy
 from ..paths import mismatch_detail, read_metadata
 from . import LATENT_FORMAT, PACKED_FORMAT
 from .migrate import FORMAT_VERSION, READS, migrate_metadata, migrate_state
@@ -45,6 +45,7 @@ class FileInfo:
     classes: list[str] | None = None
     data_config: DataConfig | None = None
     version: str = FORMAT_VERSION  # the format version the file was written in
+    real_inputs: dict[str, str] = field(default_factory=dict)  # 1W/1A layers computing on real inputs
 
 
 def tensors_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -83,6 +84,7 @@ def base_metadata(model: nn.Module, fmt: str) -> dict[str, str]:
         "layer_policy": json.dumps(policy.to_dict() if policy is not None else None),
         "source": json.dumps(meta.get("source", {}), sort_keys=True),
         **({"classes": json.dumps(meta["classes"])} if meta.get("classes") else {}),
+        **({"real_inputs": json.dumps(real)} if (real := real_inputs(model)) else {}),
         # How images were prepared in training: eval and export use it unless the user says otherwise.
         "data_config": json.dumps(resolve_data_config(model).to_dict()),
         # What inspect needs to report a packed file without building the model (numpy only); a model in
@@ -94,6 +96,23 @@ def base_metadata(model: nn.Module, fmt: str) -> dict[str, str]:
             sum(p.numel() for p in model.parameters())
             + sum(m.count for m in model.modules() if isinstance(m, PackedBinary))
         ),
+    }
+
+
+def real_inputs(model: nn.Module) -> dict[str, str]:
+    """The binarized layers of a 1W/1A model that compute on real-valued inputs, with the input policy's
+    reason for each (:func:`equalbits_cli.model.policy.plan_inputs`)."""
+    from ..nn.layers import BinaryLayer
+    from ..nn.packed import PackedBinary
+
+    meta = getattr(model, "equalbits_meta", None) or {}
+    if meta.get("config") is None or meta["config"].activations != "sign":
+        return {}
+    reasons = meta.get("real_inputs", {})
+    return {
+        n: reasons.get(n, "pattern")
+        for n, m in model.named_modules()
+        if isinstance(m, (BinaryLayer, PackedBinary)) and m.act_threshold is None
     }
 
 
@@ -172,6 +191,11 @@ def file_info(
     kept = _json_field(path, meta, "kept", dict) if "kept" in meta else {}
     if not all(isinstance(k, str) and v in KEEP_REASONS + ("filter",) for k, v in kept.items()):
         raise _fail(path, "metadata 'kept' must map module names to a reason")
+    real = _json_field(path, meta, "real_inputs", dict) if "real_inputs" in meta else {}
+    if not all(isinstance(k, str) and k in binarized and v in INPUT_REASONS for k, v in real.items()):
+        raise _fail(path, "metadata 'real_inputs' must map binarized module names to a reason")
+    if real and config.activations != "sign":
+        raise _fail(path, "metadata 'real_inputs' is only meaningful with binary activations")
     policy = None if meta.get("layer_policy") in (None, "null") else _json_field(path, meta, "layer_policy", dict)
     if policy is not None:
         try:
@@ -204,6 +228,7 @@ def file_info(
         classes,
         data_config,
         version,
+        real,
     )
 
 
@@ -260,7 +285,7 @@ def build_model(info: FileInfo) -> nn.Module:
             raise _fail(path, f"binarized module {name!r} is not a Conv2d/Linear of {info.model}")
     if not wanted:
         raise _fail(path, "metadata 'binarized' lists no layer; the file holds no binary network")
-    binarize_(model, info.config, filter_fn=lambda m, fqn: fqn in wanted)
+    binarize_(model, info.config, filter_fn=lambda m, fqn: fqn in wanted, real_inputs=info.real_inputs)
     model.equalbits_meta = {
         "model": info.model,
         "model_kwargs": kwargs,
@@ -269,6 +294,7 @@ def build_model(info: FileInfo) -> nn.Module:
         "kept": dict(info.kept),
         "policy": LayerPolicy.from_dict(info.policy) if info.policy is not None else None,
         "classes": info.classes,
+        "real_inputs": dict(info.real_inputs),
     }
     if info.data_config is not None:
         model.equalbits_meta["data_config"] = info.data_config

@@ -17,7 +17,7 @@ from ..data.config import DataConfig
 from ..errors import SettingError
 from ..nn.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from ..nn.step_weights import StepWeights
-from .policy import LayerPlan, LayerPolicy, module_names, plan_layers, special_names
+from .policy import LayerPlan, LayerPolicy, module_names, plan_inputs, plan_layers, special_names
 
 __all__ = [
     "FilterFn",
@@ -138,6 +138,7 @@ def binarize_(
     filter_fn: FilterFn | None = None,
     *,
     policy: LayerPolicy | None = None,
+    real_inputs: dict[str, str] | None = None,
 ) -> None:
     """Replace, in place, every selected Conv2d/Linear by its binarized version. Returns None.
 
@@ -152,6 +153,9 @@ def binarize_(
             classifier, depthwise convolutions and squeeze-excite gates full precision.
             Conv2d/Linear subclasses with their own forward (e.g. timm's ``Conv2dSame``) are always
             kept, since swapping them would change what they compute.
+        real_inputs: With 1-bit activations, the binarized layers that keep real-valued inputs, with
+            their reasons, as a file records them; default: as the policy's input rules decide
+            (:func:`equalbits_cli.model.policy.plan_inputs`).
 
     Raises:
         ValueError: nothing would be binarized, or a policy pattern matches no module.
@@ -183,12 +187,20 @@ def binarize_(
     if config.method == "ot":
         for fqn in chosen:
             _check_counts(fqn, modules[fqn], config)
+    if config.activations != "sign":
+        real = {}
+    elif real_inputs is not None:
+        real = dict(real_inputs)
+    else:
+        real = plan_inputs(model, chosen, policy)
     for fqn in chosen:
         module = modules[fqn]
         if isinstance(module, nn.Conv2d):
             _set_submodule(model, fqn, BinaryConv2d.from_float(module, config))
         else:
             _set_submodule(model, fqn, BinaryLinear.from_float(module, config))
+        if fqn in real:
+            model.get_submodule(fqn).keep_real_inputs()
     # One StepWeights for all binary layers: on CUDA a training step builds their weights together.
     StepWeights([m for m in model.modules() if isinstance(m, BinaryLayer)])
     kept = {p.name: p.reason for p in plans if not p.binarize}
@@ -199,7 +211,7 @@ def binarize_(
         arch = cfg.get("architecture") or type(model).__name__
         attach_meta(model, config, {"model": arch, "pretrained": None, "checkpoint": None})
         meta = model.equalbits_meta
-    meta.update({"config": config, "kept": kept, "policy": recorded_policy})
+    meta.update({"config": config, "kept": kept, "policy": recorded_policy, "real_inputs": real})
 
 
 def binarized_names(model: nn.Module) -> list[str]:
@@ -502,6 +514,7 @@ def attach_meta(model: nn.Module, config: BinarizeConfig, source: dict) -> None:
         "source": source,
         "kept": old.get("kept", {}),
         "policy": old.get("policy"),
+        "real_inputs": old.get("real_inputs", {}),
         **({"data_config": old["data_config"]} if old.get("data_config") is not None else {}),
     }
 

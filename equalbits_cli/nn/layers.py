@@ -180,8 +180,18 @@ class BinaryLayer:
         w = self.weight
         return binary_weight_op(w, cfg.ratio, cfg.prune, cfg.method, bool(cfg.center), _compute_dtype(w))
 
+    @property
+    def binary_inputs(self) -> bool:
+        """Whether the layer binarizes its input (1W/1A and not kept real by the input policy)."""
+        return self.act_threshold is not None
+
+    def keep_real_inputs(self) -> None:
+        """Let the layer compute on its real-valued input although the model has 1-bit activations
+        (see :func:`equalbits_cli.model.policy.plan_inputs`)."""
+        self.register_parameter("act_threshold", None)
+
     def _maybe_binarize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.activations != "sign":
+        if self.act_threshold is None:
             return x
         return binarize_input(x - self.threshold_for(x))
 

@@ -74,9 +74,13 @@ class PackedBinary(nn.Module):
         conv = conv_kwargs(layer) if isinstance(layer, nn.Conv2d) else None
         if conv is not None and conv["padding_mode"] != "zeros":
             raise ValueError(f"padding mode {conv['padding_mode']!r} has no packed form; only 'zeros' padding")
-        thresholds = layer.act_threshold if layer.config.activations == "sign" else None
         packed = cls(
-            codes, scale, center=bool(layer.config.center), bias=layer.bias, act_threshold=thresholds, conv=conv
+            codes,
+            scale,
+            center=bool(layer.config.center),
+            bias=layer.bias,
+            act_threshold=layer.act_threshold,
+            conv=conv,
         )
         return packed.to(layer.weight.device)
 

@@ -6,7 +6,7 @@ planes with numpy alone.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,15 @@ from torch import nn
 
 from ..errors import SettingError
 from ..quant.quantize import dequantize, sqnr_db
-from .stats import FileReport, LayerStats, ModelStats, binary_layer_stats, packed_layer_bytes, packed_model_stats
+from .stats import (
+    FileReport,
+    LayerStats,
+    ModelStats,
+    binary_layer_stats,
+    input_label,
+    packed_layer_bytes,
+    packed_model_stats,
+)
 
 __all__ = ["activation_shares", "collect_stats", "inspect_file", "with_activation_shares"]
 
@@ -56,6 +64,8 @@ def collect_stats(model: nn.Module) -> ModelStats:
                 fields = ["sign", "nonzero", "scale", "mu"]
                 packed_params += codes.numel()
             st = binary_layer_stats(name, codes.cpu().numpy(), scale.detach().float().cpu().numpy(), cfg, sqnr)
+            real = {name: meta.get("real_inputs", {}).get(name, "pattern")} if module.act_threshold is None else {}
+            st = replace(st, inputs=input_label(name, cfg, real))
             layers.append(st)
             size = packed_layer_bytes(codes.numel(), codes.shape[0], bool(st.n_zero))
             binary_keys.update({f"{name}.{f}": (0, 0) for f in fields[1:]})
@@ -96,7 +106,9 @@ def _file_stats(model: nn.Module, tensors: dict[str, Any], binarized: set[str], 
     meta = getattr(model, "equalbits_meta", None) or {}
     layers = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     params = sum(p.numel() for p in model.parameters())
-    return packed_model_stats(layers, decoded, tensors, params, meta.get("config"), meta.get("kept", {}))
+    return packed_model_stats(
+        layers, decoded, tensors, params, meta.get("config"), meta.get("kept", {}), meta.get("real_inputs", {})
+    )
 
 
 def _onnx_fields(name: str, binarized: set[str], path: Any) -> tuple[str, str] | None:

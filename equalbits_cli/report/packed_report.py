@@ -17,7 +17,7 @@ from typing import Any
 from ..config import BinarizeConfig
 from ..formats import PACKED_FORMAT
 from ..formats.planes import decode_layer
-from ..model.policy import KEEP_REASONS
+from ..model.policy import INPUT_REASONS, KEEP_REASONS
 from ..paths import read_metadata, require_file
 from .stats import FileReport, packed_model_stats
 
@@ -57,6 +57,9 @@ def packed_report(path: str | os.PathLike) -> FileReport | None:
         raise ValueError(f"{path}: metadata 'layers' must list every binarized layer")
     if not all(v in KEEP_REASONS + ("filter",) for v in kept.values()):
         raise ValueError(f"{path}: metadata 'kept' must map module names to a reason")
+    real = _json(path, meta, "real_inputs", dict) if "real_inputs" in meta else {}
+    if not all(k in binarized and v in INPUT_REASONS for k, v in real.items()):
+        raise ValueError(f"{path}: metadata 'real_inputs' must map binarized module names to a reason")
     try:
         params = int(meta["param_count"])
         tensors = load_file(str(path))
@@ -72,5 +75,5 @@ def packed_report(path: str | os.PathLike) -> FileReport | None:
         if name not in binarized and name + ".weight" not in tensors:
             raise ValueError(f"{path}: layer {name!r} has no weight tensor")
         shapes[name] = None if name in binarized else tensors[name + ".weight"].shape
-    stats = packed_model_stats(shapes, decoded, tensors, params, config, kept)
+    stats = packed_model_stats(shapes, decoded, tensors, params, config, kept, real)
     return FileReport(str(path), PACKED_FORMAT, meta.get("model", ""), asdict(config), stats, os.path.getsize(path))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ class LayerStats:
     exact_filters: bool | None = None
     kept_because: str | None = None  # for full-precision layers: stem, classifier, depthwise, gate, ...
     act_plus_share: float | None = None  # 1W/1A layers, with inspect --data: share of +1 activation bits
+    inputs: str | None = None  # binarized layers of 1W/1A models: "1-bit", or "real (<reason>)"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -149,6 +150,14 @@ def binary_layer_stats(
     )
 
 
+def input_label(name: str, config: Any, real_inputs: Mapping[str, str]) -> str | None:
+    """What a binarized layer computes on: ``1-bit`` inputs, ``real (<reason>)`` inputs in a model
+    with 1-bit activations, or None in a model with real activations."""
+    if getattr(config, "activations", None) != "sign":
+        return None
+    return f"real ({real_inputs[name]})" if name in real_inputs else "1-bit"
+
+
 def packed_model_stats(
     layers: Mapping[str, tuple[int, ...] | None],
     binarized: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -156,6 +165,7 @@ def packed_model_stats(
     params: int,
     config: Any = None,
     kept: Mapping[str, str] | None = None,
+    real_inputs: Mapping[str, str] | None = None,
 ) -> ModelStats:
     """Statistics of a model read from a file: one builder for packed files and ONNX exports.
 
@@ -168,6 +178,7 @@ def packed_model_stats(
         params: The model's parameter count.
         config: The binarization config (for the exact-count check).
         kept: Why each full-precision layer was kept (stem, classifier, ...).
+        real_inputs: With 1-bit activations, the binarized layers that compute on real inputs, and why.
 
     """
     kept = kept or {}
@@ -176,6 +187,7 @@ def packed_model_stats(
         if name in binarized:
             codes, scale = binarized[name]
             st = binary_layer_stats(name, codes, scale, config)
+            st = replace(st, inputs=input_label(name, config, real_inputs or {}))
             binary_bytes += packed_layer_bytes(codes.size, codes.shape[0], bool(st.n_zero))
             fp32_binary += 4 * codes.size
         else:
