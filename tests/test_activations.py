@@ -95,7 +95,7 @@ def _real(model) -> set[str]:
     return {n for n, m in model.named_modules() if isinstance(m, BinaryLayer) and m.act_threshold is None}
 
 
-def test_input_policy_keeps_pooled_layers_real_and_binarizes_the_rest():
+def test_input_policy_keeps_pooled_layers_real_and_binarizes_the_rest(digits_teacher):
     from equalbits_cli import LayerPolicy
 
     cfg = BinarizeConfig(activations="sign")
@@ -114,6 +114,8 @@ def test_input_policy_keeps_pooled_layers_real_and_binarizes_the_rest():
         torch.testing.assert_close(head(x), want, rtol=0, atol=0)
     # the stage-4 convolutions of a ResNet at 32x32 see 1x1 maps, but not at the model's own size
     assert binarize_model("resnet18", cfg, num_classes=10).equalbits_meta["real_inputs"] == {}
+    small = binarize_model("resnet10t", cfg, checkpoint=digits_teacher)  # recorded input size 32x32
+    assert small.pretrained_cfg["input_size"][-1] == 32 and small.equalbits_meta["real_inputs"] == {}
     every = LayerPolicy(all_binary_inputs=True)
     everything = binarize_model("mobilenetv3_small_100", cfg, num_classes=10, policy=every)
     assert _real(everything) == set() and everything.equalbits_meta["real_inputs"] == {}

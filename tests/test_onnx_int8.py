@@ -289,3 +289,15 @@ def test_int8_exclude_needs_the_exporters_module_names():
     assert find_exclusion(traced, []) == Exclusion()
     with pytest.raises(ValueError, match="recorded no module names"):
         find_exclusion(traced, ["layer1"])
+
+
+def test_1w1a_int8_keeps_real_input_layers_float(tmp_path, digits_small):
+    """With the 1W/1A input policy, the layers that keep real inputs stay float convolutions (a uint8
+    quantizer at scale 1 would round their inputs to integers); the others run ConvInteger."""
+    model = binarize_model("mobilenetv3_small_100", BinarizeConfig(activations="sign"), num_classes=10).eval()
+    real = model.equalbits_meta["real_inputs"]
+    result = export_onnx_int8(model, tmp_path / "m.onnx", digits_small, img_size=32, check_images=16)
+    kernels = {m: "float" if k in ("Conv", "FusedConv") else k for m, k in result.layer_kernels.items()}
+    want = {m: "float" if m in real else "ConvInteger" for m in _binary(model)}
+    assert {m: kernels.get(m) for m in want} == want
+    assert result.rel_diff <= 1e-4  # an untrained model: its near-constant logits make top-1 agreement noise

@@ -426,9 +426,10 @@ def _int8_graph(onnx_model, layers: dict, calib: list | None, progress: Progress
             pre = onnx.load(str(pre_path))
             _name_nodes(pre.graph)  # the nodes pre-processing made are unnamed: the quantizer excludes by name
             skip = exclusion.in_graph(pre.graph)
-            if calib is None:
-                packed = exact = integer_binary_layers(pre, kept)
-                pack_float_weights(pre, left)
+            if calib is None:  # integer ops where the inputs are +-1; float where the input policy kept them real
+                binary = {n: m for n, m in kept.items() if m.act_threshold is not None}
+                packed = exact = integer_binary_layers(pre, binary)
+                pack_float_weights(pre, {**left, **{n: m for n, m in kept.items() if n not in binary}})
                 return pre, packed, exact, len(skip)
             onnx.save(pre, str(pre_path))
             if progress is not None:

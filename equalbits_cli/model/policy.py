@@ -219,35 +219,45 @@ def plan_layers(
 
 def pooled_input_layers(model: nn.Module, names: list[str]) -> list[str]:
     """Those of ``names`` (Conv2d/Linear modules) whose input has no spatial or token extent: a vector
-    per image, as after global pooling. Found by one forward of a zero image at the size of timm's
-    ``pretrained_cfg`` (224x224 when it has none), so that the answer does not depend on the size a
-    model is fine-tuned at (a 32x32 image leaves ResNet's last stage 1x1 too)."""
+    per image, as after global pooling. Found by forwards of zero images at the size of the model's
+    ``pretrained_cfg`` (224x224 when it has none) and at twice that, where the model takes it: a layer
+    is pooled only if its input is 1x1 at every size, so that a small input (32x32 leaves ResNet's
+    last stage 1x1 too) does not count."""
     import torch
 
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = tuple(cfg.get("input_size") or (3, 224, 224))
+    c, h, w = tuple(cfg.get("input_size") or (3, 224, 224))
     modules = dict(model.named_modules())
-    seen: dict[str, bool] = {}
+    flat: dict[str, list[bool]] = {n: [] for n in names}
 
     def hook(name):
         def record(module, args):
             x = args[0]
-            seen[name] = x.dim() == 2 or (x.dim() == 4 and x.shape[-1] * x.shape[-2] == 1)
+            flat[name].append(x.dim() == 2 or (x.dim() == 4 and x.shape[-1] * x.shape[-2] == 1))
 
         return record
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
     was_training = model.training
+    param = next(model.parameters(), None)
+    probes = 0
     try:
         model.eval()
-        param = next(model.parameters(), None)
-        with torch.no_grad():
-            model(torch.zeros((1, *size), device=param.device if param is not None else None))
+        for scale in (1, 2):
+            try:
+                with torch.no_grad():
+                    model(torch.zeros((1, c, h * scale, w * scale), device=None if param is None else param.device))
+                probes += 1
+            except (RuntimeError, ValueError, AssertionError):  # a model fixed to one input size
+                if scale == 1:
+                    raise
+                for seen in flat.values():
+                    del seen[probes:]
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return [n for n in names if seen.get(n)]
+        for hnd in handles:
+            hnd.remove()
+    return [n for n in names if flat[n] and all(flat[n])]
 
 
 def unshortcut_inputs(model: nn.Module, names: list[str]) -> list[str]:
