@@ -38,6 +38,8 @@ VARIANTS = {  # name -> LayerPolicy fields
     "default+pw": {"real_inputs": ("*.conv_pw",)},
     "none": {"real_inputs": ("*",)},
     "noskip": {"real_inputs": tuple(f"blocks.{i}.0.*" for i in range(6))},  # MobileNetV3-small
+    "shortcut": {"real_inputs": ("*.downsample.*",)},  # ResNet: the shortcut's own convolution
+    "last-stage": {"real_inputs": ("layer4.*",)},  # ResNet
 }
 
 

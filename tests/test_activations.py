@@ -102,8 +102,8 @@ def test_input_policy_keeps_pooled_layers_real_and_binarizes_the_rest(digits_tea
     model = binarize_model("mobilenetv3_small_100", cfg, num_classes=10)
     real = model.equalbits_meta["real_inputs"]
     pooled = {n for n, _ in model.named_modules() if ".se.conv_" in n} | {"conv_head"}
-    # blocks.0.0 has no shortcut either, but its first layer is depthwise (kept real, not binarized)
-    first = {f"blocks.{i}.0.conv_pw" for i in range(1, 5)} | {"blocks.5.0.conv"}
+    first = {f"blocks.{i}.0.conv_{k}" for i in range(1, 5) for k in ("pw", "pwl")}
+    first |= {"blocks.0.0.conv_pw", "blocks.5.0.conv"}
     assert set(real) == pooled | first == _real(model)
     assert {real[n] for n in pooled} == {"pooled"} and {real[n] for n in first} == {"no shortcut"}
     # the layer computes on its real input: the same output as the float conv with its binary weight

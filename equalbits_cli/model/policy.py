@@ -261,22 +261,10 @@ def pooled_input_layers(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def unshortcut_inputs(model: nn.Module, names: list[str]) -> list[str]:
-    """Those of ``names`` that are the first Conv2d/Linear (in module order, which is forward order in
-    timm's blocks) of a block whose ``has_skip`` is false: the layer that reads the block's input."""
-    from torch import nn
-
-    wanted = set(names)
-    out = []
-    for block_name, block in model.named_modules():
-        if getattr(block, "has_skip", True) is not False:
-            continue
-        first = next(
-            (f"{block_name}.{n}" for n, m in block.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Linear))),
-            None,
-        )
-        if first in wanted:
-            out.append(first)
-    return out
+    """Those of ``names`` inside a block whose ``has_skip`` is false (timm's MobileNet and EfficientNet
+    blocks: the stride-2 and widening ones)."""
+    blocks = [n for n, m in model.named_modules() if n and getattr(m, "has_skip", True) is False]
+    return [n for n in names if _under(n, blocks)]
 
 
 def plan_inputs(model: nn.Module, names: list[str], policy: LayerPolicy | None = None) -> dict[str, str]:
@@ -286,11 +274,12 @@ def plan_inputs(model: nn.Module, names: list[str], policy: LayerPolicy | None =
     - ``pooled``: the input is one vector per image (squeeze-excite gates, MobileNetV3's head
       convolution after global pooling). One sign per channel of an averaged feature leaves a gate
       almost nothing to tell images apart by; measured in ``benchmarks/activations.py``.
-    - ``no shortcut``: the first layer of a block that has no residual shortcut (timm's ``has_skip``
-      is false: the stride-2 and widening blocks of MobileNet and EfficientNet). A sign there cuts the
+    - ``no shortcut``: the layers of a block that has no residual shortcut (timm's ``has_skip`` is
+      false: the stride-2 and widening blocks of MobileNet and EfficientNet). A sign there cuts the
       whole signal; in a block with a shortcut it cuts a branch beside a real-valued path (Bi-Real's
-      argument). Measured on mobilenetv3_small_100 (digits, 5 epochs): 8.6% with every input binary,
-      78.0% with this rule (teacher 92.5%).
+      argument). Measured on mobilenetv3_small_100 (digits, 5 epochs, ``benchmarks/activations.py``):
+      8.6% with every input binary, 38.4% with only the first layer of such blocks real, 78.0% with
+      all of them (teacher 92.5%).
     - ``pattern``: matched by ``policy.real_inputs``.
 
     Every other layer binarizes its input.
@@ -302,8 +291,8 @@ def plan_inputs(model: nn.Module, names: list[str], policy: LayerPolicy | None =
     _check_patterns(policy.real_inputs, names, "real_inputs")
     real = {n: "pattern" for n in names if any(fnmatch.fnmatchcase(n, p) for p in policy.real_inputs)}
     if not policy.all_binary_inputs:
-        for n in unshortcut_inputs(model, names):
-            real.setdefault(n, "no shortcut")
         for n in pooled_input_layers(model, names):
             real.setdefault(n, "pooled")
+        for n in unshortcut_inputs(model, names):
+            real.setdefault(n, "no shortcut")
     return {n: real[n] for n in names if n in real}
