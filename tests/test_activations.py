@@ -112,10 +112,13 @@ def test_input_policy_keeps_pooled_layers_real_and_binarizes_the_rest(digits_tea
     with torch.no_grad():
         want = torch.nn.functional.conv2d(x, head.eval().quantized_weight(), head.bias)
         torch.testing.assert_close(head(x), want, rtol=0, atol=0)
-    # the stage-4 convolutions of a ResNet at 32x32 see 1x1 maps, but not at the model's own size
-    assert binarize_model("resnet18", cfg, num_classes=10).equalbits_meta["real_inputs"] == {}
+    # ResNet: the shortcut projections; its stage-4 convolutions see 1x1 maps at 32x32, but they are
+    # not pooled: not at the model's own size
+    shortcuts = {f"layer{i}.0.downsample.0": "shortcut" for i in (2, 3, 4)}
+    assert binarize_model("resnet18", cfg, num_classes=10).equalbits_meta["real_inputs"] == shortcuts
     small = binarize_model("resnet10t", cfg, checkpoint=digits_teacher)  # recorded input size 32x32
-    assert small.pretrained_cfg["input_size"][-1] == 32 and small.equalbits_meta["real_inputs"] == {}
+    assert small.pretrained_cfg["input_size"][-1] == 32
+    assert set(small.equalbits_meta["real_inputs"].values()) == {"shortcut"}
     every = LayerPolicy(all_binary_inputs=True)
     everything = binarize_model("mobilenetv3_small_100", cfg, num_classes=10, policy=every)
     assert _real(everything) == set() and everything.equalbits_meta["real_inputs"] == {}
@@ -148,7 +151,7 @@ def test_real_inputs_round_trip_and_old_files_keep_every_input_binary(tmp_path):
     # inspect says which layers compute on real inputs, the torch and the numpy reader alike
     for report in (inspect_file(packed), packed_report(packed)):
         inputs = {s.name: s.inputs for s in report.stats.layers if s.binarized}
-        assert inputs["conv_head"] == "real (pooled)" and inputs["blocks.1.0.conv_pwl"] == "1-bit"
+        assert inputs["conv_head"] == "real (pooled)" and inputs["blocks.1.1.conv_pwl"] == "1-bit"
     # a 1W/1A file written before the input policy (no real_inputs) keeps every input binary
     old = binarize_model("mobilenetv3_small_100", cfg, num_classes=10, policy=LayerPolicy(all_binary_inputs=True))
     path = save_checkpoint(old, tmp_path / "old.safetensors")

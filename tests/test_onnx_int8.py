@@ -15,7 +15,7 @@ import torch
 from helpers import invoke_cli, run_cli
 from onnx import numpy_helper
 
-from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
+from equalbits_cli import BinarizeConfig, LayerPolicy, binarize_model, load_model, save_checkpoint, save_packed
 from equalbits_cli.export.int8 import INT8_OPS, export_onnx_int8, int8_ops, quantize_qdq
 from equalbits_cli.export.int8_graph import int8_levels, pack_int8_weights
 from equalbits_cli.formats.planes import unpack_codes
@@ -123,7 +123,8 @@ def test_1w1a_int8_is_exact(tmp_path, resnet18_state, digits_small, config):
     """+-1 inputs and +-1 weights are exact in int8: integer layers match PyTorch up to float rounding.
     The centred case keeps layer4 float (``int8_exclude``): its 5 layers' float levels unpacked from bit
     planes must be exact too."""
-    model = binarize_model("resnet18", config, checkpoint=resnet18_state).eval()
+    every = LayerPolicy(all_binary_inputs=True)  # every input binary: test_1w1a_int8_keeps_real_input_layers_float
+    model = binarize_model("resnet18", config, checkpoint=resnet18_state, policy=every).eval()
     centred = config.ratio != 0.5
     exclude = ("layer4",) if centred else ()
     result = export_onnx_int8(
