@@ -178,3 +178,20 @@ def test_bad_real_inputs_metadata_is_one_line(tmp_path, real, match):
     with pytest.raises(ValueError, match=match) as err:
         load_model(tmp_path / "bad.safetensors")
     assert "\n" not in str(err.value)
+
+
+def test_thresholds_of_linear_layers_on_tokens_are_per_feature():
+    """A ViT's linear layers see (batch, tokens, features): each feature gets its own threshold (the
+    calibration read the token axis as channels and failed before 0.9)."""
+    import timm
+
+    from equalbits_cli.model.convert import binarize_
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
+    binarize_(model, BinarizeConfig(activations="sign"))
+    images = torch.randn(8, 3, 32, 32)
+    assert calibrate_thresholds(model, [images]) == 4 * 12  # qkv, proj, fc1, fc2 of 12 blocks
+    assert model.blocks[0].attn.qkv.act_threshold.shape == (192,)
+    shares = activation_shares(model.eval(), images)
+    assert all(0.2 <= s <= 0.8 for s in shares.values()), shares

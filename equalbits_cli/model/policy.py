@@ -220,20 +220,23 @@ def plan_layers(
 def pooled_input_layers(model: nn.Module, names: list[str]) -> list[str]:
     """Those of ``names`` (Conv2d/Linear modules) whose input has no spatial or token extent: a vector
     per image, as after global pooling. Found by forwards of zero images at the size of the model's
-    ``pretrained_cfg`` (224x224 when it has none) and at twice that, where the model takes it: a layer
-    is pooled only if its input is 1x1 at every size, so that a small input (32x32 leaves ResNet's
-    last stage 1x1 too) does not count."""
+    ``pretrained_cfg`` (224x224 when it has none), at twice that and at a ViT's own size, where the
+    model takes them: a layer is pooled only if its input is 1x1 at every size, so that a small input
+    (32x32 leaves ResNet's last stage 1x1 too) does not count."""
     import torch
 
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     c, h, w = tuple(cfg.get("input_size") or (3, 224, 224))
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)  # a ViT built for another size
+    sizes = [(h, w), (2 * h, 2 * w)] + ([tuple(fixed)] if fixed is not None and tuple(fixed) != (h, w) else [])
     modules = dict(model.named_modules())
+    seen: dict[str, bool] = {}
     flat: dict[str, list[bool]] = {n: [] for n in names}
 
     def hook(name):
         def record(module, args):
             x = args[0]
-            flat[name].append(x.dim() == 2 or (x.dim() == 4 and x.shape[-1] * x.shape[-2] == 1))
+            seen[name] = x.dim() == 2 or (x.dim() == 4 and x.shape[-1] * x.shape[-2] == 1)
 
         return record
 
@@ -243,20 +246,25 @@ def pooled_input_layers(model: nn.Module, names: list[str]) -> list[str]:
     probes = 0
     try:
         model.eval()
-        for scale in (1, 2):
+        for size in sizes:
+            seen.clear()
             try:
                 with torch.no_grad():
-                    model(torch.zeros((1, c, h * scale, w * scale), device=None if param is None else param.device))
-                probes += 1
+                    model(torch.zeros((1, c, *size), device=None if param is None else param.device))
             except (RuntimeError, ValueError, AssertionError):  # a model fixed to one input size
-                if scale == 1:
-                    raise
-                for seen in flat.values():
-                    del seen[probes:]
+                continue
+            probes += 1
+            for n in names:
+                flat[n].append(seen.get(n, False))
     finally:
         model.train(was_training)
         for hnd in handles:
             hnd.remove()
+    if not probes:
+        raise SettingError(
+            f"cannot run the model on a {h}x{w} image to find the layers fed by pooled vectors; "
+            "set `real_inputs` yourself with `all_binary_inputs`"
+        )
     return [n for n in names if flat[n] and all(flat[n])]
 
 

@@ -286,7 +286,10 @@ def calibrate_thresholds(model: nn.Module, batches, device: torch.device | None 
 
     def hook(module, args):
         x = args[0].detach().float()
-        flat = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 else x.reshape(-1, x.shape[-1]).T
+        # channels: axis 1 of a convolution's input, the last axis of a linear layer's (2-D or tokens)
+        flat = (
+            x.transpose(0, 1).reshape(x.shape[1], -1) if isinstance(module, nn.Conv2d) else x.reshape(-1, x.shape[-1]).T
+        )
         key = id(module)
         med = flat.median(dim=1).values
         # The threshold goes half-way from the median to the next larger value, never onto a value:
