@@ -302,3 +302,17 @@ def test_1w1a_int8_keeps_real_input_layers_float(tmp_path, digits_small):
     want = {m: "float" if m in real else "ConvInteger" for m in _binary(model)}
     assert {m: kernels.get(m) for m in want} == want
     assert result.rel_diff <= 1e-4  # an untrained model: its near-constant logits make top-1 agreement noise
+
+
+def test_1w1a_int8_export_is_timed_against_the_1w32a_int8_model(tmp_path, digits_small):
+    """Issue 25: the export of a 1W/1A int8 file says how fast it runs against the 1W/32A int8 file of
+    the same network, measured in the same run."""
+    model = binarize_model("test_resnet", BinarizeConfig(activations="sign"), num_classes=10)
+    path = save_checkpoint(model, tmp_path / "t.safetensors")
+    out = tmp_path / "m.onnx"
+    args = ["export", path, "-f", "onnx-int8", "--data", digits_small, "--img-size", "32", "-o", out, "--json"]
+    r = invoke_cli(*args, "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    speed = json.loads(r.stdout)["speed"]
+    assert set(speed["baseline_ms"]) == {"1W/32A int8"} and speed["baseline_ms"]["1W/32A int8"] > 0
+    assert "for the 1W/32A int8 model of the same network" in invoke_cli(*args[:-1], "--overwrite").stderr

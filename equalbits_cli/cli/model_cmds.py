@@ -340,6 +340,8 @@ def _report_export(result: dict, format: str) -> None:
             f"speed here: {s['latency_ms']:.2f} ms against {s['float_latency_ms']:.2f} ms for the float ONNX "
             f"({s['speedup']:.2f}x; batch {s['batch']}, {where}, median of {s['calls']})"
         )
+        for name, ms in s.get("baseline_ms", {}).items():
+            err.print(f"           {ms:.2f} ms for the {name} model of the same network ({ms / s['latency_ms']:.2f}x)")
     if result.get("agreement") is not None:
         err.print(
             f"top-1 agreement with PyTorch: {result['agreement']:.2f}% of {result['agreement_images']} val images"

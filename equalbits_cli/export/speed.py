@@ -12,7 +12,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ class SpeedResult:
         threads: onnxruntime's intra-op threads (None: onnxruntime's own choice).
         calls: Timed calls of each file.
         int8_dot: The CPU's int8 dot-product instructions (:func:`int8_dot_product`).
+        baseline_ms: Median latencies of further files timed in the same run, by name (an int8 export
+            of a 1W/1A model: ``1W/32A int8``, the same network with real-valued activations).
     """
 
     latency_ms: float
@@ -77,6 +79,7 @@ class SpeedResult:
     threads: int | None
     calls: int
     int8_dot: str | None = None
+    baseline_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +115,7 @@ def compare_speed(
     seconds: float = 1.0,
     min_calls: int = 5,
     max_calls: int = 200,
+    baselines: dict[str, str | os.PathLike] | None = None,
 ) -> SpeedResult:
     """Time ``exported`` against a float ONNX export of ``model`` (written to a temporary folder).
 
@@ -123,6 +127,7 @@ def compare_speed(
         seconds: About how long to time, both files together, after one warm-up call each.
         min_calls: At least this many timed calls of each.
         max_calls: At most this many.
+        baselines: Further ONNX files to time in the same calls, by name (``baseline_ms``).
 
     Raises:
         ValueError: ``threads`` or ``batch`` out of range.
@@ -139,6 +144,7 @@ def compare_speed(
         float_path = Path(tmp) / "float.onnx"
         export_onnx(model, float_path, weights="float")
         sessions = {"export": _session(exported, threads), "float": _session(float_path, threads)}
+        sessions.update({name: _session(path, threads) for name, path in (baselines or {}).items()})
         times: dict[str, list[float]] = {k: [] for k in sessions}
         for s in sessions.values():
             s.run(None, {"input": x})  # warm-up: onnxruntime finishes preparing on the first call
@@ -151,4 +157,5 @@ def compare_speed(
                 s.run(None, {"input": x})
                 times[name].append(time.perf_counter() - t0)
     mine, base = statistics.median(times["export"]) * 1e3, statistics.median(times["float"]) * 1e3
-    return SpeedResult(mine, base, base / mine, batch, threads, len(times["export"]), int8_dot_product())
+    others = {name: statistics.median(times[name]) * 1e3 for name in baselines or {}}
+    return SpeedResult(mine, base, base / mine, batch, threads, len(times["export"]), int8_dot_product(), others)

@@ -112,7 +112,7 @@ def export_file(
         diff = r.max_abs_diff
         extra = {k: v for k, v in asdict(r).items() if k not in ("path", "bytes", "max_abs_diff")}
     if bench and format != "packed":
-        extra.update(_bench(model, out, threads, bench_batch, progress, format))
+        extra.update(_bench(model, out, threads, bench_batch, progress, format, data, calibrate_batches))
     size = Path(out).stat().st_size
     return {
         "output": str(out),
@@ -125,6 +125,25 @@ def export_file(
         "data_config": model.equalbits_meta["data_config"].to_dict(),
         **extra,
     }
+
+
+def _real_activation_int8(model, path: Path, data: Any, calibrate_batches: int | None) -> Path:
+    """The int8 ONNX of ``model`` with every binary layer computing on real-valued inputs (1W/32A)."""
+    import copy
+
+    from ..nn.layers import BinaryLayer
+    from ..nn.packed import PackedBinary
+    from .int8 import export_onnx_int8
+
+    real = copy.deepcopy(model)
+    for m in real.modules():
+        if isinstance(m, BinaryLayer):
+            m.keep_real_inputs()
+        elif isinstance(m, PackedBinary):
+            m.act_threshold = None
+    kwargs = {} if calibrate_batches is None else {"calibrate_batches": calibrate_batches}
+    export_onnx_int8(real, path, data, check_images=0, **kwargs)
+    return path
 
 
 def _check_settings(
@@ -165,14 +184,32 @@ def _export_onnx(model, out: Path, onnx_weights: str, data: Any, overwrite: bool
     return result.max_abs_diff, extra
 
 
-def _bench(model, out: Path, threads: int | None, bench_batch: int, progress: Any, format: str) -> dict[str, Any]:
+def _bench(
+    model,
+    out: Path,
+    threads: int | None,
+    bench_batch: int,
+    progress: Any,
+    format: str,
+    data: Any = None,
+    calibrate_batches: int | None = None,
+) -> dict[str, Any]:
     """The exported file timed against the float ONNX (``speed``), and a warning when it is slower; an
-    int8 file that gains little on a CPU without int8 dot-product instructions says why."""
+    int8 file that gains little on a CPU without int8 dot-product instructions says why. An int8 file of
+    a 1W/1A model is also timed against the int8 file of the same network with real-valued activations
+    (``speed.baseline_ms["1W/32A int8"]``), exported to a temporary folder."""
+    import tempfile
+
+    from .onnx import has_binary_activations
     from .speed import compare_speed
 
     if progress is not None:
         progress.phase("timing against the float ONNX", None)
-    speed = compare_speed(model, out, threads=threads, batch=bench_batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        baselines = {}
+        if format == "onnx-int8" and has_binary_activations(model) and data is not None:
+            baselines["1W/32A int8"] = _real_activation_int8(model, Path(tmp) / "w1a32.onnx", data, calibrate_batches)
+        speed = compare_speed(model, out, threads=threads, batch=bench_batch, baselines=baselines)
     extra: dict[str, Any] = {"speed": speed.to_dict()}
     if speed.speedup < 1.0:
         extra["warnings"] = [
