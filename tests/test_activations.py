@@ -104,8 +104,10 @@ def test_input_policy_keeps_pooled_layers_real_and_binarizes_the_rest(digits_tea
     pooled = {n for n, _ in model.named_modules() if ".se.conv_" in n} | {"conv_head"}
     first = {f"blocks.{i}.0.conv_{k}" for i in range(1, 5) for k in ("pw", "pwl")}
     first |= {"blocks.0.0.conv_pw", "blocks.5.0.conv"}
-    assert set(real) == pooled | first == _real(model)
+    bottleneck = {f"blocks.{i}.{j}.conv_pw" for i, j in ((1, 1), (2, 1), (2, 2), (3, 1), (4, 1), (4, 2))}
+    assert set(real) == pooled | first | bottleneck == _real(model)
     assert {real[n] for n in pooled} == {"pooled"} and {real[n] for n in first} == {"no shortcut"}
+    assert {real[n] for n in bottleneck} == {"bottleneck"}
     # the layer computes on its real input: the same output as the float conv with its binary weight
     head = model.conv_head
     x = torch.randn(2, head.in_channels, 1, 1)
