@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import invoke_cli
 from safetensors.torch import load_file, save_file
 
 from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint, save_packed
@@ -197,3 +198,18 @@ def test_thresholds_of_linear_layers_on_tokens_are_per_feature():
     assert model.blocks[0].attn.qkv.act_threshold.shape == (192,)
     shares = activation_shares(model.eval(), images)
     assert all(0.2 <= s <= 0.8 for s in shares.values()), shares
+
+
+def test_binarize_warns_before_a_1w1a_setting_known_to_fail(tmp_path):
+    args = ["binarize", "mobilenetv3_small_100", "--no-pretrained", "--num-classes", "10", "--activations", "sign"]
+    r = invoke_cli(*args, "-o", tmp_path / "a.safetensors", "--all-binary-inputs")
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "MobileNetV3 are known to fail" in warning[0] and "--all-binary-inputs" in warning[0]
+    r = invoke_cli(*args, "-o", tmp_path / "b.safetensors")
+    assert r.returncode == 0 and "warning:" not in r.stderr
+    r = invoke_cli("binarize", "resnet18", "--no-pretrained", "--real-inputs", "layer1.*", "-o", tmp_path / "c")
+    assert (
+        r.returncode == 2 and r.stderr.strip() == "error: --real-inputs and --all-binary-inputs need --activations sign"
+    )
+    assert not (tmp_path / "c").exists()

@@ -101,7 +101,7 @@ def binarize(
     out = check_output_path(output or default_output(model, ".binary.safetensors"), overwrite)
     from ..model.limits import known_shortfalls
 
-    warnings = [with_flags(w) for w in known_shortfalls(model.removeprefix("hf-hub:"), config)]
+    warnings = [with_flags(w) for w in known_shortfalls(model.removeprefix("hf-hub:"), config, policy)]
     for warning in warnings:  # before any work: the user may stop here
         stderr().print(f"warning: {warning}")
     net = binarize_model(
