@@ -200,16 +200,8 @@ def test_thresholds_of_linear_layers_on_tokens_are_per_feature():
     assert all(0.2 <= s <= 0.8 for s in shares.values()), shares
 
 
-def test_binarize_warns_before_a_1w1a_setting_known_to_fail(tmp_path):
-    args = ["binarize", "mobilenetv3_small_100", "--no-pretrained", "--num-classes", "10", "--activations", "sign"]
-    r = invoke_cli(*args, "-o", tmp_path / "a.safetensors", "--all-binary-inputs")
-    assert r.returncode == 0, r.stderr
-    warning = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warning) == 1 and "MobileNetV3 are known to fail" in warning[0] and "--all-binary-inputs" in warning[0]
-    r = invoke_cli(*args, "-o", tmp_path / "b.safetensors")
-    assert r.returncode == 0 and "warning:" not in r.stderr
+def test_real_inputs_options_need_binary_activations(tmp_path):
     r = invoke_cli("binarize", "resnet18", "--no-pretrained", "--real-inputs", "layer1.*", "-o", tmp_path / "c")
-    assert (
-        r.returncode == 2 and r.stderr.strip() == "error: --real-inputs and --all-binary-inputs need --activations sign"
-    )
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --real-inputs and --all-binary-inputs need --activations sign"
     assert not (tmp_path / "c").exists()
