@@ -304,7 +304,7 @@ def test_1w1a_int8_keeps_real_input_layers_float(tmp_path, digits_small):
     assert result.rel_diff <= 1e-4  # an untrained model: its near-constant logits make top-1 agreement noise
 
 
-def test_1w1a_int8_export_is_timed_against_the_1w32a_int8_model(tmp_path, digits_small):
+def test_1w1a_int8_export_is_timed_against_the_1w32a_int8_model(tmp_path, digits_small, capsys):
     """Issue 25: the export of a 1W/1A int8 file says how fast it runs against the 1W/32A int8 file of
     the same network, measured in the same run."""
     model = binarize_model("test_resnet", BinarizeConfig(activations="sign"), num_classes=10)
@@ -315,4 +315,8 @@ def test_1w1a_int8_export_is_timed_against_the_1w32a_int8_model(tmp_path, digits
     assert r.returncode == 0, r.stderr
     speed = json.loads(r.stdout)["speed"]
     assert set(speed["baseline_ms"]) == {"1W/32A int8"} and speed["baseline_ms"]["1W/32A int8"] > 0
-    assert "for the 1W/32A int8 model of the same network" in invoke_cli(*args[:-1], "--overwrite").stderr
+    from equalbits_cli.cli.model_cmds import _report_export
+
+    capsys.readouterr()
+    _report_export(json.loads(r.stdout), "onnx-int8")  # what the command prints without --json
+    assert "for the 1W/32A int8 model of the same network" in capsys.readouterr().err
