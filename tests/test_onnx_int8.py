@@ -128,7 +128,7 @@ def test_1w1a_int8_is_exact(tmp_path, resnet18_state, digits_small, config):
     centred = config.ratio != 0.5
     exclude = ("layer4",) if centred else ()
     result = export_onnx_int8(
-        model, tmp_path / "m.onnx", digits_small, img_size=32, check_images=32, int8_exclude=exclude
+        model, tmp_path / "m.onnx", digits_small, img_size=32, check_images=32, int8_exclude=exclude, exact_binary=True
     )
     ops, floats = int8_ops((tmp_path / "m.onnx").read_bytes())
     assert ops == {"ConvInteger": (19 - 5) * 2 if centred else 19}  # centred: + the mu * |codes| sum
@@ -293,11 +293,12 @@ def test_int8_exclude_needs_the_exporters_module_names():
 
 
 def test_1w1a_int8_keeps_real_input_layers_float(tmp_path, digits_small):
-    """With the 1W/1A input policy, the layers that keep real inputs stay float convolutions (a uint8
-    quantizer at scale 1 would round their inputs to integers); the others run ConvInteger."""
+    """With the 1W/1A input policy and ``exact_binary``, the layers that keep real inputs stay float
+    convolutions (a uint8 quantizer at scale 1 would round their inputs to integers); the others run
+    ConvInteger."""
     model = binarize_model("mobilenetv3_small_100", BinarizeConfig(activations="sign"), num_classes=10).eval()
     real = model.equalbits_meta["real_inputs"]
-    result = export_onnx_int8(model, tmp_path / "m.onnx", digits_small, img_size=32, check_images=16)
+    result = export_onnx_int8(model, tmp_path / "m.onnx", digits_small, img_size=32, check_images=16, exact_binary=True)
     kernels = {m: "float" if k in ("Conv", "FusedConv") else k for m, k in result.layer_kernels.items()}
     want = {m: "float" if m in real else "ConvInteger" for m in _binary(model)}
     assert {m: kernels.get(m) for m in want} == want
@@ -320,3 +321,23 @@ def test_1w1a_int8_export_is_timed_against_the_1w32a_int8_model(tmp_path, digits
     capsys.readouterr()
     _report_export(json.loads(r.stdout), "onnx-int8")  # what the command prints without --json
     assert "for the 1W/32A int8 model of the same network" in capsys.readouterr().err
+
+
+def test_1w1a_int8_default_quantizes_the_signs_exactly(tmp_path, resnet18_state, digits_small):
+    """The default 1W/1A int8 route quantizes the whole graph like a 1W/32A model (QLinearConv, 7-9x
+    faster than ConvInteger in onnxruntime), with the +-1 inputs at scale 1/127 and zero point 128:
+    -1 and +1 are 1 and 255, exactly."""
+    model = binarize_model("resnet18", BinarizeConfig(activations="sign"), checkpoint=resnet18_state).eval()
+    result = export_onnx_int8(model, tmp_path / "m.onnx", digits_small, img_size=32, check_images=32)
+    real = model.equalbits_meta["real_inputs"]
+    assert result.activations == "uint8 static, +-1 inputs exact"
+    assert {m: result.layer_kernels.get(m) for m in _binary(model) if m not in real} == {
+        m: "QLinearConv" for m in _binary(model) if m not in real
+    }
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    signs = {o for n in graph.node if n.op_type == "Where" for o in n.output}
+    quant = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in signs]
+    assert len(quant) == 19 - len(real)
+    for q in quant:
+        assert float(inits[q.input[1]]) == np.float32(1 / 127) and int(inits[q.input[2]]) == 128

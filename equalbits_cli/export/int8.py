@@ -43,7 +43,7 @@ from torch import nn
 
 from ..errors import SettingError
 from ..progress import Progress
-from .int8_graph import integer_binary_layers, pack_float_weights, pack_int8_weights
+from .int8_graph import binary_input_tensors, integer_binary_layers, pack_float_weights, pack_int8_weights
 from .onnx import export_data_config
 
 __all__ = [
@@ -206,10 +206,33 @@ def layer_kernels(optimized, scopes: dict[str, tuple[str, ...]]) -> dict[str, st
     return dict(sorted(out.items()))
 
 
-def quantize_qdq(pre_path: Path, out_path: Path, reader, exclude: list[str] | None = None) -> None:
+def with_real_inputs(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every binary layer computes on its real-valued input: the 1W/32A
+    network of a 1W/1A model, for timing one against the other."""
+    import copy
+
+    from ..nn.layers import BinaryLayer
+    from ..nn.packed import PackedBinary
+
+    real = copy.deepcopy(model)
+    for m in real.modules():
+        if isinstance(m, BinaryLayer):
+            m.keep_real_inputs()
+        elif isinstance(m, PackedBinary):
+            m.act_threshold = None
+    return real
+
+
+def quantize_qdq(
+    pre_path: Path, out_path: Path, reader, exclude: list[str] | None = None, signs: list[str] | None = None
+) -> None:
     """onnxruntime's static QDQ quantization: per-channel int8 weights, uint8 activations (the fast
-    u8s8 kernels on x86), ranges from the calibration reader; the nodes named in ``exclude`` stay float."""
+    u8s8 kernels on x86), ranges from the calibration reader; the nodes named in ``exclude`` stay float.
+    The tensors named in ``signs`` (1W/1A layers' +-1 inputs) get scale 1/127 and zero point 128: -1 and
+    +1 are 1 and 255, exactly."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    exact = {"scale": np.array(1 / 127, dtype=np.float32), "zero_point": np.array(128, dtype=np.uint8)}
 
     quantize_static(
         str(pre_path),
@@ -220,6 +243,7 @@ def quantize_qdq(pre_path: Path, out_path: Path, reader, exclude: list[str] | No
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=exclude or [],
+        extra_options={"TensorQuantOverrides": {t: [dict(exact)] for t in signs or []}},
     )
 
 
@@ -291,6 +315,7 @@ def export_onnx_int8(
     exclusive: bool = False,
     int8_exclude: tuple[str, ...] | list[str] = (),
     progress: Progress | None = None,
+    exact_binary: bool = False,
 ) -> Int8ExportResult:
     """Export a binarized model as a static int8 QDQ ONNX model whose binary weights stay packed bits.
 
@@ -307,6 +332,11 @@ def export_onnx_int8(
         int8_exclude: Module name globs (``blocks.*.se``) whose nodes stay float (see
             :func:`find_exclusion`); binarized layers among them keep 1-bit planes with float levels.
         progress: Receives the phases (calibrating, checking).
+        exact_binary: 1W/1A models only: compute the binary-input layers with ``ConvInteger`` /
+            ``MatMulInteger`` on their packed codes, float elsewhere, so that the file matches PyTorch
+            up to float rounding; onnxruntime's CPU kernels for them are slow (resnet18 at 224x224:
+            11x slower than the default). Default: quantize the whole graph like a 1W/32A model, the
+            +-1 inputs with parameters that hold them exactly (``QLinearConv``).
 
     Returns:
         An :class:`Int8ExportResult`: sizes, the integer ops onnxruntime runs, the differences.
@@ -334,19 +364,20 @@ def export_onnx_int8(
     onnx_model, plain, layers, x = traced.graph, traced.module, traced.layers, traced.x
     exclusion = find_exclusion(traced, int8_exclude)
     sign_acts = has_binary_activations(model)
-    calib = [] if sign_acts else [b for b, _ in _batches(calib_set, calibrate_batches, batch_size)]
-    if not sign_acts and not calib:
+    integer = sign_acts and exact_binary  # the exact route: integer ops on the codes, no calibration
+    calib = [] if integer else [b for b, _ in _batches(calib_set, calibrate_batches, batch_size)]
+    if not integer and not calib:
         raise SettingError(
             f"no images to calibrate on: {data_dir}/train (else val/) holds no images of the model's classes; "
             "add some, or pass another `data_dir`"
         )
 
     q_model, packed, exact, float_nodes = _int8_graph(
-        onnx_model, layers, calib if not sign_acts else None, progress, exclusion
+        onnx_model, layers, None if integer else calib, progress, exclusion, sign_acts
     )
     meta["onnx_weights"] = "int8"
     meta["bit_order"] = "little"
-    meta["int8_activations"] = "binary" if sign_acts else "uint8"
+    meta["int8_activations"] = "binary" if integer else "uint8"
     onnx.helper.set_model_props(q_model, meta)
     onnx.checker.check_model(q_model, full_check=True)
     data = q_model.SerializeToString()
@@ -357,7 +388,7 @@ def export_onnx_int8(
     if not ints:
         raise ValueError("onnxruntime fused no integer kernel in the int8 model; the file was not written")
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    diff, rng, agreement, seen = _compare(session, plain, val_set, check_images, x, sign_acts, progress)
+    diff, rng, agreement, seen = _compare(session, plain, val_set, check_images, x, integer, progress)
     if progress is not None:
         progress.done()
     notes = []
@@ -387,7 +418,9 @@ def export_onnx_int8(
         sum(len(b) for b in calib),
         agreement,
         seen,
-        "binary layers int8 (exact), rest float" if sign_acts else "uint8 static",
+        "binary layers int8 (exact), rest float"
+        if integer
+        else ("uint8 static, +-1 inputs exact" if sign_acts else "uint8 static"),
         notes,
         list(int8_exclude),
         float_nodes,
@@ -395,11 +428,14 @@ def export_onnx_int8(
     )
 
 
-def _int8_graph(onnx_model, layers: dict, calib: list | None, progress: Progress | None, exclusion: Exclusion):
+def _int8_graph(
+    onnx_model, layers: dict, calib: list | None, progress: Progress | None, exclusion: Exclusion, signs: bool = False
+):
     """``(int8 model, layers packed in int8, layers exact, nodes kept float)`` from the float graph:
     onnxruntime's pre-processing, then its static quantization calibrated on ``calib`` with the binary
-    weights packed again, or, for 1W/1A models (``calib`` None), the binarized layers rewritten as integer
-    ops. What ``exclusion`` names stays float (its binarized layers packed with float levels)."""
+    weights packed again (``signs``: the +-1 inputs of 1W/1A layers quantized exactly), or, for 1W/1A
+    models with ``calib`` None, the binarized layers rewritten as integer ops. What ``exclusion`` names
+    stays float (its binarized layers packed with float levels)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -434,7 +470,8 @@ def _int8_graph(onnx_model, layers: dict, calib: list | None, progress: Progress
             onnx.save(pre, str(pre_path))
             if progress is not None:
                 progress.phase("calibrating", len(calib))
-            quantize_qdq(pre_path, q_path, Reader(), skip)
+            binary = {n: m for n, m in kept.items() if m.act_threshold is not None} if signs else {}
+            quantize_qdq(pre_path, q_path, Reader(), skip, binary_input_tensors(pre, binary))
             q_model = onnx.load(str(q_path))
             packed, exact = pack_int8_weights(q_model, kept)
             pack_float_weights(q_model, left)

@@ -244,6 +244,18 @@ def integer_binary_layers(pre_model, layers: dict[str, PackedBinary]) -> int:
     return len(layers)
 
 
+def binary_input_tensors(pre_model, layers: dict[str, PackedBinary]) -> list[str]:
+    """The input tensor of each binarized layer's Conv/Gemm/MatMul node in ``pre_model`` (the +-1
+    activations of a 1W/1A layer), for quantization parameters that hold -1 and +1 exactly."""
+    graph = pre_model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    return [_layer_node(consumers, weight_name(inits, name), name, {}).input[0] for name in layers]
+
+
 def _layer_node(consumers: dict[str, list], init_name: str, name: str, replaced: dict[str, list]):
     """The one Conv/Gemm/MatMul that reads the weight ``init_name`` (through a Transpose, which is then
     dropped)."""

@@ -52,6 +52,7 @@ def export_file(
     bench_batch: int = 1,
     int8_exclude: tuple[str, ...] | list[str] = (),
     progress: Any = None,
+    exact_binary: bool = False,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` to ``output`` and verify it; returns a JSON-ready summary.
 
@@ -61,7 +62,8 @@ def export_file(
     With ``bench``, an ONNX export is timed against the float ONNX of the same model in onnxruntime
     (:func:`equalbits_cli.export.speed.compare_speed`, ``threads`` and ``bench_batch``); a file slower
     than float gets a warning saying so (``warnings`` in the summary). ``int8_exclude`` (``onnx-int8``):
-    module name globs kept float (:func:`equalbits_cli.export.int8.find_exclusion`).
+    module name globs kept float (:func:`equalbits_cli.export.int8.find_exclusion`). ``exact_binary``
+    (``onnx-int8`` of a 1W/1A model): integer ops on the packed codes, bit-faithful and slow.
 
     Raises:
         ValueError: bad arguments, a damaged checkpoint, or a failed verification (then nothing is kept).
@@ -74,6 +76,8 @@ def export_file(
     _check_settings(format, data, calibrate_batches, threads, bench_batch)
     if int8_exclude and format != "onnx-int8":
         raise SettingError("`int8_exclude` applies to `format` onnx-int8 only")
+    if exact_binary and format != "onnx-int8":
+        raise SettingError("`exact_binary` applies to `format` onnx-int8 only")
     calibrate_batches = 8 if calibrate_batches is None else calibrate_batches
     out = check_output_path(output, overwrite)
     check_distinct_paths({"-o": out}, {"CHECKPOINT": checkpoint})
@@ -108,6 +112,7 @@ def export_file(
             exclusive=not overwrite,
             int8_exclude=tuple(int8_exclude),
             progress=progress,
+            exact_binary=exact_binary,
         )
         diff = r.max_abs_diff
         extra = {k: v for k, v in asdict(r).items() if k not in ("path", "bytes", "max_abs_diff")}
@@ -129,20 +134,10 @@ def export_file(
 
 def _real_activation_int8(model, path: Path, data: Any, calibrate_batches: int | None) -> Path:
     """The int8 ONNX of ``model`` with every binary layer computing on real-valued inputs (1W/32A)."""
-    import copy
+    from .int8 import export_onnx_int8, with_real_inputs
 
-    from ..nn.layers import BinaryLayer
-    from ..nn.packed import PackedBinary
-    from .int8 import export_onnx_int8
-
-    real = copy.deepcopy(model)
-    for m in real.modules():
-        if isinstance(m, BinaryLayer):
-            m.keep_real_inputs()
-        elif isinstance(m, PackedBinary):
-            m.act_threshold = None
     kwargs = {} if calibrate_batches is None else {"calibrate_batches": calibrate_batches}
-    export_onnx_int8(real, path, data, check_images=0, **kwargs)
+    export_onnx_int8(with_real_inputs(model), path, data, check_images=0, **kwargs)
     return path
 
 
