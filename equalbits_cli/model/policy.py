@@ -19,6 +19,9 @@ Every Conv2d and Linear is a candidate. The default policy keeps full precision:
 ``include`` patterns override every rule but ``exclude`` and ``custom forward``: ``--include conv1``
 binarizes the stem too. Patterns are shell-style globs on module names (``blocks.*.se.*``).
 The benchmark ``benchmarks/recipe.py`` measures what each rule is worth in accuracy and size.
+
+With 1-bit activations a second set of rules, :func:`plan_inputs`, decides which binarized layers
+keep real-valued inputs (``benchmarks/activations.py`` measures them).
 """
 
 from __future__ import annotations
@@ -217,7 +220,7 @@ def plan_layers(
     return plans
 
 
-def pooled_input_layers(model: nn.Module, names: list[str]) -> list[str]:
+def pooled_layers(model: nn.Module, names: list[str]) -> list[str]:
     """Those of ``names`` (Conv2d/Linear modules) whose input has no spatial or token extent: a vector
     per image, as after global pooling. Found by forwards of zero images at the size of the model's
     ``pretrained_cfg`` (224x224 when it has none), at twice that and at a ViT's own size, where the
@@ -273,14 +276,14 @@ def _blocks(model: nn.Module, skip: bool) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and getattr(m, "has_skip", None) is skip]
 
 
-def unshortcut_inputs(model: nn.Module, names: list[str]) -> list[str]:
+def unshortcut_layers(model: nn.Module, names: list[str]) -> list[str]:
     """Those of ``names`` inside a block whose ``has_skip`` is false (timm's MobileNet and EfficientNet
     blocks: the stride-2 and widening ones)."""
     blocks = [n for n, _ in _blocks(model, False)]
     return [n for n in names if _under(n, blocks)]
 
 
-def bottleneck_inputs(model: nn.Module, names: list[str]) -> list[str]:
+def bottleneck_layers(model: nn.Module, names: list[str]) -> list[str]:
     """Those of ``names`` that are the first Conv2d/Linear (module order, which is forward order in
     timm's blocks) of a block with a shortcut: the layer that reads the linear bottleneck, as the
     expansion ``conv_pw`` of an inverted residual does."""
@@ -336,11 +339,11 @@ def plan_inputs(model: nn.Module, names: list[str], policy: LayerPolicy | None =
     _check_patterns(policy.real_inputs, names, "real_inputs")
     real = {n: "pattern" for n in names if any(fnmatch.fnmatchcase(n, p) for p in policy.real_inputs)}
     if not policy.all_binary_inputs:
-        for n in pooled_input_layers(model, names):
+        for n in pooled_layers(model, names):
             real.setdefault(n, "pooled")
-        for n in unshortcut_inputs(model, names):
+        for n in unshortcut_layers(model, names):
             real.setdefault(n, "no shortcut")
-        for n in bottleneck_inputs(model, names):
+        for n in bottleneck_layers(model, names):
             real.setdefault(n, "bottleneck")
         for n in shortcut_layers(model, names):
             real.setdefault(n, "shortcut")
