@@ -99,6 +99,20 @@ def run_one(name: str, variant: str, teacher_path: Path, data: Path, tmp: Path, 
     }
 
 
+def workspace(teachers: Path | None, tmp: Path, dataset: str) -> tuple[Path, Path, int]:
+    """``(folder for teachers, data folder, classes)``: the built-in data at 32x32, built once in
+    ``teachers`` (else in ``tmp``)."""
+    from equalbits_cli.data.builtin import make_dataset
+    from equalbits_cli.data.folders import find_splits
+
+    keep = teachers or tmp
+    keep.mkdir(parents=True, exist_ok=True)
+    data = keep / dataset
+    if not (data / "train").is_dir():
+        data = make_dataset(dataset, data, size=32)
+    return keep, data, len(find_splits(data).classes)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | real inputs | teacher | 1W/1A fine-tuned | gap | binary-input layers | act. +1 share |",
@@ -120,9 +134,6 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     import timm
 
-    from equalbits_cli.data.builtin import make_dataset
-    from equalbits_cli.data.folders import find_splits
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="resnet18,mobilenetv3_small_100,efficientnet_b0")
     ap.add_argument("--variants", default="all,default")
@@ -135,12 +146,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        keep = args.teachers or tmp
-        keep.mkdir(parents=True, exist_ok=True)
-        data = keep / args.dataset
-        if not (data / "train").is_dir():
-            data = make_dataset(args.dataset, data, size=32)
-        classes = len(find_splits(data).classes)
+        keep, data, classes = workspace(args.teachers, tmp, args.dataset)
         for name in args.models.split(","):
             teacher_path, _ = teacher(name, data, keep, classes, args.dataset)
             for variant in args.variants.split(","):

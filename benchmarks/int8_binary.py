@@ -61,12 +61,10 @@ def files(model, tmp: Path, data: Path, size: int | None) -> dict[str, Path]:
 def main() -> None:
     import onnxruntime
     import timm
-    from activations import teacher
+    from activations import teacher, workspace
 
     from equalbits_cli import BinarizeConfig, binarize_model, load_model, save_checkpoint
     from equalbits_cli.config import FinetuneConfig
-    from equalbits_cli.data.builtin import make_dataset
-    from equalbits_cli.data.folders import find_splits
     from equalbits_cli.train.finetune import finetune
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -79,12 +77,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        keep = args.teachers or tmp
-        keep.mkdir(parents=True, exist_ok=True)
-        data = keep / "digits"
-        if not (data / "train").is_dir():
-            data = make_dataset("digits", data, size=32)
-        classes = len(find_splits(data).classes)
+        keep, data, classes = workspace(args.teachers, tmp, "digits")
         for name in args.models.split(","):
             teacher_path, _ = teacher(name, data, keep, classes, "digits")
             student = binarize_model(name, BinarizeConfig(activations="sign"), checkpoint=teacher_path)

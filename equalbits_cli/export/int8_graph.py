@@ -227,10 +227,7 @@ def integer_binary_layers(pre_model, layers: dict[str, PackedBinary]) -> int:
     """
     graph = pre_model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    consumers = _consumers(graph)
     new_nodes: list = []
     replaced: dict[str, list] = {}
     for name, layer in layers.items():
@@ -244,15 +241,21 @@ def integer_binary_layers(pre_model, layers: dict[str, PackedBinary]) -> int:
     return len(layers)
 
 
+def _consumers(graph) -> dict[str, list]:
+    """The nodes that read each tensor of ``graph``, by tensor name."""
+    out: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            out.setdefault(i, []).append(node)
+    return out
+
+
 def binary_input_tensors(pre_model, layers: dict[str, PackedBinary]) -> list[str]:
     """The input tensor of each binarized layer's Conv/Gemm/MatMul node in ``pre_model`` (the +-1
     activations of a 1W/1A layer), for quantization parameters that hold -1 and +1 exactly."""
     graph = pre_model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    consumers = _consumers(graph)
     return [_layer_node(consumers, weight_name(inits, name), name, {}).input[0] for name in layers]
 
 
