@@ -128,7 +128,7 @@ def test_input_policy_keeps_pooled_layers_real_and_binarizes_the_rest(digits_tea
     pattern = LayerPolicy(all_binary_inputs=True, real_inputs=("blocks.1.*.conv_pwl",))
     chosen = binarize_model("mobilenetv3_small_100", cfg, num_classes=10, policy=pattern).equalbits_meta
     assert chosen["real_inputs"] == {"blocks.1.0.conv_pwl": "pattern", "blocks.1.1.conv_pwl": "pattern"}
-    with pytest.raises(ValueError, match="real_inputs.*matches no"):
+    with pytest.raises(ValueError, match="real_inputs.*matches no binarized layer"):
         binarize_model("resnet18", cfg, num_classes=10, policy=LayerPolicy(real_inputs=("nothing.*",)))
     assert binarize_model("mobilenetv3_small_100", num_classes=10).equalbits_meta["real_inputs"] == {}
 

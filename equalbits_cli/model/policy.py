@@ -158,12 +158,14 @@ def _under(fqn: str, prefixes: list[str]) -> bool:
     return any(fqn == p or fqn.startswith(p + ".") for p in prefixes)
 
 
-def _check_patterns(patterns: tuple[str, ...], names: list[str], option: str) -> None:
+def _check_patterns(
+    patterns: tuple[str, ...], names: list[str], option: str, what: str = "Conv2d/Linear module"
+) -> None:
     for p in patterns:
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
             close = difflib.get_close_matches(p, names, n=3, cutoff=0.4)
             hint = f"; closest module names: {', '.join(close)}" if close else ""
-            raise SettingError(f"`{option}` {p!r} matches no Conv2d/Linear module{hint}")
+            raise SettingError(f"`{option}` {p!r} matches no {what}{hint}")
 
 
 def plan_layers(
@@ -336,7 +338,7 @@ def plan_inputs(model: nn.Module, names: list[str], policy: LayerPolicy | None =
         ValueError: a ``real_inputs`` pattern matches none of ``names``.
     """
     policy = policy or LayerPolicy()
-    _check_patterns(policy.real_inputs, names, "real_inputs")
+    _check_patterns(policy.real_inputs, names, "real_inputs", "binarized layer")
     real = {n: "pattern" for n in names if any(fnmatch.fnmatchcase(n, p) for p in policy.real_inputs)}
     if not policy.all_binary_inputs:
         for n in pooled_layers(model, names):
