@@ -16,7 +16,7 @@ the activation bits on validation images. Variants (names of binarized layers th
 Every number is measured in this run, or in the run that trained the reused teachers.
 
     python benchmarks/activations.py --models mobilenetv3_small_100 --variants all,gate,default
-        [--teachers DIR] [--epochs 5] [--dataset digits] [--out rows.jsonl]
+        [--teachers DIR] [--epochs 5] [--seeds 0,1,2] [--dataset digits] [--out rows.jsonl]
 """
 
 from __future__ import annotations
@@ -66,26 +66,27 @@ def teacher(name: str, data: Path, folder: Path, classes: int, dataset: str) -> 
     return path, top1
 
 
-def run_one(name: str, variant: str, teacher_path: Path, data: Path, tmp: Path, epochs: int) -> dict:
+def run_one(name: str, variant: str, teacher_path: Path, data: Path, tmp: Path, epochs: int, seed: int = 0) -> dict:
     from equalbits_cli import BinarizeConfig, LayerPolicy, binarize_model, load_model, save_checkpoint
     from equalbits_cli.config import FinetuneConfig
     from equalbits_cli.report.inspect import activation_shares
     from equalbits_cli.train.evaluate import activation_batch
     from equalbits_cli.train.finetune import finetune
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     policy = LayerPolicy(**VARIANTS[variant])
     student = binarize_model(name, BinarizeConfig(activations="sign"), checkpoint=teacher_path, policy=policy)
     binary = [m for m in student.modules() if getattr(m, "config", None) is not None and hasattr(m, "act_threshold")]
     path = save_checkpoint(student, tmp / f"{name}-{variant}.safetensors")
     out = tmp / f"{name}-{variant}.ft.safetensors"
     t0 = time.perf_counter()
-    res = finetune(path, data, FinetuneConfig(epochs=epochs, workers=0), output=out)
+    res = finetune(path, data, FinetuneConfig(epochs=epochs, workers=0, seed=seed), output=out)
     tuned = load_model(out)
     shares = activation_shares(tuned, activation_batch(tuned, data))
     return {
         "model": name,
         "variant": variant,
+        "seed": seed,
         "epochs": epochs,
         "teacher_top1": res.teacher_top1,
         "finetuned_top1": res.student_top1,
@@ -115,8 +116,8 @@ def workspace(teachers: Path | None, tmp: Path, dataset: str) -> tuple[Path, Pat
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | real inputs | teacher | 1W/1A fine-tuned | gap | binary-input layers | act. +1 share |",
-        "|---|---|---|---|---|---|---|",
+        "| model | real inputs | seed | teacher | 1W/1A fine-tuned | gap | binary-input layers | act. +1 share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         share = (
@@ -125,8 +126,9 @@ def table(rows: list[dict]) -> str:
             else "-"
         )
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['teacher_top1']:.1f}% | **{r['finetuned_top1']:.1f}%** "
-            f"| {r['gap']:+.1f} | {r['binary_input_layers']}/{r['binarized_layers']} | {share} |"
+            f"| {r['model']} | {r['variant']} | {r['seed']} | {r['teacher_top1']:.1f}% "
+            f"| **{r['finetuned_top1']:.1f}%** | {r['gap']:+.1f} "
+            f"| {r['binary_input_layers']}/{r['binarized_layers']} | {share} |"
         )
     return "\n".join(lines)
 
@@ -138,6 +140,7 @@ def main() -> None:
     ap.add_argument("--models", default="resnet18,mobilenetv3_small_100,efficientnet_b0")
     ap.add_argument("--variants", default="all,default")
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--seeds", default="0", help="Comma-separated fine-tune seeds (the teacher is trained once).")
     ap.add_argument("--dataset", default="digits", choices=["digits", "chars"])
     ap.add_argument("--teachers", type=Path, default=None, help="Keep and reuse teachers (and data) here.")
     ap.add_argument("--out", type=Path, default=None, help="Append the rows as JSON lines here.")
@@ -150,12 +153,13 @@ def main() -> None:
         for name in args.models.split(","):
             teacher_path, _ = teacher(name, data, keep, classes, args.dataset)
             for variant in args.variants.split(","):
-                row = run_one(name, variant, teacher_path, data, tmp, args.epochs)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.out is not None:
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    row = run_one(name, variant, teacher_path, data, tmp, args.epochs, seed)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if args.out is not None:
+                        with args.out.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
     print(f"\ntorch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads\n")
     print(table(rows))
 
