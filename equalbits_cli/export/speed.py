@@ -103,6 +103,10 @@ def _session(path: str | os.PathLike, threads: int | None):
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
+    # The files are timed in alternation: threads left spinning after one call would compete with the
+    # other session's (measured on 2 cores, resnet18 int8 at batch 8: 66.8 ms spinning, 41.3 ms not;
+    # benchmarks/inference.py, one session at a time, 38.4 ms).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
