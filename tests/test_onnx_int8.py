@@ -341,3 +341,20 @@ def test_1w1a_int8_default_quantizes_the_signs_exactly(tmp_path, resnet18_state,
     assert len(quant) == 19 - len(real)
     for q in quant:
         assert float(inits[q.input[1]]) == np.float32(1 / 127) and int(inits[q.input[2]]) == 128
+
+
+def test_1w1a_vit_exports_and_its_int8_default_is_exact(tmp_path, digits_small):
+    """A calibrated 1W/1A ViT (timm's test_vit) passes the ONNX check, and its int8 file takes the exact
+    route by default (binary-input linear layers: quantizing their LayerNorm outputs moved values across
+    the sign thresholds, outputs 76% of their range off)."""
+    from equalbits_cli.export.onnx import export_onnx
+    from equalbits_cli.nn.layers import calibrate_thresholds
+
+    torch.manual_seed(0)
+    model = binarize_model("test_vit", BinarizeConfig(activations="sign"), num_classes=10)
+    calibrate_thresholds(model, [torch.randn(8, *model.pretrained_cfg["input_size"])])
+    model.eval()
+    assert export_onnx(model, tmp_path / "m.onnx").matched >= 0.75
+    result = export_onnx_int8(model, tmp_path / "m8.onnx", digits_small, check_images=16)
+    assert result.activations == "binary layers int8 (exact), rest float"
+    assert set(result.int8_ops) == {"MatMulInteger"} and result.rel_diff <= 1e-4

@@ -263,14 +263,17 @@ def export(
         ),
     ] = None,
     exact_binary: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--exact-binary",
+            "--exact-binary/--quantized-binary",
             help="onnx-int8 of a 1W/1A model: run its binary-input layers as ConvInteger/MatMulInteger on the "
-            "packed codes, matching PyTorch up to float rounding, instead of QLinearConv (resnet18: 7-9x slower "
-            "in onnxruntime; the default loses 0.3 points of top-1 on the digits).",
+            "packed codes, matching PyTorch up to float rounding (resnet18: 7-9x slower in onnxruntime), or "
+            "quantize the graph like a 1W/32A model with exact +-1 inputs (QLinearConv; resnet18: 0.2 points "
+            "of top-1 on the digits). Default: quantized for CNNs, exact where linear layers take binary inputs "
+            "(ViT: unmeasured when quantized).",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     output: OutOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,

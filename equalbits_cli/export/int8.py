@@ -315,7 +315,7 @@ def export_onnx_int8(
     exclusive: bool = False,
     int8_exclude: tuple[str, ...] | list[str] = (),
     progress: Progress | None = None,
-    exact_binary: bool = False,
+    exact_binary: bool | None = None,
 ) -> Int8ExportResult:
     """Export a binarized model as a static int8 QDQ ONNX model whose binary weights stay packed bits.
 
@@ -335,8 +335,12 @@ def export_onnx_int8(
         exact_binary: 1W/1A models only: compute the binary-input layers with ``ConvInteger`` /
             ``MatMulInteger`` on their packed codes, float elsewhere, so that the file matches PyTorch
             up to float rounding; onnxruntime's CPU kernels for them are slow (resnet18 at 224x224:
-            11x slower than the default). Default: quantize the whole graph like a 1W/32A model, the
-            +-1 inputs with parameters that hold them exactly (``QLinearConv``).
+            7-9x slower than the quantized form). ``False``: quantize the whole graph like a 1W/32A
+            model, the +-1 inputs with parameters that hold them exactly (``QLinearConv``). ``None``
+            (default): the quantized form where every binary-input layer is a convolution (measured on
+            resnet18: 0.2 points of top-1), the exact one where a linear layer on tokens takes binary
+            inputs (a ViT: the 8-bit rounding of its LayerNorm outputs moves values across the sign
+            thresholds; test_vit: outputs 76% of their range off).
 
     Returns:
         An :class:`Int8ExportResult`: sizes, the integer ops onnxruntime runs, the differences.
@@ -364,6 +368,8 @@ def export_onnx_int8(
     onnx_model, plain, layers, x = traced.graph, traced.module, traced.layers, traced.x
     exclusion = find_exclusion(traced, int8_exclude)
     sign_acts = has_binary_activations(model)
+    if exact_binary is None:
+        exact_binary = any(m.conv is None and m.act_threshold is not None for m in layers.values())
     integer = sign_acts and exact_binary  # the exact route: integer ops on the codes, no calibration
     calib = [] if integer else [b for b, _ in _batches(calib_set, calibrate_batches, batch_size)]
     if not integer and not calib:

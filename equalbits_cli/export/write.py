@@ -52,7 +52,7 @@ def export_file(
     bench_batch: int = 1,
     int8_exclude: tuple[str, ...] | list[str] = (),
     progress: Any = None,
-    exact_binary: bool = False,
+    exact_binary: bool | None = None,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` to ``output`` and verify it; returns a JSON-ready summary.
 
@@ -76,7 +76,7 @@ def export_file(
     _check_settings(format, data, calibrate_batches, threads, bench_batch)
     if int8_exclude and format != "onnx-int8":
         raise SettingError("`int8_exclude` applies to `format` onnx-int8 only")
-    if exact_binary and format != "onnx-int8":
+    if exact_binary is not None and format != "onnx-int8":
         raise SettingError("`exact_binary` applies to `format` onnx-int8 only")
     calibrate_batches = 8 if calibrate_batches is None else calibrate_batches
     out = check_output_path(output, overwrite)
