@@ -64,11 +64,12 @@ def binarize(
     --keep-gates keeps squeeze-excite gates too. --include / --exclude (shell globs on module names)
     override that. A setting known to fail on the family is a warning before any work.
 
-    With --activations sign (1W/1A), every binarized layer binarizes its input but two kinds, which
-    keep real-valued inputs: layers fed by a pooled vector (squeeze-excite gates, MobileNetV3's head
-    conv), and the first layer of a block without a shortcut (there the sign would cut the whole signal,
-    not a branch beside it). The table's inputs column says which, and why; --all-binary-inputs and
-    --real-inputs GLOB change it.
+    With --activations sign (1W/1A), every binarized layer binarizes its input but those on the
+    network's real-valued path, which keep real-valued inputs: layers fed by a pooled vector
+    (squeeze-excite gates, MobileNetV3's head conv), the layers of a block without a shortcut and the
+    first layer of one with a shortcut (MobileNet, EfficientNet), and the layers of a shortcut (ResNet's
+    downsample projections). A sign there would cut the whole signal, not a branch beside it. The
+    table's inputs column says which, and why; --all-binary-inputs and --real-inputs GLOB change it.
 
     [b]Examples[/b]
 
@@ -82,14 +83,11 @@ def binarize(
     """
     from .. import binarize_model, collect_stats, save_checkpoint
     from ..config import BinarizeConfig
-    from ..errors import SettingError
-    from ..model.policy import LayerPolicy
+    from ..model.policy import LayerPolicy, check_input_rules
     from ..paths import check_output_path
     from .render import print_json, show_stats, stderr
 
     config = BinarizeConfig(ratio=ratio, prune=prune, method=method, activations=activations)
-    if activations != "sign" and (real_inputs or all_binary_inputs):
-        raise SettingError("--real-inputs and --all-binary-inputs need --activations sign")
     policy = LayerPolicy(
         depthwise=binarize_depthwise,
         gates=binarize_gates,
@@ -98,6 +96,7 @@ def binarize(
         all_binary_inputs=all_binary_inputs,
         real_inputs=tuple(real_inputs or ()),
     )
+    check_input_rules(policy, activations)  # before any work; binarize_ checks it too
     out = check_output_path(output or default_output(model, ".binary.safetensors"), overwrite)
     from ..model.limits import known_shortfalls
 

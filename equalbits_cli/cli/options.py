@@ -80,8 +80,8 @@ AllBinaryInputsOpt = Annotated[
     bool,
     typer.Option(
         "--all-binary-inputs",
-        help="With --activations sign: every binarized layer binarizes its input. By default layers fed by "
-        "a pooled vector, and the first layer of a block without a shortcut, keep real-valued inputs.",
+        help="With --activations sign: every binarized layer binarizes its input. By default the layers on "
+        "the real-valued path (pooled inputs, shortcuts, blocks without one) keep real-valued inputs.",
     ),
 ]
 RealInputsOpt = Annotated[

@@ -54,6 +54,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def stats_table(stats: ModelStats, title: str) -> Table:
     table = Table(title=title, title_justify="left")
+    show_inputs = any(s.inputs is not None for s in stats.layers)  # a 1W/1A model
+    show_act = any(s.act_plus_share is not None for s in stats.layers)  # inspect --data
     for col, justify in (
         ("layer", "left"),
         ("kind", "left"),
@@ -64,8 +66,8 @@ def stats_table(stats: ModelStats, title: str) -> Table:
         ("entropy", "right"),
         ("SQNR dB", "right"),
         ("exact", "center"),
-        *((("inputs", "left"),) if any(s.inputs is not None for s in stats.layers) else ()),
-        *((("act +1", "right"),) if any(s.act_plus_share is not None for s in stats.layers) else ()),
+        *((("inputs", "left"),) if show_inputs else ()),
+        *((("act +1", "right"),) if show_act else ()),
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for s in stats.layers:
@@ -81,8 +83,8 @@ def stats_table(stats: ModelStats, title: str) -> Table:
             _fmt(s.entropy_bits, ".4f"),
             _fmt(s.sqnr_db, ".2f"),
             exact,
-            *((s.inputs or "-",) if any(x.inputs is not None for x in stats.layers) else ()),
-            *((_fmt(s.act_plus_share, ".3f"),) if any(x.act_plus_share is not None for x in stats.layers) else ()),
+            *((s.inputs or "-",) if show_inputs else ()),
+            *((_fmt(s.act_plus_share, ".3f"),) if show_act else ()),
         )
     return table
 

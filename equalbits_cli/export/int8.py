@@ -379,7 +379,7 @@ def export_onnx_int8(
         )
 
     q_model, packed, exact, float_nodes = _int8_graph(
-        onnx_model, layers, None if integer else calib, progress, exclusion, sign_acts
+        onnx_model, layers, None if integer else calib, progress, exclusion
     )
     meta["onnx_weights"] = "int8"
     meta["bit_order"] = "little"
@@ -434,12 +434,10 @@ def export_onnx_int8(
     )
 
 
-def _int8_graph(
-    onnx_model, layers: dict, calib: list | None, progress: Progress | None, exclusion: Exclusion, signs: bool = False
-):
+def _int8_graph(onnx_model, layers: dict, calib: list | None, progress: Progress | None, exclusion: Exclusion):
     """``(int8 model, layers packed in int8, layers exact, nodes kept float)`` from the float graph:
     onnxruntime's pre-processing, then its static quantization calibrated on ``calib`` with the binary
-    weights packed again (``signs``: the +-1 inputs of 1W/1A layers quantized exactly), or, for 1W/1A
+    weights packed again (the +-1 inputs of 1W/1A layers quantized exactly), or, for 1W/1A
     models with ``calib`` None, the binarized layers rewritten as integer ops. What ``exclusion`` names
     stays float (its binarized layers packed with float levels)."""
     import onnx
@@ -468,15 +466,14 @@ def _int8_graph(
             pre = onnx.load(str(pre_path))
             _name_nodes(pre.graph)  # the nodes pre-processing made are unnamed: the quantizer excludes by name
             skip = exclusion.in_graph(pre.graph)
+            binary = {n: m for n, m in kept.items() if m.act_threshold is not None}  # +-1 inputs (1W/1A)
             if calib is None:  # integer ops where the inputs are +-1; float where the input policy kept them real
-                binary = {n: m for n, m in kept.items() if m.act_threshold is not None}
                 packed = exact = integer_binary_layers(pre, binary)
                 pack_float_weights(pre, {**left, **{n: m for n, m in kept.items() if n not in binary}})
                 return pre, packed, exact, len(skip)
             onnx.save(pre, str(pre_path))
             if progress is not None:
                 progress.phase("calibrating", len(calib))
-            binary = {n: m for n, m in kept.items() if m.act_threshold is not None} if signs else {}
             quantize_qdq(pre_path, q_path, Reader(), skip, binary_input_tensors(pre, binary))
             q_model = onnx.load(str(q_path))
             packed, exact = pack_int8_weights(q_model, kept)

@@ -106,13 +106,16 @@ def real_inputs(model: nn.Module) -> dict[str, str]:
     from ..nn.packed import PackedBinary
 
     meta = getattr(model, "equalbits_meta", None) or {}
-    if meta.get("config") is None or meta["config"].activations != "sign":
-        return {}
+    packed_sign = meta.get("config") is not None and meta["config"].activations == "sign"
     reasons = meta.get("real_inputs", {})
+
+    def one_bit_model(m: nn.Module) -> bool:  # a packed layer has no config of its own: the model's says
+        return m.config.activations == "sign" if isinstance(m, BinaryLayer) else packed_sign
+
     return {
         n: reasons.get(n, "pattern")
         for n, m in model.named_modules()
-        if isinstance(m, (BinaryLayer, PackedBinary)) and m.act_threshold is None
+        if isinstance(m, (BinaryLayer, PackedBinary)) and m.act_threshold is None and one_bit_model(m)
     }
 
 

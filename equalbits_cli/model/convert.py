@@ -17,7 +17,7 @@ from ..data.config import DataConfig
 from ..errors import SettingError
 from ..nn.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from ..nn.step_weights import StepWeights
-from .policy import LayerPlan, LayerPolicy, module_names, plan_inputs, plan_layers, special_names
+from .policy import LayerPlan, LayerPolicy, check_input_rules, module_names, plan_inputs, plan_layers, special_names
 
 __all__ = [
     "FilterFn",
@@ -158,7 +158,8 @@ def binarize_(
             (:func:`equalbits_cli.model.policy.plan_inputs`).
 
     Raises:
-        ValueError: nothing would be binarized, or a policy pattern matches no module.
+        ValueError: nothing would be binarized, a policy pattern matches no module, or input rules are
+            given without 1-bit activations.
 
     Example:
         >>> import timm
@@ -168,6 +169,7 @@ def binarize_(
         ('BinaryConv2d', 'Conv2d', 'classifier')
     """
     config = config or BinarizeConfig()
+    check_input_rules(policy, config.activations)
     modules = dict(model.named_modules())
     already = {n for n, m in modules.items() if isinstance(m, BinaryLayer)}
     plans = [p for p in _plans(model, policy, filter_fn) if p.name not in already]

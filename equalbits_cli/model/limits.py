@@ -9,9 +9,15 @@ __all__ = ["known_shortfalls"]
 
 # timm name prefix -> what was measured with 1-bit activations on every binarized layer's input
 # (benchmarks/activations.py, the digits at 32x32, 5 fine-tune epochs, equalbits 0.9).
-_ALL_BINARY_INPUTS = {
-    "mobilenetv3": "mobilenetv3_small_100 fine-tuned to 8.6% (chance; its teacher 92.5%; 87.2% with the input policy)",
-    "efficientnet": "efficientnet_b0 fine-tuned to 12.0% (chance; its teacher 90.5%; 83.8% with the input policy)",
+_ALL_BINARY_INPUTS = {  # prefix -> (family, measured)
+    "mobilenetv3": (
+        "MobileNetV3",
+        "mobilenetv3_small_100 fine-tuned to 8.6% (chance; its teacher 92.5%; 87.2% with the input policy)",
+    ),
+    "efficientnet": (
+        "EfficientNet",
+        "efficientnet_b0 fine-tuned to 12.0% (chance; its teacher 90.5%; 83.8% with the input policy)",
+    ),
 }
 # timm name prefix -> 1W/1A not measured yet, and why.
 _UNMEASURED = {
@@ -39,12 +45,11 @@ def known_shortfalls(model: str, config: BinarizeConfig, policy: LayerPolicy | N
     if config.activations != "sign":
         return out
     if policy is not None and policy.all_binary_inputs:
-        for prefix, text in _ALL_BINARY_INPUTS.items():
-            if name.startswith(prefix):
-                family = {"mobilenetv3": "MobileNetV3", "efficientnet": "EfficientNet"}[prefix]
-                out.append(
-                    f"1-bit inputs on every binarized layer of {family} are known to fail: {text}; "
-                    "leave `all_binary_inputs` off"
-                )
+        out += [
+            f"1-bit inputs on every binarized layer of {family} are known to fail: {text}; "
+            "leave `all_binary_inputs` off"
+            for prefix, (family, text) in _ALL_BINARY_INPUTS.items()
+            if name.startswith(prefix)
+        ]
     out += [text for prefix, text in _UNMEASURED.items() if name.startswith(prefix)]
     return out

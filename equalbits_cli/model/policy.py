@@ -307,6 +307,16 @@ def shortcut_layers(model: nn.Module, names: list[str]) -> list[str]:
     return [n for n in names if _under(n, paths)]
 
 
+def check_input_rules(policy: LayerPolicy | None, activations: str) -> None:
+    """Refuse input rules (``all_binary_inputs``, ``real_inputs``) for a model without 1-bit activations.
+
+    Raises:
+        SettingError: naming the settings.
+    """
+    if activations != "sign" and policy is not None and (policy.all_binary_inputs or policy.real_inputs):
+        raise SettingError("`real_inputs` and `all_binary_inputs` need `activations` sign")
+
+
 def plan_inputs(model: nn.Module, names: list[str], policy: LayerPolicy | None = None) -> dict[str, str]:
     """Which of the layers ``names`` (those to binarize) keep real-valued inputs in a model with 1-bit
     activations, each with its reason (one of :data:`INPUT_REASONS`):

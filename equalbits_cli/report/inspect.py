@@ -44,6 +44,7 @@ def collect_stats(model: nn.Module) -> ModelStats:
         >>> stats.layers[1].name, stats.layers[1].entropy_bits
         ('layer1.0.conv1', 1.0)
     """
+    from ..formats.files import real_inputs
     from ..nn.layers import BinaryLayer
     from ..nn.packed import PackedBinary
 
@@ -52,6 +53,7 @@ def collect_stats(model: nn.Module) -> ModelStats:
     packed_params = 0
     meta = getattr(model, "equalbits_meta", None) or {}
     kept = meta.get("kept", {})
+    real = real_inputs(model)  # 1W/1A layers on real inputs, and why
     for name, module in model.named_modules():
         if isinstance(module, (BinaryLayer, PackedBinary)):
             if isinstance(module, BinaryLayer):
@@ -64,7 +66,6 @@ def collect_stats(model: nn.Module) -> ModelStats:
                 fields = ["sign", "nonzero", "scale", "mu"]
                 packed_params += codes.numel()
             st = binary_layer_stats(name, codes.cpu().numpy(), scale.detach().float().cpu().numpy(), cfg, sqnr)
-            real = {name: meta.get("real_inputs", {}).get(name, "pattern")} if module.act_threshold is None else {}
             st = replace(st, inputs=input_label(name, cfg, real))
             layers.append(st)
             size = packed_layer_bytes(codes.numel(), codes.shape[0], bool(st.n_zero))
