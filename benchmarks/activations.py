@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 TEACHER_EPOCHS = {"resnet18": 4, "mobilenetv3_small_100": 12, "efficientnet_b0": 12, "convnext_atto": 12}
+TEACHER_EPOCHS |= {"vit_tiny_patch16_224": 30, "deit_tiny_patch16_224": 30}
 VARIANTS = {  # name -> LayerPolicy fields
     "all": {"all_binary_inputs": True},
     "gate": {"all_binary_inputs": True, "real_inputs": ("*.se.*",)},
@@ -44,10 +45,8 @@ VARIANTS = {  # name -> LayerPolicy fields
 
 
 def teacher(name: str, data: Path, folder: Path, classes: int, dataset: str) -> tuple[Path, float]:
-    import timm
-
     from equalbits_cli.data.config import DataOverrides, resolve_data_config
-    from equalbits_cli.model.convert import save_full_precision
+    from equalbits_cli.model.convert import create_model, save_full_precision
     from equalbits_cli.train.finetune import train_classifier
 
     path = folder / f"teacher-{dataset}-{name}.safetensors"
@@ -56,7 +55,7 @@ def teacher(name: str, data: Path, folder: Path, classes: int, dataset: str) -> 
 
         return path, read_checkpoint_record(path).top1
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=classes)
+    model = create_model(name, num_classes=classes, img_size=32)  # a ViT is built for 32x32 (2x2 patches)
     t0 = time.perf_counter()
     overrides = DataOverrides(img_size=32, crop_pct=1.0)
     top1 = train_classifier(model, data, epochs=TEACHER_EPOCHS.get(name, 12), lr=2e-3, data=overrides, workers=0)

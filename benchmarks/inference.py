@@ -3,16 +3,18 @@
 
 Speed: for each model (random init, fixed seed, 1000 classes, 224x224; latency does not depend on the
 values) it binarizes at ratio 0.5 with the default layer policy, writes the packed safetensors file and
-the three ONNX files, and times a forward pass at batch 1 and 8 with 1 and 2 threads (best of
-``--reps`` after a warm-up). The int8 file is calibrated on 64 UCI-digits images resized to 224
-(scikit-learn ships them). ``int8 vs fp32`` is ONNX fp32 time / ONNX int8 time.
+the three ONNX files, and times a forward pass at batch 1 and 8 with 1 and 2 threads: PyTorch best of
+``--reps`` after a warm-up, the ONNX files with the function ``export``'s speed report uses
+(``equalbits_cli.export.speed.time_onnx``: blocks of calls in turn for ``--seconds``, median). The int8
+file is calibrated on 64 UCI-digits images resized to 224 (scikit-learn ships them).
+``int8 vs fp32`` is ONNX fp32 time / ONNX int8 time.
 
 Accuracy (``--accuracy``): runs ``quickstart`` (teacher trained from scratch on the digits at 32x32,
 binarized, fine-tuned), exports the fine-tuned student as packed safetensors, ONNX and ONNX int8 and
 scores each with ``equalbits eval`` on the 359 held-out images.
 
     python benchmarks/inference.py [--models resnet18,resnet50,mobilenetv3_large_100,vit_small_patch16_224]
-        [--reps 5] [--accuracy] [--accuracy-only] [--json out.json]
+        [--reps 5] [--seconds 3] [--accuracy] [--accuracy-only] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from _timing import best_ms
 from equalbits_cli import BinarizeConfig, binarize_model, save_packed
 from equalbits_cli.export.int8 import export_onnx_int8
 from equalbits_cli.export.onnx import export_onnx
+from equalbits_cli.export.speed import onnx_session, time_onnx
 from equalbits_cli.nn.packed import pack_model
 
 MODELS = "resnet18,resnet50,mobilenetv3_large_100,vit_small_patch16_224"
@@ -40,14 +43,7 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def speed(names: list[str], reps: int, tmp: Path) -> tuple[list[dict], list[dict]]:
+def speed(names: list[str], reps: int, seconds: float, tmp: Path) -> tuple[list[dict], list[dict]]:
     from equalbits_cli.data.builtin import make_digits_imagefolder
 
     data = make_digits_imagefolder(tmp / "digits224", size=224, val_fraction=0.05)
@@ -68,15 +64,15 @@ def speed(names: list[str], reps: int, tmp: Path) -> tuple[list[dict], list[dict
         print(f"# {name}: int8 ops {int8.int8_ops}, float matrix ops left {int8.float_ops}", flush=True)
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            sessions = {k: session(files[k], threads) for k in ("onnx_fp32", "onnx_packed", "onnx_int8")}
+            sessions = {k: onnx_session(files[k], threads) for k in ("onnx_fp32", "onnx_packed", "onnx_int8")}
             for batch in (1, 8):
                 x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
                 xn = x.numpy()
                 row = {"model": name, "batch": batch, "threads": threads}
                 with torch.inference_mode():
                     row["torch_fp32_ms"] = best_ms(lambda: plain(x), reps)
-                for k, s in sessions.items():
-                    row[f"{k}_ms"] = best_ms(lambda s=s: s.run(None, {"input": xn}), reps)
+                for k, (ms, _) in time_onnx(sessions, xn, seconds=seconds).items():
+                    row[f"{k}_ms"] = ms
                 row["int8_speedup"] = row["onnx_fp32_ms"] / row["onnx_int8_ms"]
                 timings.append(row)
                 print(json.dumps(row), flush=True)
@@ -122,7 +118,8 @@ def accuracy(models: list[str], tmp: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=MODELS)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="PyTorch: best of this many calls")
+    ap.add_argument("--seconds", type=float, default=3.0, help="ONNX: time the three files for this long")
     ap.add_argument("--accuracy", action="store_true", help="also run the accuracy check (quickstart, ~1 min a model)")
     ap.add_argument("--accuracy-only", action="store_true")
     ap.add_argument("--accuracy-models", default="resnet18,mobilenetv3_small_100")
@@ -147,7 +144,7 @@ def main() -> None:
     result: dict = {"machine": info}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.accuracy_only:
-            timings, sizes = speed(args.models.split(","), args.reps, Path(tmp))
+            timings, sizes = speed(args.models.split(","), args.reps, args.seconds, Path(tmp))
             result.update(timings=timings, sizes=sizes)
             cols = ["model", "batch", "threads", "PyTorch fp32 ms", "ONNX fp32 ms", "ONNX packed ms", "ONNX int8 ms"]
             print("\n| " + " | ".join(cols + ["int8 vs fp32"]) + " |")

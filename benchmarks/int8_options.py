@@ -2,7 +2,8 @@
 
 For each model (random init, ratio 0.5, default layer policy, 1000 classes, 224x224) it traces the float
 inference graph once, quantizes it with onnxruntime's ``quantize_static`` in several ways, and times every
-variant against the float ONNX in the same onnxruntime session options, interleaved call by call (median).
+variant against the float ONNX with the function ``export``'s speed report uses
+(``equalbits_cli.export.speed.time_onnx``: blocks of calls in turn, median).
 Calibration uses random images: timing does not depend on the ranges.
 
 Variants:
@@ -12,6 +13,14 @@ Variants:
   matmul-dw  as ``matmul``, with depthwise convolutions left float too
   qop        every op type, QOperator format (QLinearConv ... written out, not fused from Q/DQ pairs)
   tensor     as ``all``, with per-tensor instead of per-channel weight scales
+  qop-tensor ``qop`` with per-tensor weight scales
+  dynamic    MatMul/Gemm only, weights int8 per channel, activations quantized per call (``quantize_dynamic``)
+  dynamic-tensor  as ``dynamic``, per-tensor weight scales
+  nbitsB[-aL]  MatMul/Gemm weights only, onnxruntime's ``MatMulNBits`` at B bits (2: a binary code fits),
+             blocks of 32, accuracy level L (4: int8 compute); the rest float
+  act-float  as ``all``, the gated activations (hard-swish, SiLU) float
+  se-float   as ``all``, the squeeze-excite branches float
+  no-mul     as ``all``, no Mul quantized (activation and squeeze-excite products float)
 
     python benchmarks/int8_options.py [--models mobilenetv3_large_100,efficientnet_b0,resnet18] [--threads 2]
         [--batch 8] [--seconds 3]
@@ -20,9 +29,7 @@ Variants:
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +39,6 @@ import torch
 
 from equalbits_cli import BinarizeConfig, binarize_model
 from equalbits_cli.export.onnx import trace_graph
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def depthwise_nodes(model: onnx.ModelProto) -> list[str]:
@@ -105,6 +106,15 @@ def quantize(pre: Path, out: Path, variant: str, size: int) -> None:
         def get_next(self):
             return next(self.items, None)
 
+    if variant.startswith("nbits"):  # weight-only MatMulNBits for MatMul/Gemm: nbits2, nbits4, nbits2-a4 ...
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        bits, _, level = variant[5:].partition("-a")
+        q = MatMulNBitsQuantizer(str(pre), bits=int(bits), block_size=32, is_symmetric=True,
+                                 accuracy_level=int(level) if level else None)  # fmt: skip
+        q.process()
+        q.model.save_model_to_file(str(out))
+        return
     if variant in ("dynamic", "dynamic-tensor"):  # weights int8, activations quantized per call
         from onnxruntime.quantization import quantize_dynamic
 
@@ -113,9 +123,9 @@ def quantize(pre: Path, out: Path, variant: str, size: int) -> None:
         return
     kwargs = {}
     fmt, per_channel = QuantFormat.QDQ, True
-    if variant == "qop":
+    if variant in ("qop", "qop-tensor"):
         fmt = QuantFormat.QOperator
-    if variant == "tensor":
+    if variant in ("tensor", "qop-tensor"):
         per_channel = False
     if variant in ("matmul", "matmul-dw"):
         kwargs["op_types_to_quantize"] = ["Conv", "Gemm", "MatMul"]
@@ -151,7 +161,7 @@ def main() -> None:
     args = ap.parse_args()
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from equalbits_cli.export.speed import int8_dot_product
+    from equalbits_cli.export.speed import int8_dot_product, onnx_session, time_onnx
 
     dot = int8_dot_product()
     print(f"# onnxruntime {ort.__version__}, torch {torch.__version__}, {args.threads} threads, batch {args.batch}")
@@ -169,18 +179,10 @@ def main() -> None:
             x = np.random.default_rng(1).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
             for variant in args.variants.split(","):
                 quantize(tmp / "pre.onnx", tmp / f"{variant}.onnx", variant, 224)
-                sessions = {"float": session(tmp / "float.onnx", args.threads),
-                            "int8": session(tmp / f"{variant}.onnx", args.threads)}  # fmt: skip
-                times = {k: [] for k in sessions}
-                for s in sessions.values():
-                    s.run(None, {"input": x})
-                start = time.perf_counter()
-                while time.perf_counter() - start < args.seconds or len(times["int8"]) < 5:
-                    for k, s in sessions.items():
-                        t0 = time.perf_counter()
-                        s.run(None, {"input": x})
-                        times[k].append(time.perf_counter() - t0)
-                f, q = (statistics.median(times[k]) * 1e3 for k in ("float", "int8"))
+                sessions = {"float": onnx_session(tmp / "float.onnx", args.threads),
+                            "int8": onnx_session(tmp / f"{variant}.onnx", args.threads)}  # fmt: skip
+                timed = time_onnx(sessions, x, seconds=args.seconds)
+                f, q = timed["float"][0], timed["int8"][0]
                 print(f"| {name} | {variant} | {f:.1f} ms | {q:.1f} ms | {f / q:.2f}x |", flush=True)
 
 

@@ -160,3 +160,29 @@ def test_concurrent_exports_never_lose_a_file(tmp_path, binary_ckpt):
     assert winner["bytes"] == out.stat().st_size
     loser = next(r for r in results if r[0] == 2)
     assert "exists" in loser[2] or "appeared" in loser[2]
+
+
+def test_vit_at_its_training_size_round_trips(tmp_path):
+    """A ViT teacher trained at 32x32 (its position embeddings made for 2x2 patches) is rebuilt at that size
+    from its checkpoint's record, and every file made from it records the size and loads back."""
+    from equalbits_cli import save_packed
+    from equalbits_cli.data.config import DataOverrides, resolve_data_config
+    from equalbits_cli.model.convert import create_model, save_full_precision
+
+    torch.manual_seed(0)
+    teacher = create_model("test_vit", num_classes=5, img_size=32)
+    assert tuple(teacher.patch_embed.img_size) == (32, 32)
+    cfg = resolve_data_config(teacher, DataOverrides(img_size=32, crop_pct=1.0))
+    ckpt = save_full_precision(teacher, tmp_path / "teacher.safetensors", data_config=cfg)
+    again = create_model("test_vit", checkpoint=ckpt)  # the size comes from the record
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(teacher(x), again(x))
+    model = binarize_model("test_vit", BinarizeConfig(), checkpoint=ckpt).eval()
+    assert model.equalbits_meta["model_kwargs"] == {"num_classes": 5, "img_size": 32}
+    for path in (save_checkpoint(model, tmp_path / "s.safetensors"), save_packed(model, tmp_path / "p.safetensors")):
+        assert json.loads(read_metadata(path)["model_kwargs"]) == {"num_classes": 5, "img_size": 32}
+        with torch.no_grad():
+            torch.testing.assert_close(load_model(path)(x), model(x), rtol=0, atol=1e-5)
+    plain = binarize_model("resnet18", BinarizeConfig(), num_classes=5)  # any size: nothing recorded
+    assert plain.equalbits_meta["model_kwargs"] == {"num_classes": 5}

@@ -189,6 +189,10 @@ def test_int8_bad_input_one_line_no_file(tmp_path, digits_student, digits_small)
     assert r.returncode == 2 and "not found" in r.stderr and not out.exists()
     r = invoke_cli("export", digits_student, "-f", "onnx", "--int8-exclude", "layer1", "-o", out)
     assert r.returncode == 2 and "--int8-exclude applies to --format onnx-int8 only" in r.stderr and not out.exists()
+    r = invoke_cli("export", digits_student, "-f", "onnx", "--int8-ranges", "dynamic", "-o", out)
+    assert r.returncode == 2 and "--int8-ranges applies to --format onnx-int8 only" in r.stderr and not out.exists()
+    r = invoke_cli("export", digits_student, "-f", "onnx-int8", "--data", digits_small, "--int8-ranges", "x", "-o", out)
+    assert r.returncode == 2 and "--int8-ranges must be one of static, dynamic" in r.stderr and not out.exists()
 
 
 def test_int8_exclude_keeps_modules_float_and_their_weights_one_bit(tmp_path, digits_small, monkeypatch):
@@ -246,13 +250,35 @@ def test_eval_onnx_refuses_foreign_files_and_sizes(tmp_path, int8_file, digits_s
 
 
 def test_int8_transformer_matmuls(tmp_path, digits_small):
-    """Binary Linear layers of a ViT are exported as MatMul with transposed weights: int8 too."""
+    """Binary Linear layers of a ViT are exported as MatMul with transposed weights: int8 too, by default
+    with per-call ranges (DynamicQuantizeMatMul, no calibration), with calibrated ones on request
+    (QLinearMatMul); the weights are the packed planes either way."""
+    from equalbits_cli.export.int8 import default_ranges
+
     model = binarize_model("test_vit", BinarizeConfig(), num_classes=10).eval()
     ckpt = save_checkpoint(model, tmp_path / "v.safetensors")
-    result = export_onnx_int8(load_model(ckpt), tmp_path / "v.onnx", digits_small, check_images=16)
-    assert result.packed_layers == len(_binary(model)) and result.int8_ops.get("QLinearMatMul", 0) >= len(
-        _binary(model)
-    )
+    layers = _binary(model)
+    assert default_ranges(layers) == "dynamic"
+    dynamic = export_onnx_int8(load_model(ckpt), tmp_path / "d.onnx", digits_small, check_images=16)
+    assert dynamic.activations == "uint8 dynamic" and dynamic.calibration_images == 0
+    assert dynamic.packed_layers == len(layers) and sum(dynamic.int8_ops.values()) >= len(layers)
+    assert "QLinearMatMul" not in dynamic.int8_ops
+    assert {dynamic.layer_kernels[n] for n in layers} == {"DynamicQuantizeMatMul"}
+    static = export_onnx_int8(load_model(ckpt), tmp_path / "s.onnx", digits_small, check_images=16, ranges="static")
+    assert static.activations == "uint8 static" and static.calibration_images > 0
+    assert static.packed_layers == len(layers) and static.int8_ops.get("QLinearMatMul", 0) >= len(layers)
+    for result in (dynamic, static):
+        assert result.agreement is not None and result.rel_diff < 0.5, result.rel_diff  # 8 bits: near, not exact
+        inits = {i.name for i in onnx.load(result.path).graph.initializer}
+        assert all(f"eb::{n}::sign" in inits for n in layers)
+    assert dynamic.rel_diff < static.rel_diff  # test_vit, random weights: 0.013 against 0.25
+    with pytest.raises(ValueError, match="`ranges` must be one of static, dynamic"):
+        export_onnx_int8(model, tmp_path / "x.onnx", digits_small, ranges="per-call")
+    signs = binarize_model("resnet18", BinarizeConfig(activations="sign"), num_classes=10).eval()
+    with pytest.raises(ValueError, match="cannot hold a 1W/1A model's"):
+        export_onnx_int8(signs, tmp_path / "x.onnx", digits_small, ranges="dynamic")
+    assert not (tmp_path / "x.onnx").exists()
+    assert default_ranges(_binary(signs)) == "static"
 
 
 @pytest.mark.parametrize("config", [BinarizeConfig(), BinarizeConfig(ratio=0.3, prune=0.1)], ids=["0.5", "centred"])

@@ -2,8 +2,9 @@
 
 ``export`` measures it after every ONNX export, so that nobody ships an int8 model believing it faster
 when, for their network and machine, it is not (issue 26: MobileNetV3 int8 ran 0.89x float at 2 threads).
-Both files run in the same onnxruntime, the same session options, on the same random batch, interleaved
-call by call so that a change in the machine's load hits both; the median of the calls is reported.
+Both files run in the same onnxruntime, the same session options, on the same random batch, in short
+blocks of calls taken in turn (:func:`time_onnx`, which ``benchmarks/`` uses too), so that a change in
+the machine's load hits both; the median of the calls is reported.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..errors import SettingError
 
-__all__ = ["SpeedResult", "check_threads", "compare_speed", "int8_dot_product"]
+__all__ = ["SpeedResult", "check_threads", "compare_speed", "int8_dot_product", "onnx_session", "time_onnx"]
 
 # /proc/cpuinfo flags of the int8 dot-product instructions onnxruntime's int8 kernels are fastest with.
 _DOT_FLAGS = {
@@ -97,17 +98,49 @@ def check_threads(threads: int | None) -> None:
         )
 
 
-def _session(path: str | os.PathLike, threads: int | None):
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session with ``threads`` intra-op threads (None: onnxruntime's own choice) and
+    otherwise its default options, as a deployment would create it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
-    # The files are timed in alternation: threads left spinning after one call would compete with the
-    # other session's (measured on 2 cores, resnet18 int8 at batch 8: 66.8 ms spinning, 41.3 ms not;
-    # benchmarks/inference.py, one session at a time, 38.4 ms).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def time_onnx(
+    sessions: dict[str, Any],
+    x: np.ndarray,
+    *,
+    seconds: float = 1.0,
+    min_calls: int = 5,
+    max_calls: int = 200,
+    block: int = 3,
+) -> dict[str, tuple[float, int]]:
+    """Median latency in milliseconds and number of timed calls of each onnxruntime session on input ``x``.
+
+    After one warm-up call each, the sessions run in turn in blocks of ``block`` calls until each had at
+    least ``min_calls`` and ``seconds`` have passed, or ``max_calls``. Blocks, not single calls in
+    alternation: onnxruntime's worker threads spin for a while after a call, and a session called
+    right after another one competes with them (2 cores, resnet18 int8 at batch 8: 65.9 ms in
+    alternation, 38.8 ms in blocks, 38.4 ms alone); the first call of a block pays for it, the median
+    does not see it.
+    """
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, {"input": x})  # warm-up: onnxruntime finishes preparing on the first call
+    started = time.perf_counter()
+    while min(len(t) for t in times.values()) < max_calls and (
+        min(len(t) for t in times.values()) < min_calls or time.perf_counter() - started < seconds
+    ):
+        for name, s in sessions.items():
+            for _ in range(block):
+                t0 = time.perf_counter()
+                s.run(None, {"input": x})
+                times[name].append(time.perf_counter() - t0)
+    return {k: (statistics.median(t) * 1e3, len(t)) for k, t in times.items()}
 
 
 def compare_speed(
@@ -147,19 +180,9 @@ def compare_speed(
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
         export_onnx(model, float_path, weights="float")
-        sessions = {"export": _session(exported, threads), "float": _session(float_path, threads)}
-        sessions.update({name: _session(path, threads) for name, path in (baselines or {}).items()})
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for s in sessions.values():
-            s.run(None, {"input": x})  # warm-up: onnxruntime finishes preparing on the first call
-        started = time.perf_counter()
-        while len(times["export"]) < max_calls and (
-            len(times["export"]) < min_calls or time.perf_counter() - started < seconds
-        ):
-            for name, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, {"input": x})
-                times[name].append(time.perf_counter() - t0)
-    mine, base = statistics.median(times["export"]) * 1e3, statistics.median(times["float"]) * 1e3
-    others = {name: statistics.median(times[name]) * 1e3 for name in baselines or {}}
-    return SpeedResult(mine, base, base / mine, batch, threads, len(times["export"]), int8_dot_product(), others)
+        paths = {"export": exported, "float": float_path, **(baselines or {})}
+        sessions = {name: onnx_session(path, threads) for name, path in paths.items()}
+        timed = time_onnx(sessions, x, seconds=seconds, min_calls=min_calls, max_calls=max_calls)
+    (mine, calls), (base, _) = timed["export"], timed["float"]
+    others = {name: timed[name][0] for name in baselines or {}}
+    return SpeedResult(mine, base, base / mine, batch, threads, calls, int8_dot_product(), others)

@@ -53,6 +53,7 @@ def export_file(
     int8_exclude: tuple[str, ...] | list[str] = (),
     progress: Any = None,
     exact_binary: bool | None = None,
+    int8_ranges: str | None = None,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` to ``output`` and verify it; returns a JSON-ready summary.
 
@@ -64,6 +65,8 @@ def export_file(
     than float gets a warning saying so (``warnings`` in the summary). ``int8_exclude`` (``onnx-int8``):
     module name globs kept float (:func:`equalbits_cli.export.int8.find_exclusion`). ``exact_binary``
     (``onnx-int8`` of a 1W/1A model): integer ops on the packed codes, bit-faithful and slow.
+    ``int8_ranges`` (``onnx-int8``): ``static`` or ``dynamic`` activation ranges (default: by family, see
+    :func:`equalbits_cli.export.int8.default_ranges`).
 
     Raises:
         ValueError: bad arguments, a damaged checkpoint, or a failed verification (then nothing is kept).
@@ -78,6 +81,10 @@ def export_file(
         raise SettingError("`int8_exclude` applies to `format` onnx-int8 only")
     if exact_binary is not None and format != "onnx-int8":
         raise SettingError("`exact_binary` applies to `format` onnx-int8 only")
+    if int8_ranges is not None and format != "onnx-int8":
+        raise SettingError("`int8_ranges` applies to `format` onnx-int8 only")
+    if int8_ranges is not None and int8_ranges not in ("static", "dynamic"):
+        raise SettingError(f"`int8_ranges` must be one of static, dynamic, got {int8_ranges!r}")
     calibrate_batches = 8 if calibrate_batches is None else calibrate_batches
     out = check_output_path(output, overwrite)
     check_distinct_paths({"-o": out}, {"CHECKPOINT": checkpoint})
@@ -113,6 +120,7 @@ def export_file(
             int8_exclude=tuple(int8_exclude),
             progress=progress,
             exact_binary=exact_binary,
+            ranges=int8_ranges,
         )
         diff = r.max_abs_diff
         extra = {k: v for k, v in asdict(r).items() if k not in ("path", "bytes", "max_abs_diff")}

@@ -137,7 +137,7 @@ def _json_field(path: Path, meta: dict[str, str], key: str, kind: type) -> Any:
 
 # Constructor arguments a file may record, with their accepted ranges: anything else is refused, so
 # that a forged file cannot make timm build something huge or unexpected.
-_MODEL_KWARGS = {"num_classes": (0, 1_000_000)}
+_MODEL_KWARGS = {"num_classes": (0, 1_000_000), "img_size": (8, 4096)}
 
 
 def _check_model_kwargs(path: Path, kwargs: dict[str, Any]) -> None:

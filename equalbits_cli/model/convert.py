@@ -415,6 +415,7 @@ def create_model(
     pretrained: bool = False,
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
+    img_size: int | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a full-precision timm model from the hub, ``hf-hub:org/name`` or a local state dict.
@@ -424,6 +425,10 @@ def create_model(
         pretrained: Download pretrained weights (ignored when ``checkpoint`` is given).
         checkpoint: A local ``.safetensors``/``.pth`` state dict to load instead of downloading.
         num_classes: Classifier size; read from the checkpoint when not given.
+        img_size: Input side for architectures built for one input size (ViT, DeiT: timm's
+            ``fixed_input_size``; pretrained position embeddings are resampled by timm); default: the
+            size the checkpoint records it was trained at, else the architecture's own. Other
+            architectures take any size and ignore it.
         **kwargs: Further ``timm.create_model`` arguments.
 
     Returns:
@@ -456,6 +461,9 @@ def create_model(
     model_kwargs = dict(kwargs)
     if num_classes is not None:
         model_kwargs["num_classes"] = num_classes
+    size = img_size or (record.data_config.input_size[-1] if record.data_config is not None else None)
+    if size is not None and "img_size" not in model_kwargs and fixed_input_size(name) not in (None, size):
+        model_kwargs["img_size"] = size  # a ViT's position embeddings are made for one size
     download = pretrained or name.startswith("hf-hub:")
     try:
         with _offline_if_unreachable(download):
@@ -503,15 +511,48 @@ def describe_source(name: str, pretrained: bool, checkpoint: str | os.PathLike |
     }
 
 
+def fixed_input_size(name: str) -> int | None:
+    """The input side an architecture is built for when it takes no other (timm's ``fixed_input_size``:
+    ViT, DeiT), None for architectures that take any size (or that timm has no config for).
+
+    Example:
+        >>> fixed_input_size("vit_tiny_patch16_224"), fixed_input_size("resnet18")
+        (224, None)
+    """
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name.split(":")[-1] if name.startswith("hf-hub:") else name)
+    except RuntimeError:
+        return None
+    if cfg is None or not getattr(cfg, "fixed_input_size", False) or not getattr(cfg, "input_size", None):
+        return None
+    return int(cfg.input_size[-1])
+
+
+def built_input_size(model: nn.Module) -> int | None:
+    """The square input side a fixed-size model (a ViT's ``patch_embed.img_size``, which sizes its
+    position embeddings) was built for, None for models that take any size."""
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed is None:
+        return None
+    fixed = tuple(fixed)
+    return int(fixed[0]) if len(fixed) == 2 and fixed[0] == fixed[1] else None
+
+
 def attach_meta(model: nn.Module, config: BinarizeConfig, source: dict) -> None:
     """Record what :func:`equalbits_cli.save_checkpoint` needs to rebuild the model from a file."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture") or source.get("model")
     num_classes = getattr(model, "num_classes", None)
     old = getattr(model, "equalbits_meta", None) or {}
+    kwargs = {"num_classes": int(num_classes)} if num_classes is not None else {}
+    size = built_input_size(model)
+    if size is not None and size != fixed_input_size(arch):
+        kwargs["img_size"] = size
     model.equalbits_meta = {
         "model": arch,
-        "model_kwargs": {"num_classes": int(num_classes)} if num_classes is not None else {},
+        "model_kwargs": kwargs,
         "config": config,
         "source": source,
         "kept": old.get("kept", {}),

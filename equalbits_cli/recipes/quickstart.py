@@ -143,16 +143,15 @@ def _check_settings(model: str, dataset: str, img_size: int, teacher_epochs: int
 
 def _train_teacher(model: str, data, img_size: int, epochs: int, batch_size: int, seed: int, path, progress):
     """Train the full-precision teacher on ``data`` and save it to ``path`` with its data config."""
-    import timm
 
     from ..data.config import DataOverrides, resolve_data_config
     from ..data.folders import find_splits
-    from ..model.convert import save_full_precision
+    from ..model.convert import create_model, save_full_precision
     from ..train.finetune import train_classifier
 
     torch.manual_seed(seed)
     classes = len(find_splits(data).classes)
-    teacher = timm.create_model(model, pretrained=False, num_classes=classes)
+    teacher = create_model(model, num_classes=classes, img_size=img_size)
     # The built-in images fill their frame: the whole image, no centre crop. The teacher file records
     # this (and its accuracy), and every later step reads it from there.
     whole = DataOverrides(img_size=img_size, crop_pct=1.0)
