@@ -39,6 +39,8 @@ PLAN = [
     ("mobilenetv3_small_100", 12, 5, (0.5,)),
     ("efficientnet_b0", 12, 5, (0.5,)),
     ("convnext_atto", 12, 3, (0.5,)),
+    ("vit_tiny_patch16_224", 30, 5, (0.5,)),  # built for 32x32: 2x2 patches of 16
+    ("deit_tiny_patch16_224", 30, 5, (0.5,)),
 ]
 QUICK = [("resnet18", 2, 1, (0.3, 0.7))]
 
@@ -62,14 +64,13 @@ def run(
     epochs_override: int | None = None,
     dataset: str = "digits",
 ) -> list[dict]:
-    import timm
 
     from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, save_checkpoint
     from equalbits_cli.config import FinetuneConfig
     from equalbits_cli.data.builtin import make_dataset
     from equalbits_cli.data.config import DataOverrides, resolve_data_config
     from equalbits_cli.data.folders import find_splits
-    from equalbits_cli.model.convert import save_full_precision
+    from equalbits_cli.model.convert import create_model, save_full_precision
     from equalbits_cli.train.finetune import finetune, train_classifier
 
     rows = []
@@ -83,7 +84,7 @@ def run(
             ratios = ratios_override or ratios
             epochs = epochs_override or epochs
             torch.manual_seed(0)
-            teacher = timm.create_model(name, pretrained=False, num_classes=classes)
+            teacher = create_model(name, num_classes=classes, img_size=32)  # ViTs: position embeddings for 32x32
             t0 = time.perf_counter()
             digits = DataOverrides(img_size=32, crop_pct=1.0)  # the built-in images fill their frame
             top1 = train_classifier(teacher, data, epochs=teacher_epochs, lr=2e-3, data=digits, workers=0)["top1"]

@@ -269,7 +269,7 @@ def export(
             "packed codes, matching PyTorch up to float rounding (resnet18: 7-9x slower in onnxruntime), or "
             "quantize the graph like a 1W/32A model with exact +-1 inputs (QLinearConv; resnet18: 0.2 points "
             "of top-1 on the digits). Default: quantized for CNNs, exact where linear layers take binary inputs "
-            "(ViT: unmeasured when quantized).",
+            "(ViT: vit_tiny quantized 61.8% against 93.6% exact).",
             show_default=False,
         ),
     ] = None,

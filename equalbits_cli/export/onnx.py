@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -89,14 +90,20 @@ def _scopes(onnx_model) -> dict[str, tuple[str, ...]]:
 @contextlib.contextmanager
 def captured_stdout():
     """Keep the exporter's own printing (it can dump hundreds of lines of IR on failure, some from C++)
-    off our stdout, which ``--json`` reserves for one JSON object."""
+    off our stdout, which ``--json`` reserves for one JSON object, and the root-logger warnings of
+    onnxruntime's quantization tools (``Axis 1 is out-of-range for weight ...`` for each LayerNorm of a
+    ViT) off stderr."""
     sys.stdout.flush()
     saved = os.dup(1)
+    root = logging.getLogger()
+    level = root.level
     with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(io.StringIO()):
         os.dup2(sink.fileno(), 1)
+        root.setLevel(logging.ERROR)
         try:
             yield
         finally:
+            root.setLevel(level)
             sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
