@@ -16,7 +16,7 @@ fine-tune; the share of all parameters binarized and the packed size. Every numb
 this run; nothing is copied from elsewhere.
 
     python benchmarks/recipe.py [--out recipe.json] [--quick] [--models resnet18,...] [--activations sign]
-        [--recipes before,after] [--dataset digits|chars]
+        [--recipes before,after] [--dataset digits|chars] [--teachers DIR]
 
 With ``--activations sign`` the students binarize their activations too (1W/1A); the fine-tune starts
 each activation threshold at its channel's median before re-estimating BatchNorm.
@@ -63,6 +63,7 @@ def run(
     ratios_override: tuple[float, ...] | None = None,
     epochs_override: int | None = None,
     dataset: str = "digits",
+    teachers: Path | None = None,
 ) -> list[dict]:
 
     from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, save_checkpoint
@@ -76,22 +77,31 @@ def run(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = make_dataset(dataset, tmp / dataset, size=32)
-        classes = len(find_splits(data).classes)
+        if teachers is None:
+            data = make_dataset(dataset, tmp / dataset, size=32)
+            classes = len(find_splits(data).classes)
+        else:  # teachers (and the data) shared with benchmarks/activations.py
+            from activations import teacher as shared_teacher
+            from activations import workspace
+
+            teachers, data, classes = workspace(teachers, tmp, dataset)
         for name, teacher_epochs, epochs, ratios in QUICK if quick else PLAN:
             if models and name not in models:
                 continue
             ratios = ratios_override or ratios
             epochs = epochs_override or epochs
-            torch.manual_seed(0)
-            teacher = create_model(name, num_classes=classes, img_size=32)  # ViTs: position embeddings for 32x32
-            t0 = time.perf_counter()
-            digits = DataOverrides(img_size=32, crop_pct=1.0)  # the built-in images fill their frame
-            top1 = train_classifier(teacher, data, epochs=teacher_epochs, lr=2e-3, data=digits, workers=0)["top1"]
-            teacher_path = save_full_precision(
-                teacher, tmp / f"{name}.safetensors", data_config=resolve_data_config(teacher, digits), top1=top1
-            )
-            print(f"# teacher {name}: {top1:.2f}% in {time.perf_counter() - t0:.0f} s", flush=True)
+            if teachers is not None:
+                teacher_path, top1 = shared_teacher(name, data, teachers, classes, dataset)
+            else:
+                torch.manual_seed(0)
+                teacher = create_model(name, num_classes=classes, img_size=32)  # ViTs: position embeddings, 32x32
+                t0 = time.perf_counter()
+                digits = DataOverrides(img_size=32, crop_pct=1.0)  # the built-in images fill their frame
+                top1 = train_classifier(teacher, data, epochs=teacher_epochs, lr=2e-3, data=digits, workers=0)["top1"]
+                teacher_path = save_full_precision(
+                    teacher, tmp / f"{name}.safetensors", data_config=resolve_data_config(teacher, digits), top1=top1
+                )
+                print(f"# teacher {name}: {top1:.2f}% in {time.perf_counter() - t0:.0f} s", flush=True)
             for ratio in ratios:
                 for recipe, r in recipes().items():
                     if recipe not in which:
@@ -175,6 +185,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="", help="Comma-separated ratios instead of the plan's.")
     ap.add_argument("--epochs", type=int, default=None, help="Fine-tune epochs instead of the plan's.")
     ap.add_argument("--dataset", default="digits", choices=["digits", "chars"], help="The built-in dataset.")
+    ap.add_argument("--teachers", type=Path, default=None, help="Keep and reuse teachers (and data) here, shared "
+                    "with benchmarks/activations.py (its teacher epochs).")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     models = [m for m in args.models.split(",") if m]
@@ -188,6 +200,7 @@ def main() -> None:
         ratios,
         args.epochs,
         args.dataset,
+        args.teachers,
     )
     print(f"\n{machine()}\n")
     print(table(rows))
