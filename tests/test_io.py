@@ -186,3 +186,24 @@ def test_vit_at_its_training_size_round_trips(tmp_path):
             torch.testing.assert_close(load_model(path)(x), model(x), rtol=0, atol=1e-5)
     plain = binarize_model("resnet18", BinarizeConfig(), num_classes=5)  # any size: nothing recorded
     assert plain.equalbits_meta["model_kwargs"] == {"num_classes": 5}
+
+
+def test_a_size_a_vit_was_not_built_for_is_one_line(tmp_path, digits_small):
+    """A ViT built for 32x32 images cannot run at 64x64 (its position embeddings are made for one size):
+    said in one line before any work, not an internal error from inside the model."""
+    from helpers import invoke_cli
+
+    from equalbits_cli.data.config import DataOverrides, resolve_data_config
+    from equalbits_cli.model.convert import create_model
+
+    model = create_model("vit_tiny_patch16_224", num_classes=10, img_size=32)
+    assert resolve_data_config(model, DataOverrides(img_size=32)).input_size == (3, 32, 32)
+    with pytest.raises(ValueError, match="built for 32x32 images"):
+        resolve_data_config(model, DataOverrides(img_size=64))
+    dynamic = create_model("test_vit", num_classes=10, img_size=32)  # resamples its embeddings per call
+    assert resolve_data_config(dynamic, DataOverrides(img_size=64)).input_size == (3, 64, 64)
+    student = binarize_model("vit_tiny_patch16_224", BinarizeConfig(), num_classes=10)
+    path = save_checkpoint(student, tmp_path / "v.safetensors")
+    r = invoke_cli("eval", path, "--data", digits_small, "--img-size", "32")
+    assert r.returncode == 2 and "--img-size 32 does not fit this model: it was built for 224x224" in r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr

@@ -23,6 +23,7 @@ __all__ = [
     "MIN_SIZE",
     "DataConfig",
     "DataOverrides",
+    "built_input_size",
     "resolve_data_config",
 ]
 
@@ -221,4 +222,21 @@ def resolve_data_config(model: nn.Module, overrides: DataOverrides | None = None
     """
     recorded = (getattr(model, "equalbits_meta", None) or {}).get("data_config")
     base = recorded if isinstance(recorded, DataConfig) else DataConfig.of_model(model)
-    return overrides.apply(base) if overrides is not None else base
+    cfg = overrides.apply(base) if overrides is not None else base
+    built = built_input_size(model)
+    if built is not None and not getattr(model, "dynamic_img_size", False) and cfg.input_size[1:] != (built, built):
+        raise ValueError(
+            f"`img_size` {cfg.input_size[-1]} does not fit this model: it was built for {built}x{built} images (a "
+            f"ViT's position embeddings are made for one size); leave `img_size` out or pass {built}"
+        )
+    return cfg
+
+
+def built_input_size(model: nn.Module) -> int | None:
+    """The square input side a model built for one size (a ViT's ``patch_embed.img_size``, which sizes
+    its position embeddings) was built for, None for models that take any size."""
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed is None:
+        return None
+    fixed = tuple(fixed)
+    return int(fixed[0]) if len(fixed) == 2 and fixed[0] == fixed[1] else None

@@ -415,6 +415,10 @@ def export_onnx_int8(
     meta["onnx_weights"] = "int8"
     meta["bit_order"] = "little"
     meta["int8_activations"] = "binary" if integer else ("uint8 dynamic" if dynamic else "uint8")
+    if integer:
+        described = "binary layers int8 (exact), rest float"
+    else:
+        described = "uint8 static, +-1 inputs exact" if sign_acts else f"uint8 {ranges}"
     onnx.helper.set_model_props(q_model, meta)
     onnx.checker.check_model(q_model, full_check=True)
     data = q_model.SerializeToString()
@@ -455,9 +459,7 @@ def export_onnx_int8(
         sum(len(b) for b in calib),
         agreement,
         seen,
-        "binary layers int8 (exact), rest float"
-        if integer
-        else ("uint8 static, +-1 inputs exact" if sign_acts else ("uint8 dynamic" if dynamic else "uint8 static")),
+        described,
         notes,
         list(int8_exclude),
         float_nodes,

@@ -10,6 +10,7 @@ import torch
 
 from ..data.config import DataOverrides, resolve_data_config
 from ..errors import SettingError
+from .int8 import RANGES
 
 __all__ = ["FORMATS", "export_file", "verify_packed"]
 
@@ -83,8 +84,8 @@ def export_file(
         raise SettingError("`exact_binary` applies to `format` onnx-int8 only")
     if int8_ranges is not None and format != "onnx-int8":
         raise SettingError("`int8_ranges` applies to `format` onnx-int8 only")
-    if int8_ranges is not None and int8_ranges not in ("static", "dynamic"):
-        raise SettingError(f"`int8_ranges` must be one of static, dynamic, got {int8_ranges!r}")
+    if int8_ranges is not None and int8_ranges not in RANGES:
+        raise SettingError(f"`int8_ranges` must be one of {', '.join(RANGES)}, got {int8_ranges!r}")
     calibrate_batches = 8 if calibrate_batches is None else calibrate_batches
     out = check_output_path(output, overwrite)
     check_distinct_paths({"-o": out}, {"CHECKPOINT": checkpoint})

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import BinarizeConfig
-from ..data.config import DataConfig
+from ..data.config import DataConfig, built_input_size
 from ..errors import SettingError
 from ..nn.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from ..nn.step_weights import StepWeights
@@ -528,16 +528,6 @@ def fixed_input_size(name: str) -> int | None:
     if cfg is None or not getattr(cfg, "fixed_input_size", False) or not getattr(cfg, "input_size", None):
         return None
     return int(cfg.input_size[-1])
-
-
-def built_input_size(model: nn.Module) -> int | None:
-    """The square input side a fixed-size model (a ViT's ``patch_embed.img_size``, which sizes its
-    position embeddings) was built for, None for models that take any size."""
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if fixed is None:
-        return None
-    fixed = tuple(fixed)
-    return int(fixed[0]) if len(fixed) == 2 and fixed[0] == fixed[1] else None
 
 
 def attach_meta(model: nn.Module, config: BinarizeConfig, source: dict) -> None:
