@@ -71,6 +71,9 @@ def _rewrite_meta(src, dst, **changes):
         ({"binarize_config": '{"ratio": 2.0}'}, "ratio must be strictly between"),
         ({"binarized": '["fc.nope"]'}, "not a Conv2d/Linear"),
         ({"model_kwargs": '{"num_classes": 7}'}, "shape"),
+        ({"model_kwargs": '{"num_classes": 10, "img_size": 32}'}, "cannot build model 'resnet18'"),
+        ({"model_kwargs": '{"num_classes": 10, "img_size": 5000}'}, r"img_size=5000 is out of range \[8, 4096\]"),
+        ({"model_kwargs": '{"num_classes": 10, "depth": 2}'}, "unsupported key 'depth'"),
     ],
 )
 def test_bad_metadata_is_a_clear_error(tmp_path, binary_ckpt, change, message):
