@@ -264,6 +264,7 @@ def test_int8_transformer_matmuls(tmp_path, digits_small):
     assert dynamic.packed_layers == len(layers) and sum(dynamic.int8_ops.values()) >= len(layers)
     assert "QLinearMatMul" not in dynamic.int8_ops
     assert {dynamic.layer_kernels[n] for n in layers} == {"DynamicQuantizeMatMul"}
+    assert any("attention products and convolutions run in float" in n for n in dynamic.notes)
     static = export_onnx_int8(load_model(ckpt), tmp_path / "s.onnx", digits_small, check_images=16, ranges="static")
     assert static.activations == "uint8 static" and static.calibration_images > 0
     assert static.packed_layers == len(layers) and static.int8_ops.get("QLinearMatMul", 0) >= len(layers)
