@@ -442,8 +442,8 @@ def export_onnx_int8(
     if dynamic and floats:
         notes.append(
             f"{sum(floats.values())} matrix ops stay float ({', '.join(sorted(floats))}): per-call ranges quantize "
-            "only MatMul/Gemm with constant weights, so attention products and convolutions run in float; `int8_ranges` "
-            "static quantizes them too, and was slower on vit_small (1.96x float against 2.25x)"
+            "only MatMul/Gemm with constant weights, so attention products and convolutions run in float; "
+            "`int8_ranges` static quantizes them too, and was slower on vit_small (1.96x float against 2.25x)"
         )
     if exclusion.layers:
         notes.append(
