@@ -125,7 +125,7 @@ def run(
                         "epochs": epochs,
                         "teacher_top1": res.teacher_top1,
                         "binarized_top1": res.student_top1_before,
-                        "bn_top1": res.student_top1_calibrated,
+                        "bn_top1": res.student_top1_calibrated,  # None: nothing to re-estimate (no BatchNorm)
                         "finetuned_top1": res.student_top1,
                         "history_top1": [h["val_top1"] for h in res.history],
                         "binarized_share": stats.binarized_params / stats.params,
@@ -168,7 +168,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['ratio']} | {r['recipe']} | {r['epochs']} | {r['teacher_top1']:.1f}% "
-            f"| {r['binarized_top1']:.1f}% | {r['bn_top1']:.1f}% | **{r['finetuned_top1']:.1f}%** "
+            f"| {r['binarized_top1']:.1f}% | {'-' if r['bn_top1'] is None else format(r['bn_top1'], '.1f') + '%'} "
+            f"| **{r['finetuned_top1']:.1f}%** "
             f"| {r['finetuned_top1'] - r['teacher_top1']:+.1f} | {100 * r['binarized_share']:.0f}% "
             f"| {r['packed_mib']:.2f} |"
         )

@@ -215,6 +215,7 @@ def test_label_only_training_needs_no_teacher(tmp_path, digits_small):
                   "--json")  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["teacher_top1"] is None and out.exists()
+    assert json.loads(res.stdout)["student_top1_calibrated"] is not None  # BatchNorm re-estimated, scored again
     res = run_cli("finetune", student, "--data", digits_small, "--epochs", "1", *FAST, "-o", tmp_path / "x.safetensors")
     assert res.returncode == 2 and "--alpha 1" in res.stderr
 
@@ -462,3 +463,17 @@ def test_a_teacher_cache_over_its_bound_is_given_up():
     cache.store(np.arange(4), torch.zeros(4, 10))
     assert cache.logits is None and "would take 0.0 GiB" in cache.too_large
     assert cache.lookup(np.arange(4)) is None
+
+
+def test_a_student_without_batchnorm_is_evaluated_once_before_training(tmp_path, digits_small):
+    """A ViT has no BatchNorm and, at 1W/32A, no thresholds: nothing is re-estimated before training,
+    so the student is not evaluated a second time (student_top1_calibrated is None; a ResNet's is set:
+    test_label_only_training_needs_no_teacher)."""
+    from equalbits_cli import BinarizeConfig, binarize_model, save_checkpoint
+
+    student = save_checkpoint(binarize_model("test_vit", BinarizeConfig(), num_classes=10), tmp_path / "v.safetensors")
+    res = run_cli("finetune", student, "--data", digits_small, "--epochs", "1", *FAST, "--alpha", "1",
+                  "-o", tmp_path / "ft.safetensors", "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["student_top1_calibrated"] is None and out["student_top1_before"] is not None

@@ -287,15 +287,18 @@ def _evaluate_start(run: _Run) -> None:
         run.evals["student_top1_before"] = evaluate(run.student, run.val_loader, run.device, cfg.amp, progress)["top1"]
     run.evals["student_top1_calibrated"] = None
     n_calib = min(cfg.calibrate_batches, len(run.calib_loader))
-    if n_calib and any(getattr(m, "act_threshold", None) is not None for m in run.student.modules()):
+    thresholds = any(getattr(m, "act_threshold", None) is not None for m in run.student.modules())
+    norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.student.modules())
+    if n_calib and thresholds:
         from ..nn.layers import calibrate_thresholds
 
         progress.phase(f"calibrating activation thresholds on {n_calib} batches", n_calib)
         images = (b for b, _ in itertools.islice(iterate(run.calib_loader), n_calib))
         calibrate_thresholds(run.student, images, run.device)
-    if n_calib:
+    if n_calib and norms:
         progress.phase(f"re-estimating BatchNorm statistics on {n_calib} un-augmented batches", n_calib)
         recalibrate_bn(run.student, run.calib_loader, n_calib, run.device, progress)
+    if n_calib and (thresholds or norms):  # else the student is the one evaluated above: no second pass
         if run.rank == 0:
             progress.phase("evaluating calibrated student", len(run.val_loader))
             top1 = evaluate(run.student, run.val_loader, run.device, cfg.amp, progress)["top1"]
