@@ -346,7 +346,7 @@ def export_onnx_int8(
         path: Output ``.onnx`` path (written atomically, only after the checks pass).
         data_dir: An image folder (``train/`` and/or ``val/`` of class folders): ``train/`` (else
             ``val/``) calibrates the activation ranges, ``val/`` checks top-1 agreement with PyTorch.
-        calibrate_batches: Number of calibration batches of ``batch_size`` images.
+        calibrate_batches: Number of calibration batches of ``batch_size`` images (1-10000, 1-4096).
         batch_size: Images per calibration batch.
         check_images: Up to this many ``val/`` images for the agreement check (0: skip it).
         img_size: Input height and width (default: the model's data config); recorded in the file.
@@ -354,22 +354,16 @@ def export_onnx_int8(
         int8_exclude: Module name globs (``blocks.*.se``) whose nodes stay float (see
             :func:`find_exclusion`); binarized layers among them keep 1-bit planes with float levels.
         progress: Receives the phases (calibrating, checking).
-        exact_binary: 1W/1A models only: compute the binary-input layers with ``ConvInteger`` /
-            ``MatMulInteger`` on their packed codes, float elsewhere, so that the file matches PyTorch
-            up to float rounding; onnxruntime's CPU kernels for them are slow (resnet18 at 224x224:
-            7-9x slower than the quantized form). ``False``: quantize the whole graph like a 1W/32A
-            model, the +-1 inputs with parameters that hold them exactly (``QLinearConv``). ``None``
-            (default): the quantized form where every binary-input layer is a convolution (measured on
-            resnet18: 0.2 points of top-1), the exact one where a linear layer on tokens takes binary
-            inputs (a ViT: the 8-bit rounding of its LayerNorm outputs moves values across the sign
-            thresholds; test_vit: outputs 76% of their range off).
-        ranges: How activations get their 8-bit ranges. ``"static"``: calibrated once on ``data_dir``'s
-            images, the whole graph quantized (QDQ: QLinearConv, QLinearMatMul ...). ``"dynamic"``: only
-            the matrix products with constant weights (MatMul, Gemm) run in int8, their inputs quantized
-            per call from their own range (onnxruntime's ``quantize_dynamic``: DynamicQuantizeMatMul),
-            no calibration. None (default, :func:`default_ranges`): dynamic where every binarized layer is a
-            linear layer (ViT, DeiT: vit_small 2.25x float against 1.96x static, AVX-512 VNNI, 2 threads,
-            batch 8), static elsewhere and for 1W/1A models (a per-call range cannot hold +-1 exactly).
+        exact_binary: 1W/1A models only. True: the binary-input layers run as ``ConvInteger`` /
+            ``MatMulInteger`` on their packed codes, the rest float: PyTorch's outputs up to float rounding,
+            slowly (resnet18: 7-9x slower than quantized). False: the whole graph quantized like a 1W/32A
+            model, the +-1 inputs exactly (``QLinearConv``; resnet18: 0.2 points of top-1). None: False
+            where every binary-input layer is a convolution, True where linear layers take binary inputs
+            (ViTs: 8-bit LayerNorm outputs cross the sign thresholds; vit_tiny 61.8% against 93.6%).
+        ranges: ``"static"``: activation ranges calibrated on ``data_dir``'s images, the whole graph in
+            int8 (QDQ). ``"dynamic"``: only MatMul/Gemm with constant weights in int8, their inputs
+            quantized per call (``quantize_dynamic``), no calibration. None: :func:`default_ranges`
+            (dynamic for ViTs: vit_small 2.25x float against 1.96x static), static for 1W/1A models.
 
     Returns:
         An :class:`Int8ExportResult`: sizes, the integer ops onnxruntime runs, the differences.
@@ -386,70 +380,26 @@ def export_onnx_int8(
     from ..paths import atomic_write
     from .onnx import export_data_config, has_binary_activations, trace_graph
 
-    if not 1 <= calibrate_batches <= 10_000:
-        raise SettingError(f"`calibrate_batches` must be between 1 and 10000, got {calibrate_batches}")
-    if not 1 <= batch_size <= 4096:
-        raise SettingError(f"`batch_size` must be between 1 and 4096, got {batch_size}")
+    _check_batches(calibrate_batches, batch_size)
     calib_set, val_set = image_sets(model, data_dir, img_size)
-    meta = base_metadata(model, ONNX_FORMAT)
+    meta = {**base_metadata(model, ONNX_FORMAT), "onnx_weights": "int8", "bit_order": "little"}
     meta["data_config"] = json.dumps(export_data_config(model, img_size).to_dict())
     traced = trace_graph(model, img_size, weights="float")
     onnx_model, plain, layers, x = traced.graph, traced.module, traced.layers, traced.x
     exclusion = find_exclusion(traced, int8_exclude)
-    sign_acts = has_binary_activations(model)
-    if exact_binary is None:
-        exact_binary = any(m.conv is None and m.act_threshold is not None for m in layers.values())
-    integer = sign_acts and exact_binary  # the exact route: integer ops on the codes, no calibration
-    ranges = _check_ranges(ranges, layers, sign_acts)
-    dynamic = ranges == "dynamic" and not integer
-    calib = [] if integer or dynamic else [b for b, _ in _batches(calib_set, calibrate_batches, batch_size)]
-    if not integer and not dynamic and not calib:
-        raise SettingError(
-            f"no images to calibrate on: {data_dir}/train (else val/) holds no images of the model's classes; "
-            "add some, or pass another `data_dir`"
-        )
-
-    q_model, packed, exact, float_nodes = _int8_graph(
-        onnx_model, layers, None if integer else calib, progress, exclusion, dynamic
-    )
-    meta["onnx_weights"] = "int8"
-    meta["bit_order"] = "little"
-    meta["int8_activations"] = "binary" if integer else ("uint8 dynamic" if dynamic else "uint8")
-    if integer:
-        described = "binary layers int8 (exact), rest float"
-    else:
-        described = "uint8 static, +-1 inputs exact" if sign_acts else f"uint8 {ranges}"
+    route = _Route.choose(layers, has_binary_activations(model), exact_binary, ranges)
+    integer, dynamic = route.integer, route.dynamic
+    calib = [] if integer or dynamic else _calibration(calib_set, data_dir, calibrate_batches, batch_size)
+    graph = _int8_graph(onnx_model, layers, None if integer else calib, progress, exclusion, dynamic)
+    q_model, packed, exact, float_nodes = graph
+    meta["int8_activations"] = route.recorded
     onnx.helper.set_model_props(q_model, meta)
     onnx.checker.check_model(q_model, full_check=True)
     data = q_model.SerializeToString()
 
-    optimized = optimized_graph(data)
-    ints, floats = op_counts(optimized)
-    kernels = layer_kernels(optimized, traced.scopes)
-    if not ints:
-        raise ValueError("onnxruntime fused no integer kernel in the int8 model; the file was not written")
+    ints, floats, kernels = _integer_kernels(data, traced.scopes)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     diff, rng, agreement, seen = _compare(session, plain, val_set, check_images, x, integer, progress)
-    if progress is not None:
-        progress.done()
-    notes = []
-    if exact < packed:
-        notes.append(
-            f"{packed - exact} of {packed} binarized layers have two weight levels of different size (centred "
-            "levels where a filter's +1 and -1 counts differ: a ratio other than 0.5, or an odd filter size): "
-            "their smaller level is rounded to the int8 grid"
-        )
-    if dynamic and floats:
-        notes.append(
-            f"{sum(floats.values())} matrix ops stay float ({', '.join(sorted(floats))}): per-call ranges quantize "
-            "only MatMul/Gemm with constant weights, so attention products and convolutions run in float; "
-            "`int8_ranges` static quantizes them too, and was slower on vit_small (1.96x float against 2.25x)"
-        )
-    if exclusion.layers:
-        notes.append(
-            f"{len(exclusion.layers)} binarized layers kept float by `int8_exclude`: their weights stay 1-bit planes "
-            "in the file, with float levels"
-        )
     path = Path(path)
     with atomic_write(path, exclusive=exclusive) as tmp_file:
         tmp_file.write_bytes(data)
@@ -465,15 +415,107 @@ def export_onnx_int8(
         sum(len(b) for b in calib),
         agreement,
         seen,
-        described,
-        notes,
+        route.described,
+        _notes(packed, exact, floats if dynamic else {}, len(exclusion.layers)),
         list(int8_exclude),
         float_nodes,
         kernels,
     )
 
 
+def _integer_kernels(data: bytes, scopes: dict) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
+    """``(integer ops, float matrix ops, kernel by module)`` in onnxruntime's optimized graph of ``data``.
+
+    Raises:
+        ValueError: no integer kernel runs (the file is then not written).
+    """
+    optimized = optimized_graph(data)
+    ints, floats = op_counts(optimized)
+    if not ints:
+        raise ValueError("onnxruntime fused no integer kernel in the int8 model; the file was not written")
+    return ints, floats, layer_kernels(optimized, scopes)
+
+
+def _calibration(dataset, data_dir, batches: int, batch_size: int) -> list[np.ndarray]:
+    """Up to ``batches`` batches of ``dataset``'s images to calibrate static ranges on.
+
+    Raises:
+        SettingError: there are none.
+    """
+    calib = [b for b, _ in _batches(dataset, batches, batch_size)]
+    if not calib:
+        raise SettingError(
+            f"no images to calibrate on: {data_dir}/train (else val/) holds no images of the model's classes; "
+            "add some, or pass another `data_dir`"
+        )
+    return calib
+
+
+def _check_batches(calibrate_batches: int, batch_size: int) -> None:
+    if not 1 <= calibrate_batches <= 10_000:
+        raise SettingError(f"`calibrate_batches` must be between 1 and 10000, got {calibrate_batches}")
+    if not 1 <= batch_size <= 4096:
+        raise SettingError(f"`batch_size` must be between 1 and 4096, got {batch_size}")
+
+
+def _notes(packed: int, exact: int, float_left: dict[str, int], excluded: int) -> list[str]:
+    """What an int8 export's reader should know: inexact weight levels, matrix ops per-call ranges left
+    float (``float_left``), binarized layers ``int8_exclude`` kept float."""
+    notes = []
+    if exact < packed:
+        notes.append(
+            f"{packed - exact} of {packed} binarized layers have two weight levels of different size (centred "
+            "levels where a filter's +1 and -1 counts differ: a ratio other than 0.5, or an odd filter size): "
+            "their smaller level is rounded to the int8 grid"
+        )
+    if float_left:
+        notes.append(
+            f"{sum(float_left.values())} matrix ops stay float ({', '.join(sorted(float_left))}): per-call ranges "
+            "quantize only MatMul/Gemm with constant weights, so attention products and convolutions run in float; "
+            "`int8_ranges` static quantizes them too, and was slower on vit_small (1.96x float against 2.25x)"
+        )
+    if excluded:
+        notes.append(
+            f"{excluded} binarized layers kept float by `int8_exclude`: their weights stay 1-bit planes in the file, "
+            "with float levels"
+        )
+    return notes
+
+
 RANGES = ("static", "dynamic")
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How an int8 export quantizes: ``integer`` (1W/1A, exact integer ops on the codes, nothing
+    calibrated), ``dynamic`` (per-call ranges of MatMul/Gemm), else calibrated QDQ; ``described`` is the
+    result's ``activations``."""
+
+    integer: bool
+    dynamic: bool
+    described: str
+
+    @property
+    def recorded(self) -> str:
+        """The file's ``int8_activations`` metadata (docs/format.md)."""
+        return "binary" if self.integer else ("uint8 dynamic" if self.dynamic else "uint8")
+
+    @classmethod
+    def choose(cls, layers: dict, sign_acts: bool, exact_binary: bool | None, ranges: str | None) -> _Route:
+        """The route for ``layers`` (the traced binarized layers) and the user's choices (None: defaults).
+
+        Raises:
+            SettingError: see :func:`_check_ranges`.
+        """
+        if exact_binary is None:
+            exact_binary = any(m.conv is None and m.act_threshold is not None for m in layers.values())
+        integer = sign_acts and exact_binary
+        ranges = _check_ranges(ranges, layers, sign_acts)
+        if integer:
+            return cls(True, False, "binary layers int8 (exact), rest float")
+        if sign_acts:
+            return cls(False, False, "uint8 static, +-1 inputs exact")
+        return cls(False, ranges == "dynamic", f"uint8 {ranges}")
 
 
 def default_ranges(layers: dict) -> str:
@@ -586,6 +628,8 @@ def _compare(session, plain: nn.Module, val_set, check_images: int, x: torch.Ten
     else:
         agreement, seen = 100.0 * float((pair[0].argmax(1) == pair[1].argmax(1)).mean()), len(pair[0])
     got, want = pair
+    if progress is not None:
+        progress.done()
     if sign_acts:  # integer layers are exact: the float tolerance applies (see check_outputs)
         diff, rng, _ = check_outputs(got, want, 1e-4, True, "int8")
     else:  # 8-bit activations: reported, not judged

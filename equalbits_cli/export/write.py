@@ -78,14 +78,7 @@ def export_file(
     from ..report.inspect import collect_stats
 
     _check_settings(format, data, calibrate_batches, threads, bench_batch)
-    if int8_exclude and format != "onnx-int8":
-        raise SettingError("`int8_exclude` applies to `format` onnx-int8 only")
-    if exact_binary is not None and format != "onnx-int8":
-        raise SettingError("`exact_binary` applies to `format` onnx-int8 only")
-    if int8_ranges is not None and format != "onnx-int8":
-        raise SettingError("`int8_ranges` applies to `format` onnx-int8 only")
-    if int8_ranges is not None and int8_ranges not in RANGES:
-        raise SettingError(f"`int8_ranges` must be one of {', '.join(RANGES)}, got {int8_ranges!r}")
+    _check_int8_settings(format, int8_exclude, exact_binary, int8_ranges)
     calibrate_batches = 8 if calibrate_batches is None else calibrate_batches
     out = check_output_path(output, overwrite)
     check_distinct_paths({"-o": out}, {"CHECKPOINT": checkpoint})
@@ -169,6 +162,17 @@ def _check_settings(
     check_threads(threads)
     if not isinstance(bench_batch, int) or not 1 <= bench_batch <= 1024:
         raise SettingError(f"`bench_batch` must be between 1 and 1024, got {bench_batch}")
+
+
+def _check_int8_settings(format: str, int8_exclude, exact_binary: bool | None, int8_ranges: str | None) -> None:
+    """Refuse the onnx-int8 settings given with another ``format``, and unknown ``int8_ranges``."""
+    given = {"int8_exclude": bool(int8_exclude), "exact_binary": exact_binary is not None}
+    given["int8_ranges"] = int8_ranges is not None
+    for name, is_given in given.items():
+        if is_given and format != "onnx-int8":
+            raise SettingError(f"`{name}` applies to `format` onnx-int8 only")
+    if int8_ranges is not None and int8_ranges not in RANGES:
+        raise SettingError(f"`int8_ranges` must be one of {', '.join(RANGES)}, got {int8_ranges!r}")
 
 
 def _export_onnx(model, out: Path, onnx_weights: str, data: Any, overwrite: bool) -> tuple[float, dict[str, Any]]:
