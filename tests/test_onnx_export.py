@@ -90,8 +90,9 @@ def test_onnx_other_families(tmp_path, name):
     assert result.packed_layers == n_binary and result.rel_diff <= 1e-4
 
 
-def test_failed_export_keeps_stdout_clean_and_names_the_cause(tmp_path):
-    """A ViT with a fixed input size cannot be traced at another: one line, the exporter's error named."""
+def test_failed_export_keeps_stdout_clean_and_names_the_cause(tmp_path, monkeypatch):
+    """A ViT asked for a size it was not built for: one line before any tracing, nothing on stdout, no
+    file. An exporter that fails anyway is named in one line with a fix (tried with a stand-in failure)."""
     from helpers import run_cli
 
     from equalbits_cli import save_checkpoint
@@ -100,9 +101,20 @@ def test_failed_export_keeps_stdout_clean_and_names_the_cause(tmp_path):
     ckpt = save_checkpoint(model, tmp_path / "v.safetensors")
     res = run_cli("export", ckpt, "-f", "onnx", "--img-size", "240", "-o", tmp_path / "v.onnx", "--json")
     assert res.returncode == 2 and res.stdout == ""
-    assert len(res.stderr.strip().splitlines()) == 1 and "ONNX export failed: " in res.stderr
-    assert "Error" in res.stderr and "--img-size 224" in res.stderr, "the exporter's exception and the fix"
-    assert not (tmp_path / "v.onnx").exists()
+    assert len(res.stderr.strip().splitlines()) == 1 and "--img-size 240 does not fit this model" in res.stderr
+    assert "pass 224" in res.stderr and not (tmp_path / "v.onnx").exists()
+
+    small = binarize_model("resnet18", BinarizeConfig(), num_classes=10).eval()
+    for message, hint in (("Kernel size can't be greater than input size", "try `img_size` 224"),
+                          ("unsupported operator aten::foo", "export `format` packed instead")):  # fmt: skip
+
+        def fail(*args, message=message, **kwargs):
+            raise RuntimeError(message)
+
+        monkeypatch.setattr(torch.onnx, "export", fail)
+        with pytest.raises(ValueError, match="ONNX export failed: RuntimeError: ") as err:
+            export_onnx(small, tmp_path / "r.onnx")
+        assert hint in str(err.value) and not (tmp_path / "r.onnx").exists()
 
 
 def test_inspect_float_onnx_of_a_transformer(tmp_path):
