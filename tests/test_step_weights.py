@@ -216,3 +216,25 @@ def test_a_stale_member_gets_no_tied_weight():
         net[1].weight.add_(1.0)  # bumps the version counter
     assert group.tied(net[1], torch.float32) is None
     assert group.tied(net[0], torch.float32) is not None  # the others are still fresh
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per-parameter", "fused"])
+def test_weights_are_rebuilt_after_every_optimizer_step(fused):
+    """torch's fused AdamW writes the parameters without bumping their version counters (on the CPU and
+    on CUDA). The stored training weights must still follow every step: after each one, the layer
+    computes with what its latent holds now, as a fresh copy of the model does."""
+    import copy
+
+    net = _net()
+    params = [p for p in net.parameters() if p.device.type == "cpu"]
+    opt = torch.optim.AdamW(params, lr=0.05, fused=fused)
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        before = net(x).detach()
+        versions = [p._version for p in params]
+        _step(net, opt, x)
+        if fused:
+            assert [p._version for p in params] == versions, "fused AdamW now bumps versions: the hook may go"
+        after, fresh = net(x).detach(), copy.deepcopy(net)(x).detach()
+        assert not torch.equal(after, before)
+        torch.testing.assert_close(after, fresh, rtol=0, atol=0)

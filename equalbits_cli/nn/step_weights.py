@@ -8,11 +8,16 @@ runs. On the CPU (``ot``) it hands all layers' numpy selection to the threads in
 straight-through gradient of all of them is one autograd node per build (:meth:`StepWeights.tied`),
 not one per layer: a launch-bound GPU step pays for every Python call its layers make.
 
-A stored weight is reused while its latent is unchanged: same tensor, same storage and the same
-version counter, which every in-place update through torch bumps (optimizers, ``load_state_dict``,
-``copy_``). Writes through ``.data`` bypass the counter; a layer whose latent is changed that way
-between two forwards in training mode would compute with the old weight until the next optimizer
-step, so don't (nothing in equalbits does). Where neither path applies (CUDA without Triton, filters
+A stored weight is reused while its latent is unchanged: same tensor, same storage, the same
+version counter, which in-place updates through torch bump (``load_state_dict``, ``copy_``, the
+per-parameter optimizers), and no optimizer step since it was built. The last is needed because
+torch's fused optimizers (``AdamW(fused=True)``, which ``finetune`` uses) write the parameters without
+bumping their version counters: a hook on every optimizer's step (``torch.optim.optimizer.
+register_optimizer_step_post_hook``) counts the steps on each parameter it updates, and a weight
+built before its latent's latest step is stale.
+Writes through ``.data`` bypass both; a layer whose latent is changed that way between two forwards in
+training mode would compute with the old weight until the next optimizer step, so don't (nothing in
+equalbits does). Where neither path applies (CUDA without Triton, filters
 wider than the kernel takes, a latent of another layout or dtype, sign and irnet on the CPU) the layer
 builds its own weight.
 """
@@ -31,20 +36,48 @@ from ..quant.quantize import ot_spec
 __all__ = ["StepWeights"]
 
 
+_HOOK: list = []
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    """Count a step on each parameter it updated (those with a gradient), on the parameter itself."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p._equalbits_steps = getattr(p, "_equalbits_steps", 0) + 1
+
+
+def _steps(w: torch.Tensor) -> int:
+    return getattr(w, "_equalbits_steps", 0)
+
+
+def _watch_optimizer_steps() -> None:
+    """Count every optimizer's steps on its parameters (the hook is registered once per process): fused
+    optimizers leave version counters as they are, so the count is what tells a stored weight that its
+    latent moved."""
+    if not _HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK.append(register_optimizer_step_post_hook(_count_step))
+
+
 @dataclass(frozen=True)
 class _Entry:
     """A stored training weight and the latent it was built from: the tensor, its storage address and
-    version counter, and the compute dtype. The cache key is all four: :meth:`fits`."""
+    version counter, the optimizer steps taken on it so far, and the compute dtype. The cache key is
+    all five: :meth:`fits`."""
 
     latent: torch.Tensor
     ptr: int
     version: int
     dtype: torch.dtype
     weight: torch.Tensor
+    steps: int = 0
 
     def fits(self, w: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether this weight was built from the latent ``w`` as it is now, in ``dtype``."""
-        return self.latent is w and self.ptr == w.data_ptr() and self.version == w._version and self.dtype == dtype
+        same = self.latent is w and self.ptr == w.data_ptr() and self.version == w._version
+        return same and self.dtype == dtype and self.steps == _steps(w)
 
 
 class StepWeights:
@@ -62,6 +95,7 @@ class StepWeights:
         for i, layer in enumerate(self.layers):
             layer._step_weights = self
             layer._step_index = i
+        _watch_optimizer_steps()
 
     def clear(self) -> None:
         """Forget every stored weight, grouping and buffer (a layer was moved, switched mode or loaded)."""
@@ -196,7 +230,7 @@ class StepWeights:
                 )
                 self.launches += len(group.plan.launches)
             for i, w, q in zip(group.members, latents, outs):
-                self.entries[i] = _Entry(params[i], w.data_ptr(), w._version, dtype, q)
+                self.entries[i] = _Entry(params[i], w.data_ptr(), w._version, dtype, q, _steps(params[i]))
 
 
 class _Group:
