@@ -53,6 +53,7 @@ __all__ = [
     "RANGES",
     "Exclusion",
     "Int8ExportResult",
+    "check_ranges_name",
     "default_ranges",
     "export_onnx_int8",
     "find_exclusion",
@@ -390,8 +391,7 @@ def export_onnx_int8(
     route = _Route.choose(layers, has_binary_activations(model), exact_binary, ranges)
     integer, dynamic = route.integer, route.dynamic
     calib = [] if integer or dynamic else _calibration(calib_set, data_dir, calibrate_batches, batch_size)
-    graph = _int8_graph(onnx_model, layers, None if integer else calib, progress, exclusion, dynamic)
-    q_model, packed, exact, float_nodes = graph
+    q_model, packed, exact, float_nodes = _int8_graph(onnx_model, layers, route, calib, progress, exclusion)
     meta["int8_activations"] = route.recorded
     onnx.helper.set_model_props(q_model, meta)
     onnx.checker.check_model(q_model, full_check=True)
@@ -526,14 +526,23 @@ def default_ranges(layers: dict) -> str:
     return "dynamic" if linear and all(linear) else "static"
 
 
+def check_ranges_name(ranges: str | None, setting: str = "ranges") -> None:
+    """Refuse a ``ranges`` other than None or one of :data:`RANGES` (``setting``: its name in the message).
+
+    Raises:
+        SettingError: an unknown name.
+    """
+    if ranges is not None and ranges not in RANGES:
+        raise SettingError(f"`{setting}` must be one of {', '.join(RANGES)}, got {ranges!r}")
+
+
 def _check_ranges(ranges: str | None, layers: dict, sign_acts: bool) -> str:
     """The ``ranges`` to use: the default for ``layers`` when None, static for 1W/1A models.
 
     Raises:
         SettingError: an unknown name, or dynamic ranges asked for a 1W/1A model.
     """
-    if ranges is not None and ranges not in RANGES:
-        raise SettingError(f"`ranges` must be one of {', '.join(RANGES)}, got {ranges!r}")
+    check_ranges_name(ranges)
     if sign_acts:
         if ranges == "dynamic":
             raise SettingError(
@@ -544,15 +553,12 @@ def _check_ranges(ranges: str | None, layers: dict, sign_acts: bool) -> str:
     return ranges or default_ranges(layers)
 
 
-def _int8_graph(
-    onnx_model, layers: dict, calib: list | None, progress: Progress | None, exclusion: Exclusion, dynamic: bool
-):
+def _int8_graph(onnx_model, layers: dict, route: _Route, calib: list, progress: Progress | None, exclusion: Exclusion):
     """``(int8 model, layers packed in int8, layers exact, nodes kept float)`` from the float graph:
-    onnxruntime's pre-processing, then its static quantization calibrated on ``calib`` with the binary
-    weights packed again (the +-1 inputs of 1W/1A layers quantized exactly); with ``dynamic``, its dynamic
-    quantization of the MatMul/Gemm nodes instead; or, for 1W/1A models with ``calib`` None, the binarized
-    layers rewritten as integer ops. What ``exclusion`` names stays float (its binarized layers packed
-    with float levels)."""
+    onnxruntime's pre-processing, then, by ``route``: its static quantization calibrated on ``calib``
+    with the binary weights packed again (the +-1 inputs of 1W/1A layers quantized exactly), its dynamic
+    quantization of the MatMul/Gemm nodes, or (``route.integer``) the binarized layers rewritten as
+    integer ops. What ``exclusion`` names stays float (its binarized layers packed with float levels)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -561,7 +567,7 @@ def _int8_graph(
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.items = iter(calib or [])
+            self.items = iter(calib)
 
         def get_next(self):
             batch = next(self.items, None)
@@ -580,12 +586,12 @@ def _int8_graph(
             _name_nodes(pre.graph)  # the nodes pre-processing made are unnamed: the quantizer excludes by name
             skip = exclusion.in_graph(pre.graph)
             binary = {n: m for n, m in kept.items() if m.act_threshold is not None}  # +-1 inputs (1W/1A)
-            if calib is None:  # integer ops where the inputs are +-1; float where the input policy kept them real
+            if route.integer:  # integer ops where the inputs are +-1; float where the input policy kept them real
                 packed = exact = integer_binary_layers(pre, binary)
                 pack_float_weights(pre, {**left, **{n: m for n, m in kept.items() if n not in binary}})
                 return pre, packed, exact, len(skip)
             onnx.save(pre, str(pre_path))
-            if dynamic:
+            if route.dynamic:
                 quantize_matmuls(pre_path, q_path, skip)
             else:
                 if progress is not None:

@@ -10,7 +10,7 @@ import torch
 
 from ..data.config import DataOverrides, resolve_data_config
 from ..errors import SettingError
-from .int8 import RANGES
+from .int8 import check_ranges_name
 
 __all__ = ["FORMATS", "export_file", "verify_packed"]
 
@@ -171,8 +171,7 @@ def _check_int8_settings(format: str, int8_exclude, exact_binary: bool | None, i
     for name, is_given in given.items():
         if is_given and format != "onnx-int8":
             raise SettingError(f"`{name}` applies to `format` onnx-int8 only")
-    if int8_ranges is not None and int8_ranges not in RANGES:
-        raise SettingError(f"`int8_ranges` must be one of {', '.join(RANGES)}, got {int8_ranges!r}")
+    check_ranges_name(int8_ranges, "int8_ranges")
 
 
 def _export_onnx(model, out: Path, onnx_weights: str, data: Any, overwrite: bool) -> tuple[float, dict[str, Any]]:

@@ -519,15 +519,23 @@ def fixed_input_size(name: str) -> int | None:
         >>> fixed_input_size("vit_tiny_patch16_224"), fixed_input_size("resnet18")
         (224, None)
     """
-    import timm
-
-    try:
-        cfg = timm.models.get_pretrained_cfg(name.split(":")[-1] if name.startswith("hf-hub:") else name)
-    except RuntimeError:
-        return None
+    cfg = pretrained_cfg(name)
     if cfg is None or not getattr(cfg, "fixed_input_size", False) or not getattr(cfg, "input_size", None):
         return None
     return int(cfg.input_size[-1])
+
+
+def pretrained_cfg(name: str):
+    """timm's pretrained config for the architecture ``name`` (its default tag), or None where timm has
+    none it can tell offline (unknown names, ``hf-hub:`` names, unknown tags)."""
+    import timm.models
+
+    if name.startswith("hf-hub:"):
+        return None
+    try:
+        return timm.models.get_pretrained_cfg(name)
+    except Exception:  # timm raises RuntimeError for unknown tags, others for malformed names
+        return None
 
 
 def attach_meta(model: nn.Module, config: BinarizeConfig, source: dict) -> None:

@@ -60,12 +60,9 @@ def distillation_loss(
 
 def _pretrained_classes(name: str) -> int | None:
     """Classes of the classifier timm's pretrained weights for ``name`` have (None if unknown)."""
-    try:
-        import timm.models
+    from ..model.convert import pretrained_cfg
 
-        cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:  # hf-hub names and tags timm cannot resolve offline: unknown
-        return None
+    cfg = pretrained_cfg(name)
     return getattr(cfg, "num_classes", None) if cfg is not None else None
 
 
