@@ -126,12 +126,15 @@ class BinaryLayer:
             self.act_threshold = uncalibrated_thresholds(in_features, device)
         else:
             self.register_parameter("act_threshold", None)
-        self._ot_cache = OTCache()  # numpy buffers kept between steps (CPU): same codes, less work
+        self._ot_cache = OTCache()  # CPU: numpy buffers and last thresholds, kept between calls: less work
         self._step_weights: StepWeights | None = None  # set by binarize_: the model's grouped weights
 
-    def _forget(self) -> None:
+    def _forget(self, buffers: bool = False) -> None:
+        """Drop the stored training weights; with ``buffers``, the CPU selection's buffers too (they only
+        make a call cheaper, never different: they outlive a switch of mode or a load, so that the
+        packing before a validation starts from the last training step's thresholds)."""
         cache = getattr(self, "_ot_cache", None)
-        if cache is not None:
+        if cache is not None and buffers:
             cache.clear()
         group = getattr(self, "_step_weights", None)
         if group is not None:
@@ -142,7 +145,7 @@ class BinaryLayer:
         return super().train(mode)  # type: ignore[misc]
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        self._forget()
+        self._forget(buffers=True)
         return super()._apply(fn, recurse)  # type: ignore[misc]
 
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
@@ -153,7 +156,7 @@ class BinaryLayer:
         """``(codes, scale)`` of the current latent weight (see :func:`equalbits_cli.quant.quantize.ot_codes`).
         Evaluation and export compute them once, in the packed form (:func:`equalbits_cli.nn.packed.pack_model`)."""
         cfg = self.config
-        return ot_codes(self.weight.detach(), cfg.ratio, cfg.prune, cfg.method, center=cfg.center)
+        return ot_codes(self.weight.detach(), cfg.ratio, cfg.prune, cfg.method, cache=self._ot_cache, center=cfg.center)
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with, ``scale * levels`` (no gradient attached)."""

@@ -89,7 +89,6 @@ class StepWeights:
         self.entries: list[_Entry | None] = [None] * len(self.layers)
         self.groupings: dict[torch.dtype, _Grouping] = {}  # how the last build split its layers, per dtype
         self.specs: dict[tuple[int, ...], list[tuple[int, int, float]]] = {}
-        self.scratch: dict[int, dict] = {}  # CPU: numpy buffers per layer, kept between steps
         self.ties: dict[torch.dtype, dict[int, torch.Tensor]] = {}  # per dtype: weights tied to the latents
         self.launches = 0  # grouped launches made (for tests and benchmarks)
         for i, layer in enumerate(self.layers):
@@ -98,10 +97,9 @@ class StepWeights:
         _watch_optimizer_steps()
 
     def clear(self) -> None:
-        """Forget every stored weight, grouping and buffer (a layer was moved, switched mode or loaded)."""
+        """Forget every stored weight and grouping (a layer was moved, switched mode or loaded)."""
         self.entries = [None] * len(self.layers)
         self.groupings.clear()
-        self.scratch.clear()
         self.ties.clear()
 
     def __getstate__(self) -> dict:
@@ -109,7 +107,7 @@ class StepWeights:
         built from them: weights tied into an autograd graph cannot be deep-copied, and a copy builds
         its own on its first step."""
         state = self.__dict__.copy()
-        state.update(entries=[None] * len(self.layers), groupings={}, scratch={}, ties={})
+        state.update(entries=[None] * len(self.layers), groupings={}, ties={})
         return state
 
     def _fresh(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -218,7 +216,7 @@ class StepWeights:
             latents = [params[i].detach() for i in group.members]
             if path == "numpy":
                 flat = [w.reshape(w.shape[0], -1) for w in latents]
-                scratches = [self.scratch.setdefault(i, {}) for i in group.members]
+                scratches = [self.layers[i]._ot_cache.scratch for i in group.members]  # shared with quantize()
                 outs = ot_weights_cpu(flat, group.specs, scratches)
                 outs = [q.view(w.shape).to(dtype) for q, w in zip(outs, latents)]
                 self.launches += 1

@@ -1,15 +1,20 @@
-"""Exact Equal Bits selection on the CPU, in numpy: each filter's ``k`` lowest weights by introselect.
+"""Exact Equal Bits selection on the CPU, in numpy: each filter's ``k`` lowest weights.
 
-numpy's introselect (``ndarray.partition``) is several times faster than ``torch.kthvalue`` on the CPU
-and releases the GIL, so rows are split over the threads torch uses. One thread's work on a block of
-rows (:func:`_ot_rows_numpy`) copies it, partitions the copy once per count, compares the rows with
-their k-th values (ties at the k-th value settled by index, as a stable sort would), and takes the
-least-squares scale from sums of the partitioned rows: the sum of a row's ``k`` lowest values is the
-same whichever of tied values are taken, so no codes are needed for it. It writes what is asked:
-int8 codes, the scale, or the weight a training step computes with, ``scale * (codes - mu * |codes|)``.
+One thread's work on a block of rows (:func:`_ot_rows_numpy`): find per row a threshold under which
+exactly ``k`` weights lie (:func:`_kth`), compare the rows with it (ties at the k-th value settled by
+index, as a stable sort would), and take the least-squares scale from the masked row sums. It writes
+what is asked: int8 codes, the scale, or the weight a training step computes with,
+``scale * (codes - mu * |codes|)``. Rows are split over the threads torch uses (numpy releases the GIL).
 
-Arrays of a weight's shape are kept in a ``scratch`` dict between calls where the caller has one
-(training steps): fresh memory's first touch costs more than the arithmetic on it.
+Where the caller keeps a ``scratch`` dict between calls (a layer's :class:`~equalbits_cli.quant.
+quantize.OTCache`: training steps, and the packing before a validation), it holds arrays of the
+weight's shape (fresh memory's first touch costs more than the arithmetic on it) and each row's last
+threshold. A training step moves every weight a little, so the k-th value moves past the old threshold
+in nearly every row, but not far: counting the weights under the old threshold and under one probe
+beyond it (a pass each, about 20x cheaper than numpy's introselect, ``ndarray.partition``) brackets
+the new k-th value between two thresholds with a few dozen values between them, which are sorted. Rows
+not bracketed so, and every row on a first call, go through introselect. Measured on resnet18's
+weights in a fine-tune (``benchmarks/quantizer.py``): see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 __all__ = ["ot_codes_cpu", "ot_weights_cpu"]
 
 PARALLEL_MIN = 1 << 17  # weights in a layer below which one thread is faster than handing work out
+MAX_BAND = 1024  # most values between two counted thresholds that are sorted to find the k-th among them
 
 
 @functools.cache
@@ -37,6 +43,92 @@ def _buffer(scratch: dict, name: str, shape: tuple, dtype) -> np.ndarray:
     if buf is None or buf.shape != shape or buf.dtype != dtype:
         buf = scratch[name] = np.empty(shape, dtype=dtype)
     return buf
+
+
+def _count_le(a: np.ndarray, t: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """Per row, how many entries of ``a`` are ``<= t`` (``buf``: a bool array of ``a``'s shape)."""
+    np.less_equal(a, t[:, None], out=buf)
+    return buf.view(np.uint8).sum(axis=1, dtype=np.int64)  # 2x faster than count_nonzero here
+
+
+def _partitioned(a: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k``-th and ``k+1``-th lowest values of the given rows of ``a``, by introselect (``inf`` for a
+    ``k+1``-th past the row's end)."""
+    sub = a[rows]
+    if k < a.shape[1]:
+        sub.partition([k - 1, k], axis=1)
+        return sub[:, k - 1], sub[:, k]
+    sub.partition(k - 1, axis=1)
+    return sub[:, k - 1], np.full(len(rows), np.inf, a.dtype)
+
+
+def _from_hint(a, k, hint, rho, buf, buf2):
+    """The rows' ``k``-th lowest values found near last step's (``hint``, the local density of values
+    ``rho``): ``(t, kth, nxt, found)``. Two counts of the entries under a threshold (a pass each, 20x
+    cheaper than introselect): at the hint, and one step beyond the k-th value's predicted place. A row
+    whose count hits ``k`` is found (``t``: exactly ``k`` entries ``<= t``); a row whose k-th value lies
+    between the two is found among the few values between them (sorted); others are not found."""
+    R, n = a.shape
+    c0 = _count_le(a, hint, buf)
+    d = k + 0.5 - c0  # ranks to go; the step overshoots by a few standard deviations of the rank error
+    with np.errstate(invalid="ignore", over="ignore"):
+        probe = (hint + (d + np.sign(d) * (2 * np.sqrt(np.abs(d)) + 4)) / rho).astype(a.dtype)
+    probe = np.where(np.isfinite(probe), probe, hint)
+    c1 = _count_le(a, probe, buf)
+    moved = (c1 != c0) & (probe != hint)
+    rho[moved] = np.abs(c1 - c0)[moved] / np.abs(probe.astype(np.float64) - hint)[moved]
+    up = probe > hint
+    lo, hi = np.where(up, hint, probe), np.where(up, probe, hint)
+    clo, chi = np.where(up, c0, c1), np.where(up, c1, c0)
+    t = np.where(c0 == k, hint, probe)
+    kth, nxt = t.copy(), np.full(R, np.inf, a.dtype)  # a row counted at k ties nothing: its nxt is above t
+    found = (c0 == k) | (c1 == k)
+    band = ~found & (clo < k) & (k <= chi) & (chi - clo <= MAX_BAND)  # lo < k-th value <= hi
+    rows = np.flatnonzero(band)
+    if rows.size:
+        lo_b, hi_b = np.full(R, np.inf, a.dtype), np.full(R, -np.inf, a.dtype)  # other rows: empty bands
+        lo_b[rows], hi_b[rows] = lo[rows], hi[rows]
+        np.greater(a, lo_b[:, None], out=buf)
+        np.less_equal(a, hi_b[:, None], out=buf2)
+        np.logical_and(buf, buf2, out=buf)
+        values = a[buf]  # row by row
+        sizes = chi[rows] - clo[rows]
+        if values.size == sizes.sum():  # (NaNs are in no count and no band; anything else: not found)
+            width = int(sizes.max())
+            grid = np.full((rows.size, width), np.inf, a.dtype)
+            starts = np.cumsum(sizes) - sizes
+            grid[np.repeat(np.arange(rows.size), sizes), np.arange(values.size) - np.repeat(starts, sizes)] = values
+            grid.sort(axis=1)
+            j = k - clo[rows]  # the k-th value is the j-th (from 1) of its band
+            kth[rows] = t[rows] = grid[np.arange(rows.size), j - 1]
+            inside = j < sizes
+            nxt[rows[inside]] = grid[np.flatnonzero(inside), j[inside]]
+            found[rows] = True
+    return t, kth, nxt, found
+
+
+def _kth(a: np.ndarray, k: int, scratch: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``a`` a threshold ``t`` and the rows whose ``k``-th and ``k+1``-th lowest values tie
+    (``t`` is then the k-th value; the lowest indices among the tied take the rest of the ``k``); in every
+    other row exactly ``k`` entries are ``<= t``. Found near the last call's thresholds, kept in
+    ``scratch``, where there are any; the rows not found there (and all on a first call) by introselect."""
+    rows, n = a.shape
+    buf = _buffer(scratch, "bool", a.shape, np.bool_)
+    hint, rho = scratch.get(f"{name}.hint"), scratch.get(f"{name}.rho")
+    if hint is not None and hint.shape == (rows,) and hint.dtype == a.dtype:
+        t, kth, nxt, found = _from_hint(a, k, hint, rho, buf, _buffer(scratch, "bool2", a.shape, np.bool_))
+        missing = np.flatnonzero(~found)
+    else:
+        t, kth, nxt = np.empty(rows, a.dtype), np.empty(rows, a.dtype), np.empty(rows, a.dtype)
+        rho = np.empty(rows)
+        missing = np.arange(rows)
+    if missing.size:
+        kth[missing], nxt[missing] = _partitioned(a, k, missing)
+        t[missing] = kth[missing]
+        if hint is None or hint.shape != (rows,) or hint.dtype != a.dtype:  # the density of values, roughly
+            rho[missing] = n / np.maximum(2.5 * a[missing].std(axis=1, dtype=np.float64), 1e-30)
+    scratch[f"{name}.hint"], scratch[f"{name}.rho"] = t, rho
+    return t, np.flatnonzero(kth == nxt)
 
 
 def _ot_rows_numpy(
@@ -55,64 +147,42 @@ def _ot_rows_numpy(
     ``scale_out`` (float64, one per row) the least-squares scale of the levels ``codes - mu * |codes|``.
     """
     rows, n = a.shape
-    part = _buffer(scratch, "part", a.shape, a.dtype)
-    np.copyto(part, a)
     ks = [n_minus, n_minus + n_zero] if n_zero else [n_minus]
-    # The masks (1 for the k lowest) are written straight by the comparison in the dtype their use
-    # wants: float for the weight (same-dtype arithmetic is fast; bool or uint8 with per-row operands
-    # is not), int8 for the codes. The first one goes into the output itself.
-    dtype = a.dtype if weight is not None else np.int8
-    masks, base = [], 0
+    # The masks (1 for the k lowest) are written in a's dtype: same-dtype arithmetic is fast (bool or
+    # uint8 with per-row operands is not). The first one goes into the output weight itself.
+    masks = []
     for i, k in enumerate(ks):
-        if i == 0 and weight is not None:
-            mask = weight
-        elif i == 0 and codes is not None:
-            mask = codes
-        else:
-            mask = _buffer(scratch, f"mask{i}", a.shape, dtype)
+        mask = weight if i == 0 and weight is not None else _buffer(scratch, f"mask{i}", a.shape, a.dtype)
         if k <= 0 or k >= n:
             mask[...] = 1 if k > 0 else 0
-            masks.append(mask)
-            continue
-        seg = part[:, base:]  # its k - base lowest are the next ones (the lower ones are left of it)
-        j = k - base
-        seg.partition(j - 1, axis=1)
-        kth = seg[:, j - 1 : j]
-        # int8 masks take the comparison's bools as they are (a cast to int8 costs 2.5x the comparison)
-        np.less_equal(a, kth, out=mask.view(np.bool_) if mask.dtype == np.int8 else mask, casting="unsafe")
-        # w <= kth holds exactly k entries unless the next value ties with the k-th: only such rows
-        # need the tie-break by index (the lowest-index entries equal to the k-th value go).
-        tied = np.flatnonzero(seg[:, j:].min(axis=1) == kth[:, 0])
-        if tied.size:
-            sub, v = a[tied], kth[tied]
-            equal = sub == v
-            need = k - (sub < v).sum(axis=1, keepdims=True)
-            mask[tied] = (sub < v) | (equal & (np.cumsum(equal, axis=1) <= need))
+        else:
+            t, tied = _kth(a, k, scratch, f"k{i}")
+            np.less_equal(a, t[:, None], out=mask, casting="unsafe")
+            if tied.size:  # the lowest-index entries equal to the k-th value go
+                sub, v = a[tied], t[tied][:, None]
+                equal = sub == v
+                need = k - (sub < v).sum(axis=1, keepdims=True)
+                mask[tied] = (sub < v) | (equal & (np.cumsum(equal, axis=1) <= need))
         masks.append(mask)
-        base = k
-    k1, k2 = ks[0], ks[-1]
-    # einsum's row sums: 2.5x faster than numpy's pairwise sum along a row here, and single-threaded
-    # (a product with a ones vector is faster still, but BLAS would start its own threads in ours)
-    s_minus = np.einsum("ij->i", part[:, :k1]).astype(np.float64)
-    s_plus = np.einsum("ij->i", part[:, k2:]).astype(np.float64)
+    low, nonpos = masks[0], masks[-1]
+    # einsum's row sums and products: faster than numpy's pairwise sum along a row, single-threaded (a
+    # product with a ones vector is faster still, but BLAS would start its own threads in ours). The
+    # sums come from the masks, never from how a row was selected: every path gives the same scale.
+    s_minus = np.einsum("ij,ij->i", a, low).astype(np.float64)
+    s_nonpos = np.einsum("ij,ij->i", a, nonpos).astype(np.float64) if n_zero else s_minus
+    s_plus = np.einsum("ij->i", a).astype(np.float64) - s_nonpos if ks[-1] < n else np.zeros(rows)
     hi, lo = 1.0 - mu, -1.0 - mu  # the levels of +1 and -1
-    den = hi * hi * (n - k2) + lo * lo * n_minus
+    den = hi * hi * (n - ks[-1]) + lo * lo * n_minus
     # <w, levels> = S_plus * hi + S_minus * lo (zeros add nothing)
     scale = (s_plus * hi + s_minus * lo) / den if den > 0 else np.zeros(rows)
     if scale_out is not None:
         scale_out[...] = scale
     if codes is not None:  # codes = 1 - m1 - m2 (m1 within m2), or 1 - 2 m1
-        if n_zero:
-            codes += masks[1]
-            np.subtract(1, codes, out=codes)
-        else:
-            codes *= -2
-            codes += 1
+        np.subtract(1, low + nonpos, out=codes, casting="unsafe")
     if weight is not None:
         w_hi = (scale * hi).astype(a.dtype)[:, None]
         if n_zero:  # weight holds the -1 mask: lo * m1 + hi * (1 - m2), one non-zero term per entry
             weight *= (scale * lo).astype(a.dtype)[:, None]
-            nonpos = masks[1]
             np.subtract(1, nonpos, out=nonpos)
             nonpos *= w_hi
             weight += nonpos

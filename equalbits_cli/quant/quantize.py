@@ -148,10 +148,9 @@ def ot_codes_reference(
 class OTCache:
     """What :func:`ot_codes` and :func:`binary_weight` keep between calls on one weight tensor (one per
     layer, as in training): the CPU selection's numpy buffers, whose first touch would otherwise cost
-    more than the arithmetic on them. It makes a call cheaper, never different.
-
-    (Until 0.3 it also kept last step's per-filter thresholds; at training learning rates nearly every
-    filter's k-th value moved past them, so they no longer are.)
+    more than the arithmetic on them, and each filter's last threshold, near which the next call looks
+    first (:mod:`equalbits_cli.quant.cpu_select`). It makes a call cheaper, never different. Copies and
+    pickles start empty.
     """
 
     def __init__(self) -> None:
@@ -159,6 +158,9 @@ class OTCache:
 
     def clear(self) -> None:
         self.scratch.clear()
+
+    def __getstate__(self) -> dict:
+        return {"scratch": {}}
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
