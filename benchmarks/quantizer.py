@@ -83,11 +83,37 @@ def grouped_fn(ws: list[torch.Tensor], dtype: torch.dtype):
     return lambda: binary_rows_grouped(flat, specs, "ot", center=True, out_dtype=dtype, plan=plan)[0]
 
 
+def moving_fn(ws: list[torch.Tensor], move: float, calls: int, keep_thresholds: bool):
+    """All layers' training weights together on the CPU, each call on latents one step further on
+    (``calls`` steps made in advance), with or without the last call's thresholds."""
+    flat = [w.reshape(w.shape[0], -1) for w in ws]
+    g = torch.Generator().manual_seed(1)
+    steps = [flat]
+    for _ in range(calls):
+        steps.append([v + move * v.std(dim=1, keepdim=True) * torch.randn(v.shape, generator=g) for v in steps[-1]])
+    specs, scratches, at = _specs(flat), [{} for _ in flat], iter(steps)
+
+    def forget(d: dict) -> None:
+        for key in [k for k in d if str(k).endswith(".hint")]:
+            del d[key]
+        for value in d.values():
+            if isinstance(value, dict):
+                forget(value)
+
+    def call():
+        if not keep_thresholds:
+            [forget(s) for s in scratches]
+        return ot_weights_cpu(next(at), specs, scratches)
+
+    return call
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="resnet18,resnet50,vit_tiny_patch16_224")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--move", type=float, default=0.01, help="CPU: latents' step between calls, in filter stds")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -97,6 +123,8 @@ def main() -> None:
     header += ["train weight 1-by-1 ms", "1-by-1/sign", "train weights together ms", "together/sign"]
     if DEVICE.type == "cuda":
         header += ["GPU only: sign ms", "1-by-1 ms", "together ms"]
+    else:
+        header += ["moving: introselect ms", "moving: last thresholds ms", "introselect / last thresholds"]
     rows = []
     # Warm-up over the largest model first: glibc's allocator adapts its mmap threshold to the sizes
     # it sees, and until then every fresh output page-faults. Without this the first model's
@@ -131,6 +159,10 @@ def main() -> None:
                 f"{graph_ms(lambda: [binary_weight(w, center=True, dtype=wdtype) for w in ws], args.reps):.2f}",
                 f"{graph_ms(together, args.reps):.2f}",
             ]
+        else:
+            fresh = best_ms(moving_fn(ws, args.move, args.reps + 1, False), args.reps)
+            kept = best_ms(moving_fn(ws, args.move, args.reps + 1, True), args.reps)
+            row += [f"{fresh:.2f}", f"{kept:.2f}", f"{fresh / kept:.2f}x"]
         rows.append(row)
         print("| " + " | ".join(row) + " |", flush=True)
     print()

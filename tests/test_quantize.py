@@ -209,3 +209,37 @@ def test_cpu_training_weight_of_large_layers_is_the_reference(ratio, prune):
         for row in q.flatten(1)[live]:
             assert len(torch.unique(row)) == (3 if prune else 2)
     assert cache.scratch  # the numpy buffers were kept for the next step
+
+
+@pytest.mark.parametrize(("ratio", "prune"), [(0.5, 0.0), (0.1, 0.0), (0.7, 0.2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selection_from_last_thresholds_is_exact(ratio, prune, dtype, monkeypatch):
+    """Steps of every size, from none to a jump past every old threshold, with ties created on the way:
+    codes from the last call's thresholds are the reference's at each step, and most rows are found
+    without introselect after the first call (so the bracketing path is what this test checks)."""
+    from equalbits_cli.quant import cpu_select
+    from equalbits_cli.quant.quantize import OTCache
+
+    partitioned = []
+    original = cpu_select._partitioned
+
+    def spy(a, k, rows, scratch):
+        partitioned.append(len(rows))
+        return original(a, k, rows, scratch)
+
+    monkeypatch.setattr(cpu_select, "_partitioned", spy)
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 300, generator=g, dtype=dtype)
+    cache = OTCache()
+    for step, size in enumerate([0.0, 1e-3, 1e-2, 1e-2, 3e-2, 0.0, 1e-3, 1.0, 1e-3]):
+        w = w + size * torch.randn(w.shape, generator=g, dtype=dtype)
+        if step == 4:
+            w[::4, 10:20] = w[::4, 5:6]  # ties, some at the k-th value
+            w[3] = 0.25  # a constant row: no threshold holds exactly k
+        codes, scale = ot_codes(w, ratio, prune, cache=cache)
+        ref_codes, ref_scale = ot_codes_reference(w, ratio, prune)
+        assert torch.equal(codes, ref_codes), f"step {step}"
+        torch.testing.assert_close(scale, ref_scale.to(dtype), rtol=1e-5, atol=1e-7)
+    thresholds = 2 if prune else 1
+    assert sum(partitioned[:thresholds]) == 64 * thresholds  # the first call: every row
+    assert sum(partitioned[thresholds:]) < 64 * thresholds * 8 / 4  # later: most rows found near the last

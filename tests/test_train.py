@@ -454,6 +454,58 @@ def test_cached_teacher_outputs_train_the_same_student(tmp_path, digits_small, d
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), live.state_dict().values()))
 
 
+def test_images_decoded_once_train_the_same_student(tmp_path, digits_small, digits_student, monkeypatch):
+    """With no augmentation the splits are decoded into memory once; read from disk every epoch instead
+    (the memory bound at 0 bytes, as for data too large), the run says so and trains the same student."""
+    from equalbits_cli.config import FinetuneConfig
+    from equalbits_cli.progress import NullProgress
+    from equalbits_cli.train import finetune as ft
+
+    class Notes(NullProgress):
+        def __init__(self):
+            self.notes, self.phases = [], []
+
+        def note(self, text):
+            self.notes.append(text)
+
+        def phase(self, text, total=None):
+            self.phases.append(text)
+
+    results, runs, full = {}, {}, ft.DEFAULT_BOUND
+    for bound in (full, 0):
+        monkeypatch.setattr(ft, "DEFAULT_BOUND", bound)
+        runs[bound] = Notes()
+        cfg = FinetuneConfig(epochs=2, batch_size=32, workers=0, calibrate_batches=2, warmup_steps=2, seed=1)
+        results[bound] = ft.finetune(
+            digits_student, digits_small, cfg, output=tmp_path / f"{bound}.safetensors", progress=runs[bound]
+        )
+    decoded, disk = runs[full], runs[0]
+    assert any(p.startswith("decoding the images once") for p in decoded.phases)
+    assert not any("decoded every epoch" in n for n in decoded.notes)
+    assert any("images are decoded every epoch: 400 decoded images would take 0.0 GiB" in n for n in disk.notes)
+    assert [h["loss"] for h in results[full].history] == [h["loss"] for h in results[0].history]
+    assert results[full].student_top1 == results[0].student_top1
+    a, b = load_model(tmp_path / f"{full}.safetensors"), load_model(tmp_path / "0.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_decode_once_gives_the_split_s_own_tensors(digits_small):
+    from equalbits_cli.data.config import DataOverrides, resolve_data_config
+    from equalbits_cli.data.folders import decode_once, find_splits, val_dataset
+
+    model = torch.nn.Linear(1, 1)
+    model.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
+    ds = val_dataset(find_splits(digits_small), resolve_data_config(model, DataOverrides(img_size=32)))
+    kept = decode_once(ds, batch_size=7, workers=0, bound=1 << 30)
+    assert len(kept) == len(ds) == 120
+    for i in (0, 6, 7, 119):  # across the loader's batches
+        image, target = kept[i]
+        assert torch.equal(image, ds[i][0]) and target == ds[i][1]
+    assert decode_once(ds, batch_size=7, workers=0, bound=len(ds) * 3 * 32 * 32 * 4 - 1).startswith(
+        "images are decoded every epoch"
+    )
+
+
 def test_a_teacher_cache_over_its_bound_is_given_up():
     import numpy as np
 

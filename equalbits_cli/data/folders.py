@@ -27,6 +27,8 @@ __all__ = [
     "find_splits",
     "build_datasets",
     "calibration_dataset",
+    "Decoded",
+    "decode_once",
     "eval_transform",
     "val_dataset",
     "make_loader",
@@ -314,6 +316,44 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class Decoded(Dataset):
+    """A split's ``(image, target)`` pairs decoded and transformed once and held in memory
+    (:func:`decode_once`): the same tensors the split gives, without reading or decoding a file again."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        self.images, self.targets = images, targets
+        self.epoch = 0  # set by the training loop, as on every split; nothing here depends on it
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.images[index], int(self.targets[index])
+
+
+def decode_once(dataset: Dataset, batch_size: int, workers: int, bound: int, progress=None) -> Decoded | str:
+    """``dataset`` (a split whose transform draws nothing at random) decoded into memory through a loader
+    with ``workers``, or, where the decoded images would take more than ``bound`` bytes, a one-line
+    note saying so (the split is then read from disk every epoch)."""
+    first, _ = dataset[0]
+    size = len(dataset) * first.numel() * first.element_size()
+    if size > bound:
+        return (
+            f"images are decoded every epoch: {len(dataset)} decoded images would take {size / 2**30:.1f} GiB "
+            f"(bound {bound / 2**30:.1f} GiB)"
+        )
+    images = torch.empty((len(dataset), *first.shape), dtype=first.dtype)
+    targets = torch.empty(len(dataset), dtype=torch.int64)
+    loader = make_loader(dataset, EpochSampler(len(dataset), shuffle=False), batch_size, workers, drop_last=False)
+    done = 0
+    for x, y in iterate(loader):
+        images[done : done + len(x)], targets[done : done + len(x)] = x, y
+        done += len(x)
+        if progress is not None:
+            progress.advance(1)
+    return Decoded(images, targets)
 
 
 def iterate(loader):

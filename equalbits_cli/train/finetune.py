@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import FinetuneConfig
 from ..data.config import DataConfig, DataOverrides, resolve_data_config
-from ..data.folders import iterate
+from ..data.folders import Decoded, iterate
 from ..errors import Interrupted, SettingError
 from ..paths import check_log_path
 from ..progress import NullProgress, Progress
@@ -45,7 +45,7 @@ from .state import (
     save_state,
     state_path_for,
 )
-from .teacher_cache import TeacherCache
+from .teacher_cache import DEFAULT_BOUND, TeacherCache
 
 __all__ = ["LOG_EVERY", "FinetuneResult", "codes_checksum", "finetune", "teacher_warnings", "train_classifier"]
 
@@ -182,6 +182,19 @@ class _Run:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
+def _decoded(train_ds, val_ds, batch_size: int, workers: int, progress: Progress) -> tuple:
+    """The train and val splits decoded into memory (:func:`~equalbits_cli.data.folders.decode_once`),
+    each where it fits the memory bound; a split that does not is read from disk, and the run says so."""
+    from ..data.folders import decode_once
+
+    batches = sum(-(-len(ds) // batch_size) for ds in (train_ds, val_ds))
+    progress.phase("decoding the images once (no augmentation: they never change)", batches)
+    kept = [decode_once(ds, batch_size, workers, DEFAULT_BOUND, progress) for ds in (train_ds, val_ds)]
+    if isinstance(kept[0], str):
+        progress.note(kept[0])
+    return tuple(ds if isinstance(k, str) else k for ds, k in zip((train_ds, val_ds), kept))
+
+
 def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, progress: Progress, output: Path):
     from ..data.folders import (
         EpochSampler,
@@ -229,14 +242,18 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
             f"train/ has {len(train_ds)} images, fewer than one batch ({config.batch_size} x {world} processes); "
             "lower `batch_size`"
         )
-    train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=config.seed, rank=rank, world=world)
-    train_loader = make_loader(train_ds, train_sampler, config.batch_size, workers, drop_last=True)
-    val_loader = make_loader(
-        val_ds, EpochSampler(len(val_ds), shuffle=False), config.batch_size, workers, drop_last=False
-    )
     calib_ds = calibration_dataset(splits, data_config)
-    calib_sampler = EpochSampler(len(calib_ds), shuffle=True, seed=config.seed + 1)
-    calib_loader = make_loader(calib_ds, calib_sampler, config.batch_size, workers, drop_last=True)
+    if config.augment == "none" and world == 1:  # the images never change: decoded once, not every epoch
+        train_ds, val_ds = _decoded(train_ds, val_ds, config.batch_size, workers, progress)
+        calib_ds = train_ds if isinstance(train_ds, Decoded) else calib_ds  # the same transform
+
+    def loader(ds, sampler, drop_last: bool):
+        return make_loader(ds, sampler, config.batch_size, 0 if isinstance(ds, Decoded) else workers, drop_last)
+
+    train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=config.seed, rank=rank, world=world)
+    train_loader = loader(train_ds, train_sampler, True)
+    val_loader = loader(val_ds, EpochSampler(len(val_ds), shuffle=False), False)
+    calib_loader = loader(calib_ds, EpochSampler(len(calib_ds), shuffle=True, seed=config.seed + 1), True)
     student.to(device)
     if teacher_model is not None:
         teacher_model.to(device).eval()
