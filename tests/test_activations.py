@@ -87,7 +87,10 @@ def test_uncalibrated_mobilenetv3_1w1a_exports(tmp_path, binarize_depthwise):
     model = binarize_model("mobilenetv3_small_100", BinarizeConfig(activations="sign"), num_classes=10, policy=policy)
     weights = "float" if binarize_depthwise else "packed"  # each form once: both ran the same graph in 0.5
     result = export_onnx(model.eval(), tmp_path / f"{weights}.onnx", weights=weights, img_size=64)
-    assert result.matched == 1.0, weights
+    # Exact zeros flipped every sample (0% matched before 0.5). A continuous input within float rounding
+    # of its threshold may still flip one (what MIN_MATCHED allows): it did for one sample in 16 with
+    # 0.11's scales, summed in another order than 0.10's.
+    assert result.matched >= 15 / 16, weights
 
 
 def _real(model) -> set[str]:

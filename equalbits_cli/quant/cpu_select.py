@@ -168,12 +168,12 @@ def _ot_rows_numpy(
                 mask[tied] = (sub < v) | (equal & (np.cumsum(equal, axis=1) <= need))
         masks.append(mask)
     low, nonpos = masks[0], masks[-1]
-    # einsum's row sums and products: faster than numpy's pairwise sum along a row, single-threaded (a
-    # product with a ones vector is faster still, but BLAS would start its own threads in ours). The
-    # sums come from the masks, never from how a row was selected: every path gives the same scale.
-    s_minus = np.einsum("ij,ij->i", a, low).astype(np.float64)
-    s_nonpos = np.einsum("ij,ij->i", a, nonpos).astype(np.float64) if n_zero else s_minus
-    s_plus = np.einsum("ij->i", a).astype(np.float64) - s_nonpos if ks[-1] < n else np.zeros(rows)
+    # The sums come from the masks, never from how a row was selected: every path gives the same scale.
+    # Row dot products by vecdot (BLAS's dot, several accumulators: 4e-7 of the sum on 16k weights,
+    # where einsum's one running sum was 2e-5 off) and the row total by numpy's pairwise sum.
+    s_minus = np.vecdot(a, low).astype(np.float64)
+    s_nonpos = np.vecdot(a, nonpos).astype(np.float64) if n_zero else s_minus
+    s_plus = a.sum(axis=1, dtype=a.dtype).astype(np.float64) - s_nonpos if ks[-1] < n else np.zeros(rows)
     hi, lo = 1.0 - mu, -1.0 - mu  # the levels of +1 and -1
     den = hi * hi * (n - ks[-1]) + lo * lo * n_minus
     # <w, levels> = S_plus * hi + S_minus * lo (zeros add nothing)
