@@ -106,7 +106,8 @@ class AugmentChoice(str, enum.Enum):
 AugmentOpt = Annotated[
     AugmentChoice,
     typer.Option(
-        help="none; light: random crops of 64-100% of the area, no flips; full: timm's ImageNet training transform."
+        help="none (images decoded once, in memory, at most 1 GiB); light: random crops of 64-100% of the area, "
+        "no flips; full: timm's ImageNet training transform."
     ),
 ]
 
