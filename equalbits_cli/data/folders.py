@@ -307,11 +307,12 @@ def default_workers(processes_per_machine: int = 1) -> int:
 
 
 def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, drop_last: bool) -> DataLoader:
+    """A loader of ``dataset``'s batches in ``sampler``'s order; a :class:`Decoded` split needs no workers."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=workers,
+        num_workers=0 if isinstance(dataset, Decoded) else workers,
         drop_last=drop_last,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),

@@ -246,14 +246,13 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
     if config.augment == "none" and world == 1:  # the images never change: decoded once, not every epoch
         train_ds, val_ds = _decoded(train_ds, val_ds, config.batch_size, workers, progress)
         calib_ds = train_ds if isinstance(train_ds, Decoded) else calib_ds  # the same transform
-
-    def loader(ds, sampler, drop_last: bool):
-        return make_loader(ds, sampler, config.batch_size, 0 if isinstance(ds, Decoded) else workers, drop_last)
-
     train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=config.seed, rank=rank, world=world)
-    train_loader = loader(train_ds, train_sampler, True)
-    val_loader = loader(val_ds, EpochSampler(len(val_ds), shuffle=False), False)
-    calib_loader = loader(calib_ds, EpochSampler(len(calib_ds), shuffle=True, seed=config.seed + 1), True)
+    train_loader = make_loader(train_ds, train_sampler, config.batch_size, workers, drop_last=True)
+    val_loader = make_loader(
+        val_ds, EpochSampler(len(val_ds), shuffle=False), config.batch_size, workers, drop_last=False
+    )
+    calib_sampler = EpochSampler(len(calib_ds), shuffle=True, seed=config.seed + 1)
+    calib_loader = make_loader(calib_ds, calib_sampler, config.batch_size, workers, drop_last=True)
     student.to(device)
     if teacher_model is not None:
         teacher_model.to(device).eval()
@@ -703,6 +702,7 @@ def train_classifier(
     torch.manual_seed(seed)
     splits = find_splits(data_dir)
     train_ds, val_ds = build_datasets(splits, resolve_data_config(model, data), augment="none", seed=seed)
+    train_ds, val_ds = _decoded(train_ds, val_ds, batch_size, workers, progress)
     sampler = EpochSampler(len(train_ds), shuffle=True, seed=seed)
     loader = make_loader(train_ds, sampler, batch_size, workers, drop_last=True)
     val_loader = make_loader(val_ds, EpochSampler(len(val_ds), shuffle=False), batch_size, workers, drop_last=False)
