@@ -324,6 +324,22 @@ def test_corrupt_state_never_advises_unpickling(tmp_path):
     assert "weights_only" not in str(err.value)
 
 
+def test_a_truncated_state_is_refused(tmp_path):
+    """States are written without torch's per-record CRC (save_state): a cut file is still refused in one
+    line, by the zip directory it lacks (the atomic write keeps a cut file from ever being the state)."""
+    from equalbits_cli.train.state import load_state, save_state
+
+    path = tmp_path / "s.pt"
+    save_state(path, {"format": "equalbits.train_state", "model": {"w": torch.randn(100, 100)}})
+    data = path.read_bytes()
+    with pytest.raises(ValueError, match="not an equalbits training state"):  # read whole: only keys missing
+        load_state(path)
+    for cut in (len(data) // 2, len(data) - 10):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="corrupt training state"):
+            load_state(path)
+
+
 def test_non_utf8_names_show_their_bytes(tmp_path):
     name = os.fsdecode(b"bad\xff.safetensors")
     res = runner.invoke(app, ["inspect", str(tmp_path / name)])

@@ -178,8 +178,13 @@ def check_resume_identity(path: Path, state: dict[str, Any], identity: dict[str,
 
 
 def save_state(path: Path, payload: dict[str, Any]) -> None:
-    """Write the state atomically (the previous one stays until this one is complete)."""
+    """Write the state atomically (the previous one stays until this one is complete, and is flushed to
+    disk). Without torch's CRC-32 of each record: two thirds of the save's time (resnet18's 133 MiB with
+    AdamW moments: 229 ms with it, 75 ms without), and like the safetensors files equalbits writes, the
+    state then relies on the atomic write, not on a checksum."""
+    from torch.utils.serialization import config
+
     from ..paths import atomic_write
 
-    with atomic_write(path) as tmp:
+    with atomic_write(path) as tmp, config.patch({"save.compute_crc32": False}):
         torch.save(payload, str(tmp))
