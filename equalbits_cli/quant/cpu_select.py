@@ -117,19 +117,18 @@ def _kth(a: np.ndarray, k: int, scratch: dict, name: str) -> tuple[np.ndarray, n
     rows, n = a.shape
     buf = _buffer(scratch, "bool", a.shape, np.bool_)
     hint, rho = scratch.get(f"{name}.hint"), scratch.get(f"{name}.rho")
-    if hint is not None and hint.shape == (rows,) and hint.dtype == a.dtype:
+    warm = hint is not None and hint.shape == (rows,) and hint.dtype == a.dtype
+    if warm:
         t, kth, nxt, found = _from_hint(a, k, hint, rho, buf, _buffer(scratch, "bool2", a.shape, np.bool_))
         missing = np.flatnonzero(~found)
     else:
         t, kth, nxt = np.empty(rows, a.dtype), np.empty(rows, a.dtype), np.empty(rows, a.dtype)
-        rho = np.empty(rows)
+        # the density of values near the k-th, roughly (a normal's at its mean), from every 16th column
+        rho = n / np.maximum(2.5 * a[:, ::16].std(axis=1), 1e-30)
         missing = np.arange(rows)
     if missing.size:
         kth[missing], nxt[missing] = _partitioned(a, k, missing, scratch)
         t[missing] = kth[missing]
-        if hint is None or hint.shape != (rows,) or hint.dtype != a.dtype:
-            # the density of values near the k-th, roughly (a normal's at its mean), from every 16th column
-            rho[missing] = n / np.maximum(2.5 * a[missing, ::16].std(axis=1), 1e-30)
     scratch[f"{name}.hint"], scratch[f"{name}.rho"] = t, rho
     return t, np.flatnonzero(kth == nxt)
 

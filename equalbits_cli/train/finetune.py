@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import FinetuneConfig
 from ..data.config import DataConfig, DataOverrides, resolve_data_config
-from ..data.folders import Decoded, iterate
+from ..data.folders import iterate
 from ..errors import Interrupted, SettingError
 from ..paths import check_log_path
 from ..progress import NullProgress, Progress
@@ -242,10 +242,10 @@ def _setup(student_path, data_dir, config: FinetuneConfig, teacher: str | None, 
             f"train/ has {len(train_ds)} images, fewer than one batch ({config.batch_size} x {world} processes); "
             "lower `batch_size`"
         )
-    calib_ds = calibration_dataset(splits, data_config)
     if config.augment == "none" and world == 1:  # the images never change: decoded once, not every epoch
         train_ds, val_ds = _decoded(train_ds, val_ds, config.batch_size, workers, progress)
-        calib_ds = train_ds if isinstance(train_ds, Decoded) else calib_ds  # the same transform
+    # Without augmentation the training split already has the evaluation transform the calibration wants.
+    calib_ds = train_ds if config.augment == "none" else calibration_dataset(splits, data_config)
     train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=config.seed, rank=rank, world=world)
     train_loader = make_loader(train_ds, train_sampler, config.batch_size, workers, drop_last=True)
     val_loader = make_loader(
