@@ -13,7 +13,12 @@ and sample standard deviation over seeds) and the plot go to ``--out`` and ``--p
 
     python benchmarks/sweep_chars.py [--workdir bench_chars] [--seeds 0,1,2] [--epochs 2]
         [--ratios 0.1,0.3,0.5,0.7,0.9] [--settings paper,ours] [--out docs/sweep_chars.json]
-        [--plot docs/sweep_chars.png]
+        [--plot docs/sweep_chars.png] [--variants "lr=0.002;augment=light;calibrate_batches=0"]
+
+``--variants`` re-checks the fine-tune defaults (issue 24, item 5): each ``;``-separated variant changes
+one or more ``FinetuneConfig`` fields (``name=value,name=value``) and runs every setting, ratio and
+seed again; the table gets one block per variant, the defaults first, and each variant's difference
+from the defaults.
 """
 
 from __future__ import annotations
@@ -49,6 +54,18 @@ def teacher(workdir: Path, model: str, data: Path, epochs: int) -> Path:
     return save_full_precision(net, path, data_config=resolve_data_config(net, whole), top1=top1)
 
 
+def _variant(text: str) -> dict:
+    """``"lr=0.01,augment=light"`` -> ``{"lr": 0.01, "augment": "light"}`` (numbers parsed as JSON)."""
+    changes = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        try:
+            changes[key.strip()] = json.loads(value)
+        except ValueError:
+            changes[key.strip()] = value.strip()
+    return changes
+
+
 def main() -> None:
     from equalbits_cli.config import FinetuneConfig
     from equalbits_cli.data.builtin import make_dataset
@@ -67,42 +84,55 @@ def main() -> None:
     p.add_argument("--settings", default="paper,ours")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--variants", default="", help="';'-separated FinetuneConfig changes, e.g. 'lr=0.01;epochs=2'")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = make_dataset("chars", args.workdir / "chars", size=32)
     ckpt = teacher(args.workdir, args.model, data, args.teacher_epochs)
     seeds = [int(s) for s in args.seeds.split(",")]
     ratios = [float(r) for r in args.ratios.split(",")]
+    variants = {"defaults": {}} | {v: _variant(v) for v in args.variants.split(";") if v}
     rows = []
-    for name in args.settings.split(","):
-        t0 = time.perf_counter()
-        got = run_sweep(
-            args.model,
-            data,
-            ratios=ratios,
-            methods=args.methods.split(","),
-            seeds=seeds,
-            checkpoint=str(ckpt),
-            finetune_config=FinetuneConfig(epochs=args.epochs, workers=0, seed=seeds[0]),
-            rows_file=args.workdir / f"{args.model}.{name}.jsonl",
-            **SETTINGS[name],
-        )
-        rows += [{**r, "setting": name} for r in got]
-        print(f"# {name}: {len(got)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
+    for variant, changes in variants.items():
+        config = FinetuneConfig(**{"epochs": args.epochs, "workers": 0, "seed": seeds[0], **changes})
+        for name in args.settings.split(","):
+            t0 = time.perf_counter()
+            got = run_sweep(
+                args.model,
+                data,
+                ratios=ratios,
+                methods=args.methods.split(","),
+                seeds=seeds,
+                checkpoint=str(ckpt),
+                finetune_config=config,
+                rows_file=args.workdir / f"{args.model}.{name}.jsonl",  # rows are keyed by their settings
+                **SETTINGS[name],
+            )
+            rows += [{**r, "setting": name, "variant": variant} for r in got]
+            print(f"# {variant}, {name}: {len(got)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
     teacher_top1 = rows[0]["teacher_top1"]
     print(f"teacher top-1 {teacher_top1:.2f}%")
-    print("| setting | method | +1 ratio | entropy | seeds | top-1 mean | sd | below teacher |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | setting | method | +1 ratio | entropy | seeds | top-1 mean | sd | below teacher | vs defaults |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     summary = []
-    for name in args.settings.split(","):
-        for s in summarize_sweep([r for r in rows if r["setting"] == name]):
-            summary.append({**s, "setting": name})
-            print(
-                f"| {name} | {s['method']} | {s['ratio']:.3f} | {s['entropy_bits']:.3f} | {s['seeds']} | "
-                f"{s['top1_mean']:.2f}% | {s['top1_std']:.2f} | {teacher_top1 - s['top1_mean']:.2f} |"
-            )
+    for variant in variants:
+        for name in args.settings.split(","):
+            for s in summarize_sweep([r for r in rows if r["setting"] == name and r["variant"] == variant]):
+                same = (name, s["method"], s["ratio"], "defaults")
+                base = next((b for b in summary if (b["setting"], b["method"], b["ratio"], b["variant"]) == same), None)
+                summary.append({**s, "setting": name, "variant": variant})
+                diff = f"{s['top1_mean'] - base['top1_mean']:+.2f}" if base else ""
+                print(
+                    f"| {variant} | {name} | {s['method']} | {s['ratio']:.3f} | {s['entropy_bits']:.3f} | "
+                    f"{s['seeds']} | {s['top1_mean']:.2f}% | {s['top1_std']:.2f} | "
+                    f"{teacher_top1 - s['top1_mean']:.2f} | {diff} |"
+                )
     if args.plot:
-        plot_sweep(rows, args.plot, title=f"{args.model} on chars (32x32, 36 classes), fine-tune epochs: {args.epochs}")
+        plot_sweep(
+            [r for r in rows if r["variant"] == "defaults"],
+            args.plot,
+            title=f"{args.model} on chars (32x32, 36 classes), fine-tune epochs: {args.epochs}",
+        )
     if args.out:
         env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor()}
         args.out.write_text(json.dumps({"env": env, "teacher_top1": teacher_top1, "summary": summary, "rows": rows}))

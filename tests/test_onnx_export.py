@@ -62,10 +62,18 @@ def test_onnx_float_weights(tmp_path, resnet18_state):
     assert "layer1.0.conv1.weight" in {i.name for i in graph.initializer}
 
 
-@pytest.mark.parametrize("config", [BinarizeConfig(), BinarizeConfig(ratio=0.3, prune=0.2, activations="sign")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        BinarizeConfig(),
+        BinarizeConfig(ratio=0.3, prune=0.2, activations="sign"),
+        BinarizeConfig(ratio=0.7, center=False),
+    ],
+)
 def test_packed_form_computes_what_the_model_computes(resnet18_state, config):
-    """The packed inference form (bit planes unpacked in its forward) and its float copy give the
-    binarized model's logits exactly: they compute the same weights in the same order."""
+    """The packed inference form (bit planes unpacked in its forward) and its float copies (from the
+    packed form, as exports make them, and straight from the binarized model, as evaluation does) give
+    the binarized model's logits exactly: they compute the same weights in the same order."""
     model = binarize_model("resnet18", config, checkpoint=resnet18_state).eval()
     packed = pack_model(model)
     layers = [m for m in packed.modules() if isinstance(m, PackedBinary)]
@@ -78,6 +86,14 @@ def test_packed_form_computes_what_the_model_computes(resnet18_state, config):
         want = model(x)
         torch.testing.assert_close(packed(x), want, rtol=0, atol=0)
         torch.testing.assert_close(float_model(packed)(x), want, rtol=0, atol=0)
+    direct = dict(float_model(model).named_parameters())
+    via_planes = dict(float_model(packed).named_parameters())
+    assert direct.keys() == via_planes.keys() and isinstance(model.layer1[0].conv1, BinaryLayer)
+    for name, value in via_planes.items():
+        assert torch.equal(direct[name], value), name
+    assert {n: b for n, b in float_model(model).named_buffers()}.keys() == dict(
+        float_model(packed).named_buffers()
+    ).keys()
 
 
 @pytest.mark.parametrize("name", ["test_vit", "test_efficientnet", "test_convnext"])

@@ -53,12 +53,11 @@ class PackedBinary(nn.Module):
         sign, nonzero = pack_codes(codes.cpu().numpy())
         self.shape = tuple(codes.shape)
         self.count = codes.numel()
-        self.conv = None if conv is None else {k: conv[k] for k in ("stride", "padding", "dilation", "groups")}
-        mu = code_offsets(codes).cpu() if center else None
+        self.conv = conv
         self.register_buffer("sign", torch.from_numpy(sign))
         self.register_buffer("nonzero", None if nonzero is None else torch.from_numpy(nonzero))
         self.register_buffer("scale", scale.detach().float().cpu().clone())
-        self.register_buffer("mu", mu if mu is not None and bool(mu.any()) else None)
+        self.register_buffer("mu", _offsets(codes, center))
         self.register_buffer("bias", None if bias is None else bias.detach().float().cpu().clone())
         self.register_buffer("act_threshold", None if act_threshold is None else act_threshold.detach().float().clone())
         self.register_buffer("bit_masks", torch.tensor([1 << i for i in range(8)], dtype=torch.uint8), persistent=False)
@@ -71,9 +70,7 @@ class PackedBinary(nn.Module):
         ``codes`` and ``scale`` given (those of a packed file)."""
         if codes is None or scale is None:
             codes, scale = layer.quantize()
-        conv = conv_kwargs(layer) if isinstance(layer, nn.Conv2d) else None
-        if conv is not None and conv["padding_mode"] != "zeros":
-            raise ValueError(f"padding mode {conv['padding_mode']!r} has no packed form; only 'zeros' padding")
+        conv = cls.from_conv(layer)
         packed = cls(
             codes,
             scale,
@@ -83,6 +80,16 @@ class PackedBinary(nn.Module):
             conv=conv,
         )
         return packed.to(layer.weight.device)
+
+    @staticmethod
+    def from_conv(layer: BinaryLayer) -> dict | None:
+        """The convolution settings a packed form of ``layer`` keeps (None for a Linear)."""
+        if not isinstance(layer, nn.Conv2d):
+            return None
+        conv = conv_kwargs(layer)
+        if conv["padding_mode"] != "zeros":
+            raise ValueError(f"padding mode {conv['padding_mode']!r} has no packed form; only 'zeros' padding")
+        return {k: conv[k] for k in ("stride", "padding", "dilation", "groups")}
 
     def _codes(self, dtype: torch.dtype) -> torch.Tensor:
         """The codes, flat, in ``dtype``: ``1 - 2 * sign`` (times ``nonzero``), each plane's bits read with
@@ -96,10 +103,7 @@ class PackedBinary(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """``scale * levels``, float32, of the layer's weight shape."""
-        levels = self._codes(self.scale.dtype).reshape(self.shape[0], -1)
-        if self.mu is not None:
-            levels = levels - self.mu.unsqueeze(1) * levels.abs()
-        return (levels * self.scale.unsqueeze(1)).reshape(self.shape)
+        return _scaled(self._codes(self.scale.dtype), self.mu, self.scale, self.shape)
 
     def codes(self) -> torch.Tensor:
         """The int8 codes in {-1, 0, +1}."""
@@ -123,6 +127,21 @@ class PackedBinary(nn.Module):
         return f"{kind}, shape={self.shape}, ternary={self.nonzero is not None}, centred={self.mu is not None}"
 
 
+def _offsets(codes: torch.Tensor, center: bool) -> torch.Tensor | None:
+    """The per-filter ``mu`` a packed layer stores: None unless centred and some filter's is not 0."""
+    mu = code_offsets(codes).cpu() if center else None
+    return mu if mu is not None and bool(mu.any()) else None
+
+
+def _scaled(codes: torch.Tensor, mu: torch.Tensor | None, scale: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """``scale * (codes - mu * |codes|)`` of float ``codes`` (``mu`` None: no centring), of ``shape``: the
+    one formula behind :meth:`PackedBinary.weight` and the float form made straight from a layer."""
+    levels = codes.reshape(shape[0], -1)
+    if mu is not None:
+        levels = levels - mu.unsqueeze(1) * levels.abs()
+    return (levels * scale.unsqueeze(1)).reshape(shape)
+
+
 def _binarize_input(x: torch.Tensor, threshold: torch.Tensor | None, conv: bool) -> torch.Tensor:
     """``sign(x - t)`` with sign(0) = +1 and ``t`` per channel (1W/1A layers), else ``x``."""
     if threshold is None:
@@ -136,13 +155,21 @@ class _FloatBinary(nn.Module):
     ``x @ weight``: the graph then has no Transpose of the weight for an optimizer to fold into a
     constant under a generated name, so the weight keeps its name through onnxruntime's tools."""
 
-    def __init__(self, packed: PackedBinary) -> None:
+    def __init__(self, packed: PackedBinary | BinaryLayer) -> None:
         super().__init__()
-        self.conv = packed.conv
-        w = packed.weight().detach()
+        if isinstance(packed, PackedBinary):
+            w, self.conv = packed.weight().detach(), packed.conv
+        else:  # the weight its packed form would unpack to, without the bit planes in between
+            layer = packed
+            codes, scale = layer.quantize()
+            mu = _offsets(codes, bool(layer.config.center))
+            mu = None if mu is None else mu.to(codes.device)
+            w = _scaled(codes.to(torch.float32), mu, scale.detach().float(), tuple(codes.shape))
+            self.conv = PackedBinary.from_conv(layer)
         self.weight = nn.Parameter(w if self.conv is not None else w.T.contiguous(), requires_grad=False)
-        self.register_buffer("bias", None if packed.bias is None else packed.bias.clone())
-        self.register_buffer("act_threshold", None if packed.act_threshold is None else packed.act_threshold.clone())
+        self.register_buffer("bias", None if packed.bias is None else packed.bias.detach().float().clone())
+        threshold = packed.act_threshold
+        self.register_buffer("act_threshold", None if threshold is None else threshold.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _binarize_input(x, self.act_threshold, self.conv is not None)
@@ -153,7 +180,7 @@ class _FloatBinary(nn.Module):
         return F.conv2d(x, self.weight, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
 
 
-def _replace(model: nn.Module, kind: type, make) -> nn.Module:
+def _replace(model: nn.Module, kind: type | tuple[type, ...], make) -> nn.Module:
     """A copy of ``model`` in eval mode with each ``kind`` module replaced by ``make(module)``: the
     replacements are made from the originals and handed to the copy (``deepcopy``'s memo), so the
     replaced modules are never copied (resnet18's latent weights: 45 MB a validation)."""
@@ -176,8 +203,9 @@ def pack_model(model: nn.Module) -> nn.Module:
     return _replace(model, BinaryLayer, PackedBinary.from_layer)
 
 
-def float_model(packed: nn.Module) -> nn.Module:
-    """A copy of a packed model (:func:`pack_model`) whose binarized layers hold their weight
-    ``scale * levels`` as a float parameter named ``weight`` (``[in, out]`` for a Linear): what float
-    and int8 exports trace."""
-    return _replace(packed, PackedBinary, _FloatBinary)
+def float_model(model: nn.Module) -> nn.Module:
+    """A copy of a packed model (:func:`pack_model`), or of a binarized one, whose binarized layers hold
+    their weight ``scale * levels`` as a float parameter named ``weight`` (``[in, out]`` for a Linear):
+    what float and int8 exports trace and evaluation runs. From a binarized model the weights are those
+    its packed form unpacks to, bit for bit, made without the bit planes in between."""
+    return _replace(model, (PackedBinary, BinaryLayer), _FloatBinary)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 
 from .counts import entropy_of_counts, ot_counts
@@ -71,8 +72,14 @@ def code_offsets(codes: torch.Tensor) -> torch.Tensor:
         [0.5, 0.0]
     """
     c = codes.reshape(codes.shape[0], -1)
-    total = c.sum(dim=1, dtype=torch.int64)
-    nonzero = c.ne(0).sum(dim=1)
+    if c.device.type == "cpu":
+        # numpy's buffered reductions: torch's int8 sums take a slow path on the CPU (15 ms against 0.3 for
+        # a 512 x 4608 filter bank; resnet18's validations spent most of their packing here)
+        a = c.numpy()
+        total = torch.from_numpy(a.sum(axis=1, dtype=np.int64))
+        nonzero = torch.from_numpy(np.count_nonzero(a, axis=1).astype(np.int64))
+    else:
+        total, nonzero = c.sum(dim=1, dtype=torch.int64), c.ne(0).sum(dim=1)
     mu = total.double() / nonzero.clamp_min(1).double()
     return torch.where(mu.abs() < 1, mu, torch.zeros_like(mu)).float()
 

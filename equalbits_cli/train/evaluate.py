@@ -38,10 +38,9 @@ def autocast_for(device: torch.device, enabled: bool):
 def evaluate(
     model: nn.Module, loader, device: torch.device, amp: bool = False, progress: Progress | None = None
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) and the number of samples. A binarized model in the training
-    form is evaluated in its packed form (:func:`equalbits_cli.nn.packed.pack_model`), with each packed
-    weight unpacked once (:func:`~equalbits_cli.nn.packed.float_model`), not once per batch; it is left
-    in eval mode.
+    """Top-1 and top-5 accuracy (percent) and the number of samples. A binarized model, in the training
+    or the packed form, is evaluated with the weights its packed form unpacks to, made once
+    (:func:`equalbits_cli.nn.packed.float_model`), not once per batch; it is left in eval mode.
 
     Example:
         >>> model = nn.Linear(4, 3)
@@ -50,13 +49,11 @@ def evaluate(
         ['n', 'top1', 'top5']
     """
     from ..nn.layers import BinaryLayer
-    from ..nn.packed import PackedBinary, float_model, pack_model
+    from ..nn.packed import PackedBinary, float_model
 
     model.eval()
-    if any(isinstance(m, BinaryLayer) for m in model.modules()):
-        model = pack_model(model)
-    if any(isinstance(m, PackedBinary) for m in model.modules()):
-        model = float_model(model)  # the packed weights unpacked once, not once per batch
+    if any(isinstance(m, (BinaryLayer, PackedBinary)) for m in model.modules()):
+        model = float_model(model)
     correct1 = correct5 = n = 0
     for images, targets in iterate(loader):
         images, targets = images.to(device), targets.to(device)
