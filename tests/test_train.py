@@ -529,3 +529,33 @@ def test_a_student_without_batchnorm_is_evaluated_once_before_training(tmp_path,
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["student_top1_calibrated"] is None and out["student_top1_before"] is not None
+
+
+def test_a_failed_final_write_keeps_the_trained_state(tmp_path, digits_small, digits_student, monkeypatch):
+    """No state is written after the last epoch (the checkpoint is, and the state is then removed); if
+    writing the checkpoint fails, the state of the finished training is saved, and a resume only
+    evaluates and writes the checkpoint."""
+    from equalbits_cli.config import FinetuneConfig
+    from equalbits_cli.formats import latent
+    from equalbits_cli.train import finetune as ft
+
+    saves = []
+    save_state = ft.save_state
+    monkeypatch.setattr(
+        ft, "save_state", lambda path, payload: (saves.append(payload["epoch"]), save_state(path, payload))
+    )
+    write = latent.save_checkpoint
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(latent, "save_checkpoint", full_disk)
+    cfg = FinetuneConfig(epochs=2, batch_size=32, workers=0, calibrate_batches=1, warmup_steps=2, save_every=1000)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(OSError, match="No space"):
+        ft.finetune(digits_student, digits_small, cfg, output=out)
+    assert saves == [1, 2] and state_path_for(out).exists() and not out.exists()
+    monkeypatch.setattr(latent, "save_checkpoint", write)
+    result = ft.finetune(digits_student, digits_small, cfg, output=out, resume=True)
+    assert result.resumed_from_step == result.steps == 24 and saves == [1, 2]
+    assert len(result.history) == 2 and out.exists() and not state_path_for(out).exists()

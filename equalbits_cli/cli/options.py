@@ -166,7 +166,9 @@ TeacherOpt = Annotated[
 AlphaOpt = Annotated[float, typer.Option(help="Share of label cross-entropy in the loss (0 = pure distillation).")]
 WeightDecayOpt = Annotated[float, typer.Option(help="AdamW decay of full-precision weights (never latent binary).")]
 CalibrateOpt = Annotated[int, typer.Option(help="Batches to re-estimate BatchNorm statistics first (0: off).")]
-SaveEveryOpt = Annotated[int, typer.Option(help="Save the training state every N steps (and at each epoch end).")]
+SaveEveryOpt = Annotated[
+    int, typer.Option(help="Save the training state every N steps (and after each epoch but the last).")
+]
 ResumeOpt = Annotated[
     str | None,
     typer.Option(

@@ -586,7 +586,12 @@ def finetune(
     if run.rank != 0:
         barrier(run.world)
         return None
-    result = _finish(run, output, started, resumed, checksum, identical)
+    try:
+        result = _finish(run, output, started, resumed, checksum, identical)
+    except BaseException:
+        with contextlib.suppress(Exception):  # what failed is what the user needs to see
+            _save(run)  # trained to the end: a resume only evaluates and writes the checkpoint
+        raise
     state_path.unlink(missing_ok=True)
     progress.done()
     barrier(run.world)
@@ -622,7 +627,8 @@ def _run_epochs(run: _Run, log: str | os.PathLike | None, state_path: Path) -> N
             run.write_log({"event": "epoch", **row})
             run.epoch += 1
             run.batch = 0
-            _save(run)
+            if run.epoch < config.epochs:  # after the last one the checkpoint is written (the state if that fails)
+                _save(run)
     except (KeyboardInterrupt, _Terminated) as exc:
         _save(run)
         signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
