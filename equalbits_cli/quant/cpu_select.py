@@ -76,23 +76,20 @@ def _from_hint(a, k, hint, rho, buf, buf2):
     with np.errstate(invalid="ignore", over="ignore"):
         probe = (hint + (d + np.sign(d) * (2 * np.sqrt(np.abs(d)) + 4)) / rho).astype(a.dtype)
     probe = np.where(np.isfinite(probe), probe, hint)
-    c1 = _count_le(a, probe, buf)
+    c1 = _count_le(a, probe, buf2)  # buf still holds a <= hint
     moved = (c1 != c0) & (probe != hint)
     rho[moved] = np.abs(c1 - c0)[moved] / np.abs(probe.astype(np.float64) - hint)[moved]
     up = probe > hint
-    lo, hi = np.where(up, hint, probe), np.where(up, probe, hint)
     clo, chi = np.where(up, c0, c1), np.where(up, c1, c0)
     t = np.where(c0 == k, hint, probe)
     kth, nxt = t.copy(), np.full(R, np.inf, a.dtype)  # a row counted at k ties nothing: its nxt is above t
     found = (c0 == k) | (c1 == k)
-    band = ~found & (clo < k) & (k <= chi) & (chi - clo <= MAX_BAND)  # lo < k-th value <= hi
+    band = ~found & (clo < k) & (k <= chi) & (chi - clo <= MAX_BAND)  # the k-th value lies between the two thresholds
     rows = np.flatnonzero(band)
     if rows.size:
-        lo_b, hi_b = np.full(R, np.inf, a.dtype), np.full(R, -np.inf, a.dtype)  # other rows: empty bands
-        lo_b[rows], hi_b[rows] = lo[rows], hi[rows]
-        np.greater(a, lo_b[:, None], out=buf)
-        np.less_equal(a, hi_b[:, None], out=buf2)
-        np.logical_and(buf, buf2, out=buf)
+        np.logical_xor(buf, buf2, out=buf)  # (a <= hint) != (a <= probe): lo < a <= hi, either way round
+        if rows.size < R:
+            buf[~band] = False  # the other rows give no values
         values = a[buf]  # row by row
         sizes = chi[rows] - clo[rows]
         if values.size == sizes.sum():  # (NaNs are in no count and no band; anything else: not found)
@@ -159,7 +156,8 @@ def _ot_rows_numpy(
             mask[...] = 1 if k > 0 else 0
         else:
             t, tied = _kth(a, k, scratch, f"k{i}")
-            np.less_equal(a, t[:, None], out=mask, casting="unsafe")
+            below = np.less_equal(a, t[:, None], out=_buffer(scratch, "bool", a.shape, np.bool_))
+            np.copyto(mask, below, casting="unsafe")  # 1.5x faster than comparing straight into floats
             if tied.size:  # the lowest-index entries equal to the k-th value go
                 sub, v = a[tied], t[tied][:, None]
                 equal = sub == v
