@@ -559,3 +559,23 @@ def test_a_failed_final_write_keeps_the_trained_state(tmp_path, digits_small, di
     result = ft.finetune(digits_student, digits_small, cfg, output=out, resume=True)
     assert result.resumed_from_step == result.steps == 24 and saves == [1, 2]
     assert len(result.history) == 2 and out.exists() and not state_path_for(out).exists()
+
+
+def test_codes_checksum_tells_codes_apart():
+    """Equal codes, equal checksums; two codes swapped within one filter (same counts), another one."""
+    import copy
+
+    import timm
+
+    from equalbits_cli import BinarizeConfig, binarize_
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    binarize_(model, BinarizeConfig())
+    twin = copy.deepcopy(model)
+    assert codes_checksum(model) == codes_checksum(twin) < 2**63
+    with torch.no_grad():
+        f = twin.layer1[0].conv1.weight[0].view(-1)
+        hi, lo = int(f.argmax()), int(f.argmin())
+        f[hi], f[lo] = f[lo].clone(), f[hi].clone()
+    assert codes_checksum(model) != codes_checksum(twin)

@@ -78,15 +78,19 @@ class FinetuneResult:
 
 
 def codes_checksum(model: nn.Module) -> int:
-    """A checksum of every binarized layer's codes (equal codes give equal checksums)."""
+    """A 63-bit checksum (BLAKE2b) of every binarized layer's codes and shape, in order: equal codes give
+    equal checksums."""
+    import hashlib
+
     from ..nn.layers import BinaryLayer
 
-    total = 0
-    for i, m in enumerate(m for m in model.modules() if isinstance(m, BinaryLayer)):
-        codes = m.quantize()[0].reshape(-1).to(torch.int64).cpu()
-        weights = torch.arange(codes.numel(), dtype=torch.int64) % 65_521 + 1
-        total = (total * 1_000_003 + int((codes + 2).mul(weights).sum()) + i) % (2**61 - 1)
-    return total
+    digest = hashlib.blake2b(digest_size=8)
+    for m in model.modules():
+        if isinstance(m, BinaryLayer):
+            codes = m.quantize()[0].contiguous().cpu()
+            digest.update(repr(tuple(codes.shape)).encode())
+            digest.update(codes.numpy())
+    return int.from_bytes(digest.digest(), "little") >> 1  # fits an int64 (compared across ranks as one)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
