@@ -1,7 +1,8 @@
-"""The whole fine-tune against what a user would run instead, in one run (issue 27), on the CPU.
+"""The whole fine-tune against what a user would run instead, in one run (issue 27), on the CPU or CUDA.
 
-Three runs on the same data (the built-in 32x32 digits, read from disk as an image folder), the same
-batches in the same order, the same epochs and optimizer settings:
+Three runs on the same data (the built-in 32x32 digits, or with ``--data jpeg`` synthetic JPEGs at
+``--img-size`` written to local disk; read as an image folder), the same batches in the same order,
+the same epochs and optimizer settings:
 
 - ``equalbits finetune`` (the library call the command makes): binarized student, full-precision
   teacher, everything it does (teacher and student evaluated first, BatchNorm re-estimated, a
@@ -9,14 +10,17 @@ batches in the same order, the same epochs and optimizer settings:
   outputs cached after the first epoch (the default with ``--augment none``) and without;
 - a plain full-precision distillation loop written with timm and torch (no binary layers): the same
   model as student and teacher, AdamW with timm's warm-up + cosine schedule, a validation and a
-  ``torch.save`` per epoch;
+  ``torch.save`` per epoch (under ``--amp``: autocast and a gradient scaler, as ``finetune`` does);
 - that loop without a teacher (labels only).
 
 It prints the wall time of each, images per second, the ratio to the plain distillation loop, and where
 the plain loops' milliseconds go (waiting for data, teacher forward, student forward and loss,
-backward, optimizer step). The teacher is randomly initialized: speed does not depend on its accuracy.
+backward, optimizer step): host time on the CPU, GPU time between CUDA events on a GPU (no
+synchronization inside a step; "data" is then the GPU's wait for the next batch, the loader's share).
+The teacher is randomly initialized: speed does not depend on its accuracy.
 
     python benchmarks/finetune.py [--model resnet18] [--epochs 3] [--batch 64] [--workers 0] [--repeats 2]
+    python benchmarks/finetune.py --device cuda --amp --data jpeg --img-size 224 --workers 8   # issue 27's GPU setting
 """
 
 from __future__ import annotations
@@ -77,6 +81,46 @@ class PhaseClock:
         pass
 
 
+class Marks:
+    """Phase times of a loop: host clock on the CPU, CUDA events on a GPU (read once, at the end)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: dict[str, list] = defaultdict(list)
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, name: str, start, end) -> None:
+        self.spans[name].append((start, end))
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {k: sum(a.elapsed_time(b) for a, b in v) / 1000 for k, v in self.spans.items()}
+        return {k: sum(b - a for a, b in v) for k, v in self.spans.items()}
+
+
+def write_jpegs(root: Path, size: int, per_class: int, classes: int = 10) -> Path:
+    """An ImageFolder of synthetic JPEGs (smooth random colour fields, quality 90) at ``size`` x ``size``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", max(1, per_class // 4))):
+        for c in range(classes):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+                Image.fromarray(small).resize((size, size), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
 def plain_loop(model_name: str, teacher_path: Path, data: Path, args, use_teacher: bool, tmp: Path):
     """A full-precision distillation (or label) loop as a user writes it: ``(seconds, images, phases)``.
     Its wall time starts where ``finetune``'s does: before the models and the data are loaded."""
@@ -84,59 +128,74 @@ def plain_loop(model_name: str, teacher_path: Path, data: Path, args, use_teache
     from timm.scheduler import CosineLRScheduler
 
     start = time.perf_counter()
+    device = torch.device(args.device)
     torch.manual_seed(0)
     student = timm.create_model(model_name, pretrained=False, num_classes=10)
     student.load_state_dict(load_file(str(teacher_path)))
+    student.to(device)
     teacher = None
     if use_teacher:
         teacher = timm.create_model(model_name, pretrained=False, num_classes=10)
         teacher.load_state_dict(load_file(str(teacher_path)))
-        teacher.eval()
-    cfg = resolve_data_config(student, DataOverrides(img_size=32))
+        teacher.to(device).eval()
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    cfg = resolve_data_config(student, DataOverrides(img_size=args.img_size))
     train_ds, val_ds = build_datasets(find_splits(data), cfg, augment="none", seed=0)
     loader = make_loader(train_ds, EpochSampler(len(train_ds), shuffle=True, seed=0), args.batch, args.workers, True)
     val_loader = make_loader(val_ds, EpochSampler(len(val_ds), shuffle=False), args.batch, args.workers, False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=5e-3, weight_decay=1e-4)
     steps = args.epochs * len(loader)
     scheduler = CosineLRScheduler(optimizer, t_initial=steps, warmup_t=min(100, steps // 10), t_in_epochs=False)
-    phases: dict[str, float] = defaultdict(float)
-    phases["loading"] = time.perf_counter() - start
+    marks = Marks(device)
+    loading = time.perf_counter() - start
     images, step = 0, 0
     for epoch in range(args.epochs):
         loader.sampler.epoch = epoch
         student.train()
-        tick = time.perf_counter()
+        tick = marks.now()
         for x, y in iterate(loader):
-            now = time.perf_counter()
-            phases["data"] += now - tick
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                phases["teacher forward"] += time.perf_counter() - now
-            t0 = time.perf_counter()
-            s_logits = student(x)
-            if teacher is not None:
-                loss = F.kl_div(F.log_softmax(s_logits, 1), F.softmax(t_logits, 1), reduction="batchmean")
-            else:
-                loss = F.cross_entropy(s_logits, y)
-            t1 = time.perf_counter()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            now = marks.now()
+            marks.add("data", tick, now)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    t0 = marks.now()
+                    marks.add("teacher forward", now, t0)
+                else:
+                    t0 = now
+                s_logits = student(x)
+                if teacher is not None:
+                    loss = F.kl_div(
+                        F.log_softmax(s_logits.float(), 1), F.softmax(t_logits.float(), 1), reduction="batchmean"
+                    )
+                else:
+                    loss = F.cross_entropy(s_logits.float(), y)
+            t1 = marks.now()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            t2 = time.perf_counter()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            t2 = marks.now()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             scheduler.step_update(step)
-            tick = time.perf_counter()
-            phases["student forward + loss"] += t1 - t0
-            phases["backward"] += t2 - t1
-            phases["optimizer"] += tick - t2
+            tick = marks.now()
+            marks.add("student forward + loss", t0, t1)
+            marks.add("backward", t1, t2)
+            marks.add("optimizer", t2, tick)
             images += len(x)
         student.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
             for x, _ in iterate(val_loader):
-                student(x)
+                student(x.to(device, non_blocking=True))
         torch.save(student.state_dict(), tmp / "plain.pt")
-    return time.perf_counter() - start, images, dict(phases)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    phases = {"loading": loading, **marks.seconds()}
+    return seconds, images, phases
 
 
 def main() -> None:
@@ -146,23 +205,33 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="rounds of all runs, each round in a rotated order")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--amp", action="store_true", help="mixed precision (fp16 and a gradient scaler on CUDA)")
+    ap.add_argument("--data", default="digits", choices=["digits", "jpeg"], help="digits, or synthetic JPEGs")
+    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--images-per-class", type=int, default=128, help="--data jpeg: train images per class")
     args = ap.parse_args()
     print(
         f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}"
     )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        data = make_digits_imagefolder(tmp / "digits", size=32)
+        if args.data == "digits":
+            data = make_digits_imagefolder(tmp / "digits", size=args.img_size)
+        else:
+            data = write_jpegs(tmp / "jpegs", args.img_size, args.images_per_class)
         torch.manual_seed(0)
         teacher = timm.create_model(args.model, pretrained=False, num_classes=10)
-        cfg = resolve_data_config(teacher, DataOverrides(img_size=32))
+        cfg = resolve_data_config(teacher, DataOverrides(img_size=args.img_size))
         teacher_path = save_full_precision(teacher, tmp / "teacher.safetensors", data_config=cfg)
         student = binarize_model(args.model, BinarizeConfig(), checkpoint=teacher_path)
         student_path = save_checkpoint(student, tmp / "student.safetensors")
 
         def ours(epochs: int, cache: bool):
-            config = FinetuneConfig(epochs=epochs, batch_size=args.batch, img_size=32, workers=args.workers)
-            config = dataclasses.replace(config, device="cpu", cache_teacher=cache)
+            config = FinetuneConfig(
+                epochs=epochs, batch_size=args.batch, img_size=args.img_size, workers=args.workers, amp=args.amp
+            )
+            config = dataclasses.replace(config, device=args.device, cache_teacher=cache)
             clock = PhaseClock()
             start = time.perf_counter()
             result = finetune(
@@ -191,7 +260,11 @@ def main() -> None:
                 print(f"# round {r + 1}: {name} {times[name][-1][0]:.1f} s", flush=True)
     best = {k: min(v, key=lambda t: t[0]) for k, v in times.items()}  # fastest of the rounds: least disturbed
     plain, plain_images, plain_phases = best["plain"]
-    print(f"# {args.model}, 32x32 digits, batch {args.batch}, {args.epochs} epochs, {args.workers} workers")
+    what = "digits" if args.data == "digits" else "synthetic JPEGs"
+    print(
+        f"# {args.model}, {args.img_size}x{args.img_size} {what}, batch {args.batch}, {args.epochs} epochs, "
+        f"{args.workers} workers, {args.device}{' amp' if args.amp else ''}"
+    )
     print(f"# best of {args.repeats} rounds, each in a rotated order, after a warm-up run")
     print("| run | wall s | train img/s | vs plain distillation |")
     print("|---|---|---|---|")
