@@ -132,7 +132,7 @@ class BinaryLayer:
     def _forget(self, buffers: bool = False) -> None:
         """Drop the stored training weights; with ``buffers``, the CPU selection's buffers too (they only
         make a call cheaper, never different: they outlive a switch of mode or a load, so that the
-        packing before a validation starts from the last training step's thresholds)."""
+        codes of a validation start from the last training step's thresholds)."""
         cache = getattr(self, "_ot_cache", None)
         if cache is not None and buffers:
             cache.clear()
@@ -154,7 +154,7 @@ class BinaryLayer:
 
     def quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes, scale)`` of the current latent weight (see :func:`equalbits_cli.quant.quantize.ot_codes`).
-        Evaluation and export compute them once, in the packed form (:func:`equalbits_cli.nn.packed.pack_model`)."""
+        Evaluation and export compute them once (:func:`equalbits_cli.nn.packed.float_model`, ``pack_model``)."""
         cfg = self.config
         return ot_codes(self.weight.detach(), cfg.ratio, cfg.prune, cfg.method, cache=self._ot_cache, center=cfg.center)
 

@@ -7,7 +7,7 @@ what is asked: int8 codes, the scale, or the weight a training step computes wit
 ``scale * (codes - mu * |codes|)``. Rows are split over the threads torch uses (numpy releases the GIL).
 
 Where the caller keeps a ``scratch`` dict between calls (a layer's :class:`~equalbits_cli.quant.
-quantize.OTCache`: training steps, and the packing before a validation), it holds arrays of the
+quantize.OTCache`: training steps, and the codes of a validation), it holds arrays of the
 weight's shape (fresh memory's first touch costs more than the arithmetic on it) and each row's last
 threshold. A training step moves every weight a little, so the k-th value moves past the old threshold
 in nearly every row, but not far: counting the weights under the old threshold and under one probe
