@@ -64,6 +64,7 @@ def run(
     epochs_override: int | None = None,
     dataset: str = "digits",
     teachers: Path | None = None,
+    temperature: float | None = None,
 ) -> list[dict]:
 
     from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, save_checkpoint
@@ -114,7 +115,13 @@ def run(
                     res = finetune(
                         path,
                         data,
-                        FinetuneConfig(epochs=epochs, workers=0, augment=r["augment"], lr=r["lr"]),
+                        FinetuneConfig(
+                            epochs=epochs,
+                            workers=0,
+                            augment=r["augment"],
+                            lr=r["lr"],
+                            temperature=temperature or FinetuneConfig().temperature,
+                        ),
                         output=tmp / f"{name}-{ratio}-{recipe}.ft.safetensors",
                     )
                     assert res is not None
@@ -188,6 +195,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="digits", choices=["digits", "chars"], help="The built-in dataset.")
     ap.add_argument("--teachers", type=Path, default=None, help="Keep and reuse teachers (and data) here, shared "
                     "with benchmarks/activations.py (its teacher epochs).")  # fmt: skip
+    ap.add_argument("--temperature", type=float, default=None, help="Distillation temperature (default: finetune's).")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     models = [m for m in args.models.split(",") if m]
@@ -202,6 +210,7 @@ def main() -> None:
         args.epochs,
         args.dataset,
         args.teachers,
+        args.temperature,
     )
     print(f"\n{machine()}\n")
     print(table(rows))
