@@ -57,7 +57,8 @@ class PackedBinary(nn.Module):
         self.register_buffer("sign", torch.from_numpy(sign))
         self.register_buffer("nonzero", None if nonzero is None else torch.from_numpy(nonzero))
         self.register_buffer("scale", scale.detach().float().cpu().clone())
-        self.register_buffer("mu", _offsets(codes, center))
+        mu = _offsets(codes, center)
+        self.register_buffer("mu", None if mu is None else mu.cpu())
         self.register_buffer("bias", None if bias is None else bias.detach().float().cpu().clone())
         self.register_buffer("act_threshold", None if act_threshold is None else act_threshold.detach().float().clone())
         self.register_buffer("bit_masks", torch.tensor([1 << i for i in range(8)], dtype=torch.uint8), persistent=False)
@@ -70,7 +71,7 @@ class PackedBinary(nn.Module):
         ``codes`` and ``scale`` given (those of a packed file)."""
         if codes is None or scale is None:
             codes, scale = layer.quantize()
-        conv = cls.from_conv(layer)
+        conv = _conv_settings(layer)
         packed = cls(
             codes,
             scale,
@@ -80,16 +81,6 @@ class PackedBinary(nn.Module):
             conv=conv,
         )
         return packed.to(layer.weight.device)
-
-    @staticmethod
-    def from_conv(layer: BinaryLayer) -> dict | None:
-        """The convolution settings a packed form of ``layer`` keeps (None for a Linear)."""
-        if not isinstance(layer, nn.Conv2d):
-            return None
-        conv = conv_kwargs(layer)
-        if conv["padding_mode"] != "zeros":
-            raise ValueError(f"padding mode {conv['padding_mode']!r} has no packed form; only 'zeros' padding")
-        return {k: conv[k] for k in ("stride", "padding", "dilation", "groups")}
 
     def _codes(self, dtype: torch.dtype) -> torch.Tensor:
         """The codes, flat, in ``dtype``: ``1 - 2 * sign`` (times ``nonzero``), each plane's bits read with
@@ -127,9 +118,20 @@ class PackedBinary(nn.Module):
         return f"{kind}, shape={self.shape}, ternary={self.nonzero is not None}, centred={self.mu is not None}"
 
 
+def _conv_settings(layer: BinaryLayer) -> dict | None:
+    """The convolution settings a packed form of ``layer`` keeps (None for a Linear)."""
+    if not isinstance(layer, nn.Conv2d):
+        return None
+    conv = conv_kwargs(layer)
+    if conv["padding_mode"] != "zeros":
+        raise ValueError(f"padding mode {conv['padding_mode']!r} has no packed form; only 'zeros' padding")
+    return {k: conv[k] for k in ("stride", "padding", "dilation", "groups")}
+
+
 def _offsets(codes: torch.Tensor, center: bool) -> torch.Tensor | None:
-    """The per-filter ``mu`` a packed layer stores: None unless centred and some filter's is not 0."""
-    mu = code_offsets(codes).cpu() if center else None
+    """The per-filter ``mu`` a packed layer stores, on the codes' device: None unless centred and some
+    filter's is not 0."""
+    mu = code_offsets(codes) if center else None
     return mu if mu is not None and bool(mu.any()) else None
 
 
@@ -163,9 +165,8 @@ class _FloatBinary(nn.Module):
             layer = packed
             codes, scale = layer.quantize()
             mu = _offsets(codes, bool(layer.config.center))
-            mu = None if mu is None else mu.to(codes.device)
             w = _scaled(codes.to(torch.float32), mu, scale.detach().float(), tuple(codes.shape))
-            self.conv = PackedBinary.from_conv(layer)
+            self.conv = _conv_settings(layer)
         self.weight = nn.Parameter(w if self.conv is not None else w.T.contiguous(), requires_grad=False)
         self.register_buffer("bias", None if packed.bias is None else packed.bias.detach().float().clone())
         threshold = packed.act_threshold
