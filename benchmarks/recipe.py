@@ -16,7 +16,7 @@ fine-tune; the share of all parameters binarized and the packed size. Every numb
 this run; nothing is copied from elsewhere.
 
     python benchmarks/recipe.py [--out recipe.json] [--quick] [--models resnet18,...] [--activations sign]
-        [--recipes before,after] [--dataset digits|chars] [--teachers DIR]
+        [--recipes before,after] [--dataset digits|chars] [--teachers DIR] [--temperature T]
 
 With ``--activations sign`` the students binarize their activations too (1W/1A); the fine-tune starts
 each activation threshold at its channel's median before re-estimating BatchNorm.
