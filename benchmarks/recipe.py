@@ -16,7 +16,13 @@ fine-tune; the share of all parameters binarized and the packed size. Every numb
 this run; nothing is copied from elsewhere.
 
     python benchmarks/recipe.py [--out recipe.json] [--quick] [--models resnet18,...] [--activations sign]
-        [--recipes before,after] [--dataset digits|chars] [--teachers DIR] [--temperature T]
+        [--recipes before,after] [--dataset digits|chars] [--teachers DIR] [--seeds 0,1,2]
+        [--variants "temperature=4;lr=0.01"]
+
+``--seeds`` fine-tunes every student once per seed (the teachers stay those of seed 0). ``--variants``
+re-checks fine-tune defaults across families: each ``;``-separated variant changes ``FinetuneConfig``
+fields (``name=value,name=value``) and runs every student again; the summary gives each variant's
+difference from the defaults seed by seed (mean and standard error).
 
 With ``--activations sign`` the students binarize their activations too (1W/1A); the fine-tune starts
 each activation threshold at its channel's median before re-estimating BatchNorm.
@@ -27,11 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _variants import paired, parse_variants
 
 # (model, teacher epochs, fine-tune epochs, ratios)
 PLAN = [
@@ -64,7 +72,8 @@ def run(
     epochs_override: int | None = None,
     dataset: str = "digits",
     teachers: Path | None = None,
-    temperature: float | None = None,
+    seeds: tuple[int, ...] = (0,),
+    variants: dict[str, dict] | None = None,
 ) -> list[dict]:
 
     from equalbits_cli import BinarizeConfig, binarize_model, collect_stats, save_checkpoint
@@ -103,56 +112,59 @@ def run(
                     teacher, tmp / f"{name}.safetensors", data_config=resolve_data_config(teacher, digits), top1=top1
                 )
                 print(f"# teacher {name}: {top1:.2f}% in {time.perf_counter() - t0:.0f} s", flush=True)
-            for ratio in ratios:
-                for recipe, r in recipes().items():
-                    if recipe not in which:
-                        continue
-                    cfg = BinarizeConfig(ratio=ratio, center=r["center"], activations=activations)
-                    student = binarize_model(name, cfg, checkpoint=teacher_path, policy=r["policy"])
-                    stats = collect_stats(student)
-                    path = save_checkpoint(student, tmp / f"{name}-{ratio}-{recipe}.safetensors")
-                    t0 = time.perf_counter()
-                    res = finetune(
-                        path,
-                        data,
-                        FinetuneConfig(
-                            epochs=epochs,
-                            workers=0,
-                            augment=r["augment"],
-                            lr=r["lr"],
-                            temperature=temperature or FinetuneConfig().temperature,
-                        ),
-                        output=tmp / f"{name}-{ratio}-{recipe}.ft.safetensors",
-                    )
-                    assert res is not None
-                    row = {
-                        "model": name,
-                        "ratio": ratio,
-                        "recipe": recipe if activations == "none" else f"{recipe}, 1W/1A",
-                        "epochs": epochs,
-                        "teacher_top1": res.teacher_top1,
-                        "binarized_top1": res.student_top1_before,
-                        "bn_top1": res.student_top1_calibrated,  # None: nothing to re-estimate (no BatchNorm)
-                        "finetuned_top1": res.student_top1,
-                        "history_top1": [h["val_top1"] for h in res.history],
-                        "binarized_share": stats.binarized_params / stats.params,
-                        "packed_mib": stats.packed_bytes / 2**20,
-                        "fp32_mib": stats.fp32_bytes / 2**20,
-                        "seconds": time.perf_counter() - t0,
-                    }
-                    if activations == "sign":  # do the activation bits carry information?
-                        from equalbits_cli import load_model
-                        from equalbits_cli.report.inspect import activation_shares
-                        from equalbits_cli.train.evaluate import activation_batch
+            runs = [
+                (ratio, recipe, r, variant, changes, seed)
+                for ratio in ratios
+                for recipe, r in recipes().items()
+                if recipe in which
+                for variant, changes in (variants or {"defaults": {}}).items()
+                for seed in seeds
+            ]
+            for ratio, recipe, r, variant, changes, seed in runs:
+                cfg = BinarizeConfig(ratio=ratio, center=r["center"], activations=activations)
+                student = binarize_model(name, cfg, checkpoint=teacher_path, policy=r["policy"])
+                stats = collect_stats(student)
+                path = save_checkpoint(student, tmp / f"{name}-{ratio}-{recipe}.safetensors")
+                t0 = time.perf_counter()
+                config = {"epochs": epochs, "workers": 0, "augment": r["augment"], "lr": r["lr"], "seed": seed}
+                res = finetune(
+                    path,
+                    data,
+                    FinetuneConfig(**(config | changes)),
+                    output=tmp / f"{name}-{ratio}-{recipe}-{variant}-{seed}.ft.safetensors",
+                )
+                assert res is not None
+                row = {
+                    "model": name,
+                    "ratio": ratio,
+                    "recipe": recipe if activations == "none" else f"{recipe}, 1W/1A",
+                    "variant": variant,
+                    "seed": seed,
+                    "epochs": epochs,
+                    "teacher_top1": res.teacher_top1,
+                    "binarized_top1": res.student_top1_before,
+                    "bn_top1": res.student_top1_calibrated,  # None: nothing to re-estimate (no BatchNorm)
+                    "finetuned_top1": res.student_top1,
+                    "history_top1": [h["val_top1"] for h in res.history],
+                    "binarized_share": stats.binarized_params / stats.params,
+                    "packed_mib": stats.packed_bytes / 2**20,
+                    "fp32_mib": stats.fp32_bytes / 2**20,
+                    "seconds": time.perf_counter() - t0,
+                }
+                if activations == "sign":  # do the activation bits carry information?
+                    from equalbits_cli import load_model
+                    from equalbits_cli.report.inspect import activation_shares
+                    from equalbits_cli.train.evaluate import activation_batch
 
-                        tuned = load_model(tmp / f"{name}-{ratio}-{recipe}.ft.safetensors")
-                        shares = activation_shares(tuned, activation_batch(tuned, data))
-                        row["act_plus_share_min"], row["act_plus_share_max"] = (
-                            min(shares.values()),
-                            max(shares.values()),
-                        )
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    tuned = load_model(tmp / f"{name}-{ratio}-{recipe}-{variant}-{seed}.ft.safetensors")
+                    shares = activation_shares(tuned, activation_batch(tuned, data))
+                    row["act_plus_share_min"], row["act_plus_share_max"] = (
+                        min(shares.values()),
+                        max(shares.values()),
+                    )
+                (tmp / f"{name}-{ratio}-{recipe}-{variant}-{seed}.ft.safetensors").unlink()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     if out_json is not None:
         out_json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
     return rows
@@ -168,17 +180,46 @@ def machine() -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | ratio | recipe | epochs | teacher | just binarized | BN re-estimated | fine-tuned | gap to teacher "
-        "| binarized share | packed MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | ratio | recipe | variant | seed | epochs | teacher | just binarized | BN re-estimated | fine-tuned "
+        "| gap to teacher | binarized share | packed MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['ratio']} | {r['recipe']} | {r['epochs']} | {r['teacher_top1']:.1f}% "
+            f"| {r['model']} | {r['ratio']} | {r['recipe']} | {r['variant']} | {r['seed']} | {r['epochs']} "
+            f"| {r['teacher_top1']:.1f}% "
             f"| {r['binarized_top1']:.1f}% | {'-' if r['bn_top1'] is None else format(r['bn_top1'], '.1f') + '%'} "
             f"| **{r['finetuned_top1']:.1f}%** "
             f"| {r['finetuned_top1'] - r['teacher_top1']:+.1f} | {100 * r['binarized_share']:.0f}% "
             f"| {r['packed_mib']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean and spread over seeds per (model, ratio, recipe, variant), and each variant's paired
+    difference from the defaults."""
+    lines = [
+        "| model | ratio | recipe | variant | teacher | fine-tuned (mean ± sd) | seeds "
+        "| vs defaults (mean ± s.e., paired) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["ratio"], r["recipe"], r["variant"]), []).append(r)
+    for (model, ratio, recipe, variant), group in groups.items():
+        top1 = [r["finetuned_top1"] for r in group]
+        sd = statistics.stdev(top1) if len(top1) > 1 else float("nan")
+        base = groups.get((model, ratio, recipe, "defaults"), [])
+        diff = ""
+        if variant != "defaults" and base:
+            mean, se, n = paired(
+                [(r["seed"], r["finetuned_top1"]) for r in group], [(r["seed"], r["finetuned_top1"]) for r in base]
+            )
+            diff = f"{mean:+.2f} ± {se:.2f} ({n} seeds)"
+        lines.append(
+            f"| {model} | {ratio} | {recipe} | {variant} | {group[0]['teacher_top1']:.1f}% "
+            f"| {statistics.fmean(top1):.2f} ± {sd:.2f}% | {','.join(str(r['seed']) for r in group)} | {diff} |"
         )
     return "\n".join(lines)
 
@@ -195,7 +236,9 @@ def main() -> None:
     ap.add_argument("--dataset", default="digits", choices=["digits", "chars"], help="The built-in dataset.")
     ap.add_argument("--teachers", type=Path, default=None, help="Keep and reuse teachers (and data) here, shared "
                     "with benchmarks/activations.py (its teacher epochs).")  # fmt: skip
-    ap.add_argument("--temperature", type=float, default=None, help="Distillation temperature (default: finetune's).")
+    ap.add_argument("--seeds", default="0", help="Comma-separated fine-tune seeds; each student runs once per seed.")
+    ap.add_argument("--variants", default="", help="';'-separated FinetuneConfig changes to compare with the "
+                    "defaults, e.g. 'temperature=4;lr=0.01'.")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     models = [m for m in args.models.split(",") if m]
@@ -210,10 +253,14 @@ def main() -> None:
         args.epochs,
         args.dataset,
         args.teachers,
-        args.temperature,
+        tuple(int(s) for s in args.seeds.split(",")),
+        parse_variants(args.variants),
     )
     print(f"\n{machine()}\n")
     print(table(rows))
+    if len({r["seed"] for r in rows}) > 1 or len({r["variant"] for r in rows}) > 1:
+        print()
+        print(summary(rows))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _variants import paired, parse_variants
 
 SETTINGS = {"paper": {"activations": "sign", "center": False}, "ours": {"activations": "none", "center": None}}
 
@@ -54,16 +55,10 @@ def teacher(workdir: Path, model: str, data: Path, epochs: int) -> Path:
     return save_full_precision(net, path, data_config=resolve_data_config(net, whole), top1=top1)
 
 
-def _variant(text: str) -> dict:
-    """``"lr=0.01,augment=light"`` -> ``{"lr": 0.01, "augment": "light"}`` (numbers parsed as JSON)."""
-    changes = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        try:
-            changes[key.strip()] = json.loads(value)
-        except ValueError:
-            changes[key.strip()] = value.strip()
-    return changes
+def _seeds(rows: list[dict], setting: str, method: str, ratio: float, variant: str) -> list[tuple[int, float]]:
+    """``(seed, top1)`` of one setting's runs."""
+    key = (setting, method, ratio, variant)
+    return [(r["seed"], r["top1"]) for r in rows if (r["setting"], r["method"], r["ratio"], r["variant"]) == key]
 
 
 def main() -> None:
@@ -91,7 +86,7 @@ def main() -> None:
     ckpt = teacher(args.workdir, args.model, data, args.teacher_epochs)
     seeds = [int(s) for s in args.seeds.split(",")]
     ratios = [float(r) for r in args.ratios.split(",")]
-    variants = {"defaults": {}} | {v: _variant(v) for v in args.variants.split(";") if v}
+    variants = parse_variants(args.variants)
     rows = []
     for variant, changes in variants.items():
         config = FinetuneConfig(**{"epochs": args.epochs, "workers": 0, "seed": seeds[0], **changes})
@@ -112,16 +107,20 @@ def main() -> None:
             print(f"# {variant}, {name}: {len(got)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
     teacher_top1 = rows[0]["teacher_top1"]
     print(f"teacher top-1 {teacher_top1:.2f}%")
-    print("| variant | setting | method | +1 ratio | entropy | seeds | top-1 mean | sd | below teacher | vs defaults |")
+    print("| variant | setting | method | +1 ratio | entropy | seeds | top-1 mean | sd | below teacher ", end="")
+    print("| vs defaults (paired, ± s.e.) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     summary = []
     for variant in variants:
         for name in args.settings.split(","):
             for s in summarize_sweep([r for r in rows if r["setting"] == name and r["variant"] == variant]):
-                same = (name, s["method"], s["ratio"], "defaults")
-                base = next((b for b in summary if (b["setting"], b["method"], b["ratio"], b["variant"]) == same), None)
                 summary.append({**s, "setting": name, "variant": variant})
-                diff = f"{s['top1_mean'] - base['top1_mean']:+.2f}" if base else ""
+                diff = ""
+                if variant != "defaults":  # seed by seed against the defaults' run of the same setting
+                    mean, se, _ = paired(
+                        *(_seeds(rows, name, s["method"], s["ratio"], v) for v in (variant, "defaults"))
+                    )
+                    diff = f"{mean:+.2f} ± {se:.2f}"
                 print(
                     f"| {variant} | {name} | {s['method']} | {s['ratio']:.3f} | {s['entropy_bits']:.3f} | "
                     f"{s['seeds']} | {s['top1_mean']:.2f}% | {s['top1_std']:.2f} | "

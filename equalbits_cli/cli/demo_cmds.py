@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..config import FinetuneConfig
 from .app import app
 from .options import (
     ActivationsOpt,
@@ -108,7 +109,7 @@ def sweep(
     center: CenterOpt = None,
     checkpoint: CheckpointOpt = None,
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs per setting.")] = 2,
-    lr: Annotated[float, typer.Option(help="Peak learning rate per setting.")] = 5e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate per setting.")] = FinetuneConfig.lr,
     batch_size: BatchOpt = 64,
     img_size: ImgSizeOpt = None,
     crop_pct: CropPctOpt = None,
@@ -132,7 +133,6 @@ def sweep(
 
       equalbits sweep resnet18 --checkpoint r18.pth --data ./digits --ratios 0.1,0.3,0.5 --plot sweep.png
     """
-    from ..config import FinetuneConfig
     from ..errors import Interrupted
     from ..paths import check_distinct_paths, check_log_path, check_output_path
     from ..recipes.sweep import parse_floats, run_sweep

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..config import FinetuneConfig
 from .app import app
 from .options import (
     AlphaOpt,
@@ -72,21 +73,25 @@ def finetune(
         ),
     ] = None,
     data: DataOpt = ...,  # type: ignore[assignment]
-    epochs: Annotated[int, typer.Option(help="Passes over train/.")] = 5,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (after warm-up, then cosine to 0).")] = 5e-3,
-    batch_size: BatchOpt = 64,
+    epochs: Annotated[int, typer.Option(help="Passes over train/.")] = FinetuneConfig.epochs,
+    lr: Annotated[
+        float, typer.Option(help="Peak AdamW learning rate (after warm-up, then cosine to 0).")
+    ] = FinetuneConfig.lr,
+    batch_size: BatchOpt = FinetuneConfig.batch_size,
     img_size: ImgSizeOpt = None,
     crop_pct: CropPctOpt = None,
     interpolation: InterpolationOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     teacher: TeacherOpt = None,
-    temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 1.0,
-    alpha: AlphaOpt = 0.0,
-    weight_decay: WeightDecayOpt = 1e-4,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps (at most 10% of training).")] = 100,
-    calibrate_batches: CalibrateOpt = 20,
-    save_every: SaveEveryOpt = 200,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = FinetuneConfig.temperature,
+    alpha: AlphaOpt = FinetuneConfig.alpha,
+    weight_decay: WeightDecayOpt = FinetuneConfig.weight_decay,
+    warmup_steps: Annotated[
+        int, typer.Option(help="Linear warm-up steps (at most 10% of training).")
+    ] = FinetuneConfig.warmup_steps,
+    calibrate_batches: CalibrateOpt = FinetuneConfig.calibrate_batches,
+    save_every: SaveEveryOpt = FinetuneConfig.save_every,
     resume: ResumeOpt = None,
     compile: CompileOpt = False,
     channels_last: ChannelsLastOpt = False,
@@ -125,7 +130,6 @@ def finetune(
     """
     import os
 
-    from ..config import FinetuneConfig
     from ..train.finetune import finetune as run_finetune
     from .progress import RichProgress
 

@@ -39,7 +39,7 @@ def run_quickstart(
     teacher_epochs: int = 4,
     epochs: int = 4,
     batch_size: int = 64,
-    lr: float = 5e-3,
+    lr: float = FinetuneConfig.lr,
     seed: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,
