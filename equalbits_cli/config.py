@@ -110,7 +110,7 @@ class FinetuneConfig:
     interpolation: str | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    temperature: float = 1.0
+    temperature: float = 4.0
     alpha: float = 0.0
     weight_decay: float = 1e-4
     warmup_steps: int = 100
