@@ -126,11 +126,13 @@ def run(
                 stats = collect_stats(student)
                 path = save_checkpoint(student, tmp / f"{name}-{ratio}-{recipe}.safetensors")
                 t0 = time.perf_counter()
-                config = {"epochs": epochs, "workers": 0, "augment": r["augment"], "lr": r["lr"], "seed": seed}
+                config = FinetuneConfig(
+                    **({"epochs": epochs, "workers": 0, "augment": r["augment"], "lr": r["lr"], "seed": seed} | changes)
+                )
                 res = finetune(
                     path,
                     data,
-                    FinetuneConfig(**(config | changes)),
+                    config,
                     output=tmp / f"{name}-{ratio}-{recipe}-{variant}-{seed}.ft.safetensors",
                 )
                 assert res is not None
@@ -140,7 +142,7 @@ def run(
                     "recipe": recipe if activations == "none" else f"{recipe}, 1W/1A",
                     "variant": variant,
                     "seed": seed,
-                    "epochs": epochs,
+                    "epochs": config.epochs,
                     "teacher_top1": res.teacher_top1,
                     "binarized_top1": res.student_top1_before,
                     "bn_top1": res.student_top1_calibrated,  # None: nothing to re-estimate (no BatchNorm)
