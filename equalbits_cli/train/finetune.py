@@ -364,6 +364,32 @@ def teacher_warnings(evals: dict[str, Any], recorded_top1: float | None, data_co
     return out
 
 
+# How far under its own start a fine-tuned student may end before the run is called too short.
+SHORTFALL_FROM_START = 1.0
+
+
+def shortfall_warnings(evals: dict[str, Any], final_top1: float, steps: int) -> list[str]:
+    """A warning when the fine-tuned student ends under the student it started from (after BatchNorm
+    re-estimation, else just binarized): the first steps flip many codes, and a run too short to recover
+    leaves a worse model than no fine-tune.
+
+    Example:
+        >>> shortfall_warnings({"student_top1_before": 9.7, "student_top1_calibrated": 88.9}, 50.7, 22)[0][:52]
+        'the fine-tuned student scores 50.70% on val/, under '
+        >>> shortfall_warnings({"student_top1_before": 9.7, "student_top1_calibrated": 88.9}, 95.0, 110)
+        []
+    """
+    start = evals.get("student_top1_calibrated")
+    start = evals.get("student_top1_before") if start is None else start
+    if start is None or final_top1 >= start - SHORTFALL_FROM_START:
+        return []
+    return [
+        f"the fine-tuned student scores {final_top1:.2f}% on val/, under the {start:.2f}% it started from: "
+        f"{steps} steps were too few to recover from the first steps' code flips; train more `epochs` or "
+        "lower `lr`"
+    ]
+
+
 def _restore(run: _Run, state: dict[str, Any]) -> None:
     try:
         run.student.load_state_dict(state["model"])
@@ -675,8 +701,10 @@ def _finish(run: _Run, output: Path, started: float, resumed: int | None, checks
         resumed_from_step=resumed,
         history=run.history,
         data_config=run.data_config.to_dict(),
-        warnings=list(run.evals.get("warnings", [])),
+        warnings=[*run.evals.get("warnings", []), *shortfall_warnings(run.evals, final["top1"], run.step)],
     )
+    for warning in result.warnings[len(run.evals.get("warnings", [])) :]:
+        progress.note(f"warning: {warning}")
     run.student.cpu()
     summary = {k: v for k, v in result.to_dict().items() if k.startswith(("teacher", "student"))}
     save_checkpoint(
