@@ -120,11 +120,14 @@ def run(
                 for variant, changes in (variants or {"defaults": {}}).items()
                 for seed in seeds
             ]
+            students = {}  # (ratio, recipe) -> (file, stats): one binarization serves every variant and seed
             for ratio, recipe, r, variant, changes, seed in runs:
-                cfg = BinarizeConfig(ratio=ratio, center=r["center"], activations=activations)
-                student = binarize_model(name, cfg, checkpoint=teacher_path, policy=r["policy"])
-                stats = collect_stats(student)
-                path = save_checkpoint(student, tmp / f"{name}-{ratio}-{recipe}.safetensors")
+                if (ratio, recipe) not in students:
+                    cfg = BinarizeConfig(ratio=ratio, center=r["center"], activations=activations)
+                    student = binarize_model(name, cfg, checkpoint=teacher_path, policy=r["policy"])
+                    path = save_checkpoint(student, tmp / f"{name}-{ratio}-{recipe}.safetensors")
+                    students[ratio, recipe] = (path, collect_stats(student))
+                path, stats = students[ratio, recipe]
                 t0 = time.perf_counter()
                 config = FinetuneConfig(
                     **({"epochs": epochs, "workers": 0, "augment": r["augment"], "lr": r["lr"], "seed": seed} | changes)

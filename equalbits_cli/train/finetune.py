@@ -357,11 +357,17 @@ def teacher_warnings(evals: dict[str, Any], recorded_top1: float | None, data_co
             f"the teacher scores {teacher:.2f}% on val/, {recorded_top1 - teacher:.2f} points under the "
             f"{recorded_top1:.2f}% its file records: {cause}"
         )
-    student = evals.get("student_top1_calibrated")
-    student = evals.get("student_top1_before") if student is None else student
+    student = _start_top1(evals)
     if student is not None and teacher < student:
         out.append(f"the teacher scores {teacher:.2f}% on val/, under the binarized student's {student:.2f}%: {cause}")
     return out
+
+
+def _start_top1(evals: dict[str, Any]) -> float | None:
+    """The student's top-1 before training: after BatchNorm re-estimation where there was one, else just
+    binarized (None where it was not evaluated)."""
+    calibrated = evals.get("student_top1_calibrated")
+    return evals.get("student_top1_before") if calibrated is None else calibrated
 
 
 # How far under its own start a fine-tuned student may end before the run is called too short.
@@ -379,8 +385,7 @@ def shortfall_warnings(evals: dict[str, Any], final_top1: float, steps: int) -> 
         >>> shortfall_warnings({"student_top1_before": 9.7, "student_top1_calibrated": 88.9}, 95.0, 110)
         []
     """
-    start = evals.get("student_top1_calibrated")
-    start = evals.get("student_top1_before") if start is None else start
+    start = _start_top1(evals)
     if start is None or final_top1 >= start - SHORTFALL_FROM_START:
         return []
     return [
@@ -685,6 +690,9 @@ def _finish(run: _Run, output: Path, started: float, resumed: int | None, checks
     else:
         progress.phase("evaluating fine-tuned student", len(run.val_loader))
         final = evaluate(run.student, run.val_loader, run.device, config.amp, progress)
+    shortfall = shortfall_warnings(run.evals, final["top1"], run.step)
+    for warning in shortfall:
+        progress.note(f"warning: {warning}")
     result = FinetuneResult(
         teacher_top1=run.evals.get("teacher_top1"),
         student_top1_before=run.evals["student_top1_before"],
@@ -701,10 +709,8 @@ def _finish(run: _Run, output: Path, started: float, resumed: int | None, checks
         resumed_from_step=resumed,
         history=run.history,
         data_config=run.data_config.to_dict(),
-        warnings=[*run.evals.get("warnings", []), *shortfall_warnings(run.evals, final["top1"], run.step)],
+        warnings=[*run.evals.get("warnings", []), *shortfall],
     )
-    for warning in result.warnings[len(run.evals.get("warnings", [])) :]:
-        progress.note(f"warning: {warning}")
     run.student.cpu()
     summary = {k: v for k, v in result.to_dict().items() if k.startswith(("teacher", "student"))}
     save_checkpoint(
